@@ -1,0 +1,3 @@
+from infercomp.cli import main
+
+main()

@@ -1,0 +1,323 @@
+"""Checkpoint I/O: read safetensors / sharded directories / weights-only torch files, write
+self-describing safetensors atomically.
+
+The writer is our own (the safetensors format is a length-prefixed JSON header followed by raw
+little-endian tensor bytes): the library's ``save_file`` serialises ``__metadata__`` from a hash
+map, so the key order — and therefore the file's bytes — changes from run to run. We need
+byte-identical output for the same input and options, and a writer that never holds a second copy
+of the data. Files are read back with the safetensors library itself, which validates them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import struct
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from infercomp.errors import CheckpointError
+
+FORMAT_VERSION = 1
+TORCH_SUFFIXES = (".pt", ".pth", ".bin")
+
+# torch dtype <-> safetensors dtype code.
+_DTYPE_CODES: dict[torch.dtype, str] = {
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float8_e4m3fn: "F8_E4M3",
+    torch.float8_e5m2: "F8_E5M2",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
+    torch.uint16: "U16",
+    torch.uint32: "U32",
+    torch.uint64: "U64",
+    torch.bool: "BOOL",
+}
+
+
+@dataclass
+class Checkpoint:
+    """Tensors as stored plus the metadata that says how they were made.
+
+    Attributes:
+        tensors: stored tensors by name; encoded (quantized / sparse) tensors appear in their
+            stored form, described by ``encodings``.
+        model: the model reference ``{"ref": str, "config": dict}`` that builds a module for
+            these tensors, or None when unknown.
+        history: one entry per transform that produced this file, oldest first.
+        encodings: logical tensor name -> description of how it is stored.
+        plan: optional extra structure a transform recorded (e.g. a pruning plan).
+        path: where it was read from (None for an in-memory checkpoint).
+    """
+
+    tensors: dict[str, torch.Tensor]
+    model: dict[str, Any] | None = None
+    history: list[dict[str, Any]] = field(default_factory=list)
+    encodings: dict[str, dict[str, Any]] = field(default_factory=dict)
+    plan: dict[str, Any] | None = None
+    path: Path | None = None
+
+    @property
+    def size_bytes(self) -> int | None:
+        """Bytes on disk of the file(s) this checkpoint was read from."""
+        return None if self.path is None else disk_size(self.path)
+
+    @property
+    def name(self) -> str:
+        return str(self.path) if self.path is not None else "<memory>"
+
+    def metadata(self) -> dict[str, str]:
+        """The safetensors ``__metadata__`` map that describes this checkpoint."""
+        info: dict[str, Any] = {
+            "format_version": FORMAT_VERSION,
+            "model": self.model,
+            "history": self.history,
+            "encodings": self.encodings,
+        }
+        if self.plan is not None:
+            info["plan"] = self.plan
+        return {"format": "pt", "infercomp": json.dumps(info, sort_keys=True, separators=(",", ":"))}
+
+
+# ---------------------------------------------------------------------------------------- reading
+
+
+def load(path: str | os.PathLike[str]) -> Checkpoint:
+    """Read a checkpoint: ``.safetensors``, a directory of safetensors shards (HF layout), or a
+    ``.pt/.pth/.bin`` state dict (``torch.load(weights_only=True)`` only — never pickle)."""
+    p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"{p}: no such file or directory")
+    if p.is_dir():
+        return _load_dir(p)
+    kind = _sniff(p)
+    if kind == "safetensors":
+        tensors, meta = _read_safetensors(p)
+    elif kind == "torch":
+        tensors, meta = _read_torch(p), {}
+    else:
+        raise CheckpointError(
+            f"{p}: not a checkpoint (expected a .safetensors file, a .pt/.pth/.bin state dict, "
+            "or a directory of *.safetensors)"
+        )
+    return _from_parts(tensors, meta, p)
+
+
+def _sniff(p: Path) -> str | None:
+    with open(p, "rb") as f:
+        head = f.read(9)
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        return "torch"  # zip (torch.save) or legacy pickle stream, read weights-only
+    if len(head) >= 9:
+        (n,) = struct.unpack("<Q", head[:8])
+        if 2 <= n <= 100_000_000 and head[8:9] == b"{":
+            return "safetensors"
+    if p.suffix == ".safetensors":
+        return "safetensors"  # let the reader report what is wrong with it
+    return None
+
+
+def _read_safetensors(p: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{p}: not a valid safetensors file (truncated or corrupt?): {detail}") from e
+    return tensors, meta
+
+
+def _read_torch(p: Path) -> dict[str, torch.Tensor]:
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"{p}: cannot be read as a weights-only torch state dict ({first}); "
+            "only plain tensors are loaded, never pickled code — convert it to .safetensors"
+        ) from e
+    # Common wrappers: {"state_dict": {...}} / {"model": {...}}.
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model_state_dict", "model"):
+            if isinstance(obj.get(key), dict) and all(isinstance(v, torch.Tensor) for v in obj[key].values()):
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not obj:
+        raise CheckpointError(f"{p}: holds {type(obj).__name__}, not a state dict of tensors")
+    bad = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"{p}: entry {bad[0]!r} is not a tensor; expected a flat state dict of tensors")
+    return {str(k): v.contiguous() for k, v in obj.items()}
+
+
+def _load_dir(d: Path) -> Checkpoint:
+    index = sorted(d.glob("*.safetensors.index.json"))
+    tensors: dict[str, torch.Tensor] = {}
+    meta: dict[str, str] = {}
+    if index:
+        try:
+            weight_map = json.loads(index[0].read_text())["weight_map"]
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{index[0]}: not a valid safetensors index (needs a 'weight_map')") from e
+        shards = sorted(set(weight_map.values()))
+    else:
+        shards = sorted(x.name for x in d.glob("*.safetensors"))
+    if shards:
+        for shard in shards:
+            sp = d / shard
+            if not sp.exists():
+                raise CheckpointError(f"{sp}: shard named in the index is missing")
+            part, m = _read_safetensors(sp)
+            tensors.update(part)
+            meta = meta or m
+    else:
+        bins = sorted(x for x in d.iterdir() if x.suffix in TORCH_SUFFIXES)
+        if not bins:
+            raise CheckpointError(f"{d}: directory holds no *.safetensors or .pt/.pth/.bin checkpoint")
+        for b in bins:
+            tensors.update(_read_torch(b))
+    ckpt = _from_parts(tensors, meta, d)
+    cfg = d / "config.json"
+    if ckpt.model is None and cfg.exists():
+        try:
+            ckpt.model = {"ref": "hf-auto", "config": json.loads(cfg.read_text())}
+        except ValueError as e:
+            raise CheckpointError(f"{cfg}: not valid JSON") from e
+    return ckpt
+
+
+def _from_parts(tensors: dict[str, torch.Tensor], meta: dict[str, str], p: Path) -> Checkpoint:
+    raw = meta.get("infercomp")
+    if raw is None:
+        return Checkpoint(tensors=tensors, path=p)
+    try:
+        info = json.loads(raw)
+    except ValueError as e:
+        raise CheckpointError(f"{p}: the 'infercomp' metadata is not valid JSON") from e
+    version = info.get("format_version", 0)
+    if version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{p}: written by a newer infercomp (format {version}, this one reads {FORMAT_VERSION}); upgrade infercomp"
+        )
+    return Checkpoint(
+        tensors=tensors,
+        model=info.get("model"),
+        history=list(info.get("history") or []),
+        encodings=dict(info.get("encodings") or {}),
+        plan=info.get("plan"),
+        path=p,
+    )
+
+
+# ---------------------------------------------------------------------------------------- writing
+
+
+def save(ckpt: Checkpoint, path: str | os.PathLike[str], *, force: bool = False, source: Path | None = None) -> Path:
+    """Write ``ckpt`` to ``path`` as safetensors, atomically (temp file in the same folder, fsync,
+    rename). Refuses to overwrite ``source`` (the input) and, without ``force``, any existing file.
+    The same tensors and metadata always give the same bytes."""
+    out = Path(path)
+    check_output(out, force=force, source=source)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    header, blobs = _serialise(ckpt.tensors, ckpt.metadata())
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(struct.pack("<Q", len(header)))
+            f.write(header)
+            for blob in blobs:
+                f.write(blob)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:  # Ctrl-C included: never leave a partial file behind
+        tmp.unlink(missing_ok=True)
+        raise
+    _fsync_dir(out.parent)
+    ckpt.path = out
+    return out
+
+
+def check_output(out: Path, *, force: bool, source: Path | None) -> None:
+    """Raise CheckpointError when writing ``out`` would clobber the input or an existing file."""
+    if source is not None and source.exists() and out.exists() and _same(out, source):
+        raise CheckpointError(f"{out}: output is the input file; choose another -o path (inputs are never overwritten)")
+    if source is not None and source.is_dir() and out.resolve().is_relative_to(source.resolve()):
+        raise CheckpointError(f"{out}: output lies inside the input directory {source}; choose another -o path")
+    if out.is_dir():
+        raise CheckpointError(f"{out}: is a directory; give a file path ending in .safetensors")
+    if out.exists() and not force:
+        raise CheckpointError(f"{out}: already exists; pass --force to overwrite it")
+
+
+def _same(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return a.resolve() == b.resolve()
+
+
+def _serialise(tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> tuple[bytes, list[bytes]]:
+    entries: dict[str, Any] = {"__metadata__": dict(sorted(metadata.items()))}
+    blobs: list[bytes] = []
+    offset = 0
+    for name in sorted(tensors):
+        t = tensors[name].detach()
+        if t.dtype not in _DTYPE_CODES:
+            raise CheckpointError(f"tensor {name!r}: dtype {t.dtype} cannot be stored in safetensors")
+        blob = t.to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
+        entries[name] = {"dtype": _DTYPE_CODES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + len(blob)]}
+        offset += len(blob)
+        blobs.append(blob)
+    header = json.dumps(entries, separators=(",", ":")).encode()
+    header += b" " * (-len(header) % 8)  # the format pads the header to 8 bytes with spaces
+    return header, blobs
+
+
+def _fsync_dir(d: Path) -> None:
+    try:
+        fd = os.open(d, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------------- helpers
+
+
+def disk_size(path: Path) -> int:
+    """Bytes on disk: the file, or the checkpoint files of a directory."""
+    if path.is_dir():
+        return sum(f.stat().st_size for f in path.iterdir() if f.is_file() and (f.suffix in (".safetensors", *TORCH_SUFFIXES)))
+    return path.stat().st_size
+
+
+def sha256(path: Path) -> str:
+    """SHA-256 of a file, or of a directory's checkpoint files (names and contents, sorted)."""
+    h = hashlib.sha256()
+    files = [path] if path.is_file() else sorted(f for f in path.iterdir() if f.is_file())
+    for f in files:
+        if path.is_dir():
+            h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 20), b""):
+                h.update(chunk)
+    return h.hexdigest()

@@ -1,0 +1,1 @@
+"""One module per subcommand; each parses options, builds a config, runs the pipeline, renders."""

@@ -1,0 +1,194 @@
+"""Options shared by every subcommand, error mapping, progress on stderr, and result output."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import Progress as RichBar
+
+from infercomp import pipeline, render
+from infercomp.errors import InfercompError, UsageError
+from infercomp.measure import Comparison
+from infercomp.models import ModelLoader, parse_config
+from infercomp.progress import Progress, Task
+
+# ---------------------------------------------------------------------------- shared option types
+Output = Annotated[Path, typer.Option("--output", "-o", help="Where to write the new checkpoint (.safetensors).", dir_okay=False)]
+Force = Annotated[bool, typer.Option("--force", help="Overwrite OUTPUT if it exists (the input is never overwritten).")]
+Data = Annotated[Path | None, typer.Option("--data", help="Data file (.safetensors/.npz with 'inputs' and optional 'labels') for accuracy/fidelity and calibration.")]
+Model = Annotated[str | None, typer.Option("--model", help="Model code: built-in name (digits-cnn), package.module:callable or path/file.py:callable. Trusted because you named it.")]
+ModelConfig = Annotated[str | None, typer.Option("--model-config", help="JSON object (or a file holding one) of keyword arguments for --model.")]
+TrustCode = Annotated[bool, typer.Option("--trust-model-code", help="Import the model code named inside the checkpoint even if it is not built in.")]
+Device = Annotated[str, typer.Option("--device", help="cpu or cuda.")]
+Threads = Annotated[int | None, typer.Option("--threads", help="Torch CPU threads for measuring (default: torch's default).", min=1)]
+BatchSize = Annotated[int, typer.Option("--batch-size", help="Batch size for latency and evaluation.", min=1)]
+MinTime = Annotated[float, typer.Option("--min-time", help="Seconds of timed runs per model, at least (after warm-up).", min=0.0)]
+Warmup = Annotated[int, typer.Option("--warmup", help="Untimed warm-up runs per model.", min=0)]
+NoLatency = Annotated[bool, typer.Option("--no-latency", help="Skip latency measurement.")]
+Layers = Annotated[bool, typer.Option("--layers", help="Also show a per-layer view: storage, sparsity, SQNR against the baseline.")]
+Format = Annotated[str, typer.Option("--format", "-f", help="Output on stdout: table, json, markdown or csv.")]
+ReportOut = Annotated[Path | None, typer.Option("--report-out", help="Also save the comparison: .json, .md or .csv by extension (JSON otherwise).", dir_okay=False)]
+FailIf = Annotated[list[str] | None, typer.Option("--fail-if", help="Exit 1 when a condition holds for a compared model, e.g. 'accuracy_drop>0.01', 'latency_ratio>0.9'. Repeatable.")]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
+Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")]
+Include = Annotated[list[str] | None, typer.Option("--include", help="Glob on module names to transform (repeatable); default: all eligible.")]
+Exclude = Annotated[list[str] | None, typer.Option("--exclude", help="Glob on module names to leave alone (repeatable).")]
+
+
+@dataclass(frozen=True)
+class Common:
+    """The shared options of one invocation, bundled."""
+
+    model: str | None = None
+    model_config: str | None = None
+    trust_model_code: bool = False
+    device: str = "cpu"
+    threads: int | None = None
+    batch_size: int = 32
+    min_time: float = 1.0
+    warmup: int = 3
+    no_latency: bool = False
+    layers: bool = False
+    fmt: str = "table"
+    report_out: Path | None = None
+    fail_if: tuple[str, ...] = ()
+    quiet: bool = False
+
+    def __post_init__(self) -> None:
+        if self.fmt not in render.FORMATS:
+            raise UsageError(f"--format {self.fmt!r} is not supported; choose one of: {', '.join(render.FORMATS)}")
+        for gate in self.fail_if:
+            pipeline.parse_gate(gate)
+
+    def loader(self) -> ModelLoader:
+        return ModelLoader(ref=self.model, config=parse_config(self.model_config), trust_model_code=self.trust_model_code)
+
+    def options(self) -> pipeline.MeasureOptions:
+        return pipeline.MeasureOptions(
+            device=self.device, threads=self.threads, batch_size=self.batch_size, warmup=self.warmup, min_time=self.min_time, latency=not self.no_latency, layers=self.layers
+        )
+
+    @contextmanager
+    def progress(self) -> Iterator[Progress]:
+        if self.quiet or not sys.stderr.isatty():
+            yield StderrLog()
+            return
+        with RichProgress() as p:
+            yield p
+
+
+def stdout_console() -> Console:
+    return Console(file=sys.stdout, soft_wrap=False, width=None if sys.stdout.isatty() else 200)
+
+
+def stderr_console() -> Console:
+    return Console(file=sys.stderr, stderr=True)
+
+
+class StderrLog(Progress):
+    """No bars; warnings still reach stderr."""
+
+    def log(self, message: str) -> None:
+        print(f"infercomp: {message}", file=sys.stderr)
+
+
+class _RichTask(Task):
+    def __init__(self, bar: RichBar, task_id: Any):
+        self.bar, self.id = bar, task_id
+
+    def advance(self, n: float = 1, **fields: Any) -> None:
+        self.bar.update(self.id, advance=n, info=_fields(fields))
+
+    def update(self, **fields: Any) -> None:
+        self.bar.update(self.id, info=_fields(fields))
+
+
+def _fields(fields: dict[str, Any]) -> str:
+    return "  ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in fields.items())
+
+
+class RichProgress(Progress):
+    """Progress bars on stderr (rich); removed when each task ends."""
+
+    def __init__(self) -> None:
+        self.bar = RichBar(
+            SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
+            console=stderr_console(), transient=True,
+        )
+
+    def __enter__(self) -> RichProgress:
+        self.bar.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.bar.__exit__(*exc)
+
+    @contextmanager
+    def task(self, description: str, total: float | None = None) -> Iterator[Task]:
+        tid = self.bar.add_task(description, total=total, info="")
+        try:
+            yield _RichTask(self.bar, tid)
+        finally:
+            self.bar.remove_task(tid)
+
+    def log(self, message: str) -> None:
+        self.bar.console.print(f"infercomp: {message}", markup=False, highlight=False)
+
+
+def emit(comparison: Comparison, common: Common) -> None:
+    """Print the comparison on stdout in the chosen format, save --report-out, check --fail-if."""
+    if common.fmt == "table":
+        render.render_table(comparison, stdout_console())
+    else:
+        sys.stdout.write(render.render_text(comparison, common.fmt))
+        sys.stdout.flush()
+    if common.report_out is not None:
+        fmt = {".md": "markdown", ".csv": "csv"}.get(common.report_out.suffix, "json")
+        write_text_atomic(common.report_out, render.render_text(comparison, fmt))
+    pipeline.check_gates(comparison, common.fail_if)
+
+
+def write_text_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def handle_errors(fn: F) -> F:
+    """Map InfercompError to one line on stderr + its exit code (2, or 1 for a failed gate),
+    Ctrl-C to exit 130; full tracebacks only with --debug or INFERCOMP_DEBUG=1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        debug = bool(kwargs.get("debug")) or os.environ.get("INFERCOMP_DEBUG") == "1"
+        try:
+            return fn(*args, **kwargs)
+        except InfercompError as e:
+            if debug:
+                traceback.print_exc()
+            print(f"infercomp: error: {e}", file=sys.stderr)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            print("infercomp: interrupted; no partial output was left behind", file=sys.stderr)
+            raise typer.Exit(130) from None
+
+    return wrapper  # type: ignore[return-value]

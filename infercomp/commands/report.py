@@ -1,0 +1,47 @@
+"""``infercomp report A [B ...]``: measure checkpoints side by side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from infercomp import checkpoint
+from infercomp.commands import common as c
+from infercomp.data import load_data
+from infercomp.pipeline import compare
+
+
+@c.handle_errors
+def report(
+    checkpoints: Annotated[list[Path], typer.Argument(help="Checkpoints to compare; the first is the baseline.", show_default=False)],
+    data: c.Data = None,
+    model: c.Model = None,
+    model_config: c.ModelConfig = None,
+    trust_model_code: c.TrustCode = False,
+    device: c.Device = "cpu",
+    threads: c.Threads = None,
+    batch_size: c.BatchSize = 32,
+    min_time: c.MinTime = 1.0,
+    warmup: c.Warmup = 3,
+    no_latency: c.NoLatency = False,
+    layers: c.Layers = False,
+    fmt: c.Format = "table",
+    report_out: c.ReportOut = None,
+    fail_if: c.FailIf = None,
+    quiet: c.Quiet = False,
+    debug: c.Debug = False,
+) -> None:
+    """Size, parameters, sparsity, bits per weight, latency and accuracy of checkpoints, side by side.
+
+    With a model available (built-in, stored in the checkpoint, or --model) latency is measured
+    (median and p90 after warm-up, models interleaved in one process); with --data, accuracy
+    (labels) or fidelity against the first checkpoint (top-1 agreement, output cosine).
+    """
+    opts = c.Common(model, model_config, trust_model_code, device, threads, batch_size, min_time, warmup, no_latency, layers, fmt, report_out, tuple(fail_if or ()), quiet)
+    ckpts = [checkpoint.load(p) for p in checkpoints]
+    dataset = load_data(data) if data is not None else None
+    with opts.progress() as progress:
+        result = compare(ckpts, loader=opts.loader(), options=opts.options(), data=dataset, progress=progress)
+    c.emit(result, opts)

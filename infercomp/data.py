@@ -1,0 +1,65 @@
+"""``--data`` files: ``inputs`` (N, ...) and optional ``labels`` (N,), in .safetensors or .npz."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+
+from infercomp.errors import DataError
+
+
+@dataclass(frozen=True)
+class Dataset:
+    """Inputs and (optionally) integer class labels, read from ``path``."""
+
+    inputs: torch.Tensor
+    labels: torch.Tensor | None
+    path: Path
+
+    def __len__(self) -> int:
+        return self.inputs.shape[0]
+
+    def batches(self, batch_size: int):
+        """Yield (inputs, labels-or-None) slices in order."""
+        for i in range(0, len(self), batch_size):
+            yield self.inputs[i : i + batch_size], None if self.labels is None else self.labels[i : i + batch_size]
+
+
+def load_data(path: str | Path) -> Dataset:
+    """Read a data file; errors name the file and what is wrong with it."""
+    p = Path(path)
+    if not p.is_file():
+        raise DataError(f"{p}: no such data file")
+    if p.suffix == ".npz":
+        try:
+            with np.load(p, allow_pickle=False) as z:
+                arrays = {k: torch.from_numpy(z[k].copy()) for k in z.files}
+        except (ValueError, OSError) as e:
+            raise DataError(f"{p}: not a readable .npz file ({e})") from e
+    elif p.suffix == ".safetensors":
+        try:
+            arrays = load_file(str(p))
+        except (SafetensorError, OSError, ValueError, RuntimeError) as e:
+            raise DataError(f"{p}: not a valid safetensors data file ({e})") from e
+    else:
+        raise DataError(f"{p}: unsupported data format {p.suffix!r}; use .safetensors or .npz with 'inputs' (and 'labels')")
+    if "inputs" not in arrays:
+        raise DataError(f"{p}: has no 'inputs' tensor (found: {', '.join(sorted(arrays)) or 'nothing'})")
+    inputs = arrays["inputs"]
+    if inputs.dim() == 0 or inputs.shape[0] == 0:
+        raise DataError(f"{p}: 'inputs' is empty")
+    if inputs.is_floating_point():
+        inputs = inputs.float()
+    labels = arrays.get("labels")
+    if labels is not None:
+        if labels.dim() != 1 or labels.shape[0] != inputs.shape[0]:
+            raise DataError(f"{p}: 'labels' must have shape ({inputs.shape[0]},), got {tuple(labels.shape)}")
+        if labels.is_floating_point():
+            raise DataError(f"{p}: 'labels' must be integer class indices, got {labels.dtype}")
+        labels = labels.long()
+    return Dataset(inputs=inputs, labels=labels, path=p)

@@ -1,0 +1,308 @@
+"""Model references, trust, and building a runnable module for a checkpoint.
+
+A reference is a built-in name (``digits-cnn``), an installed entry point (group
+``infercomp.models``), ``package.module:callable`` or ``path/to/file.py:callable``, plus a JSON
+config of keyword arguments. A reference read from a checkpoint is imported only when trusted:
+built-in, registered by an installed package, the one the user passed with ``--model``, or any with
+``--trust-model-code``.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import sys
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from importlib.metadata import entry_points
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from infercomp import encodings, zoo
+from infercomp.checkpoint import Checkpoint
+from infercomp.errors import ModelError, UsageError
+
+ENTRY_POINT_GROUP = "infercomp.models"
+
+
+def parse_config(text: str | None) -> dict[str, Any] | None:
+    """``--model-config``: a JSON object, or a path to a file holding one."""
+    if text is None:
+        return None
+    src = "--model-config"
+    p = Path(text)
+    if not text.lstrip().startswith("{") and p.exists():
+        src, text = str(p), p.read_text()
+    try:
+        cfg = json.loads(text)
+    except ValueError as e:
+        raise UsageError(f"{src}: not valid JSON ({e.msg} at char {e.pos})") from e
+    if not isinstance(cfg, dict):
+        raise UsageError(f"{src}: must be a JSON object of keyword arguments, got {type(cfg).__name__}")
+    return cfg
+
+
+def _entry_point(name: str) -> Callable[..., nn.Module] | None:
+    for ep in entry_points(group=ENTRY_POINT_GROUP):
+        if ep.name == name:
+            return ep.load()
+    return None
+
+
+def is_trusted_builtin(ref: str) -> bool:
+    """Built-in names and names registered by installed packages need no extra trust."""
+    return ref in zoo.MODELS or any(ep.name == ref for ep in entry_points(group=ENTRY_POINT_GROUP))
+
+
+def resolve(ref: str) -> Callable[..., nn.Module]:
+    """Import the callable a reference names (no trust check here: callers decide)."""
+    if ref in zoo.MODELS:
+        return zoo.MODELS[ref].factory
+    ep = _entry_point(ref)
+    if ep is not None:
+        return ep
+    if ":" not in ref:
+        known = ", ".join(sorted(zoo.MODELS))
+        raise ModelError(f"unknown model reference {ref!r}: use a built-in name ({known}), package.module:callable or path/file.py:callable")
+    target, _, attr = ref.rpartition(":")
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.exists():
+            raise ModelError(f"model reference {ref!r}: file {path} does not exist")
+        mod_name = f"_infercomp_user_{abs(hash(str(path.resolve())))}"
+        spec = importlib.util.spec_from_file_location(mod_name, path)
+        if spec is None or spec.loader is None:
+            raise ModelError(f"model reference {ref!r}: cannot import {path}")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[mod_name] = module
+        try:
+            spec.loader.exec_module(module)
+        except Exception as e:  # user code: report it as a model error, not a crash
+            raise ModelError(f"model reference {ref!r}: importing {path} failed: {type(e).__name__}: {e}") from e
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ImportError as e:
+            raise ModelError(f"model reference {ref!r}: cannot import module {target!r} ({e})") from e
+    fn = getattr(module, attr, None)
+    if not callable(fn):
+        raise ModelError(f"model reference {ref!r}: {target} has no callable {attr!r}")
+    return fn
+
+
+@dataclass(frozen=True)
+class ModelLoader:
+    """Turns checkpoints into runnable modules, enforcing the trust rules.
+
+    Attributes:
+        ref: the reference the user passed with ``--model`` (trusted), or None.
+        config: the user's ``--model-config``, or None to use the checkpoint's.
+        trust_model_code: ``--trust-model-code``: follow any reference stored in a checkpoint.
+    """
+
+    ref: str | None = None
+    config: dict[str, Any] | None = None
+    trust_model_code: bool = False
+
+    def spec_for(self, ckpt: Checkpoint) -> dict[str, Any] | None:
+        """The model reference to use for (and record in the output of) this checkpoint."""
+        stored = ckpt.model
+        if self.ref is not None:
+            cfg = self.config
+            if cfg is None:
+                cfg = dict(stored.get("config") or {}) if stored and stored.get("ref") == self.ref else {}
+            return {"ref": self.ref, "config": cfg}
+        if stored is None:
+            return None
+        cfg = self.config if self.config is not None else dict(stored.get("config") or {})
+        return {"ref": stored["ref"], "config": cfg}
+
+    def can_build(self, ckpt: Checkpoint) -> bool:
+        spec = self.spec_for(ckpt)
+        return spec is not None and spec["ref"] != "hf-auto"
+
+    def build(self, ckpt: Checkpoint, *, runtime: bool = True) -> nn.Module:
+        """A module in eval mode holding the checkpoint's weights.
+
+        Args:
+            ckpt: the checkpoint.
+            runtime: swap in modules that run encoded weights directly (int8 kernels, ...); with
+                False, encoded weights are decoded to dense floats (for training / analysis).
+        """
+        spec = self.spec_for(ckpt)
+        if spec is None:
+            raise ModelError(f"{ckpt.name}: no model reference stored in the checkpoint; pass --model REF (and --model-config)")
+        ref = spec["ref"]
+        if ref == "hf-auto":
+            raise ModelError(f"{ckpt.name}: Hugging Face directories are read for their tensors only; pass --model REF to run them")
+        if self.ref is None and not self.trust_model_code and not is_trusted_builtin(ref):
+            raise ModelError(
+                f"{ckpt.name}: model reference {ref!r} stored in the checkpoint is not trusted; "
+                f"pass --model {ref} to use it, or --trust-model-code"
+            )
+        module = _instantiate(ref, spec["config"], ckpt.name)
+        load_weights(module, ckpt, runtime=runtime)
+        return module.eval()
+
+    def build_fresh(self) -> nn.Module:
+        """A freshly initialised module from the user's ``--model`` reference (no weights)."""
+        if self.ref is None:
+            raise ModelError("no model reference given; pass --model REF")
+        return _instantiate(self.ref, self.config or {}, "--model")
+
+
+def _instantiate(ref: str, config: dict[str, Any], where: str) -> nn.Module:
+    factory = resolve(ref)
+    try:
+        module = factory(**config)
+    except TypeError as e:
+        raise ModelError(f"{where}: building {ref!r} with config {json.dumps(config)} failed: {e}") from e
+    if not isinstance(module, nn.Module):
+        raise ModelError(f"model reference {ref!r} returned {type(module).__name__}, not a torch.nn.Module")
+    return module
+
+
+def load_weights(module: nn.Module, ckpt: Checkpoint, *, runtime: bool = True) -> None:
+    """Load a checkpoint into ``module``: adapt standard layers to smaller stored shapes
+    (structured pruning), swap in runtime modules for encoded weights, load the rest strictly."""
+    shapes = encodings.logical_shapes(ckpt.tensors, ckpt.encodings, ckpt.name)
+    adapt_shapes(module, shapes, where=ckpt.name)
+    swapped = _attach_runtime(module, ckpt) if runtime else set()
+
+    def outside(key: str) -> bool:  # not owned by a runtime module (which loaded its own tensors)
+        return not any(key.startswith(m + ".") for m in swapped)
+
+    kept = {k: v for k, v in ckpt.encodings.items() if outside(k)}
+    owned = encodings.stored_keys(kept, ckpt.name)
+    plain = {k: v for k, v in ckpt.tensors.items() if outside(k) or any(k in ks for ks in owned.values())}
+    dense = encodings.logical_tensors(plain, kept, ckpt.name)
+    expected = {k for k in module.state_dict() if outside(k)}
+    missing = sorted(expected - set(dense))
+    unexpected = sorted(set(dense) - expected)
+    if missing or unexpected:
+        parts = []
+        if missing:
+            parts.append(f"model expects {len(missing)} tensor(s) the checkpoint lacks, e.g. {missing[0]!r}")
+        if unexpected:
+            parts.append(f"checkpoint has {len(unexpected)} tensor(s) the model lacks, e.g. {unexpected[0]!r}")
+        raise ModelError(f"{ckpt.name}: tensors do not match the model: {'; '.join(parts)} (wrong --model or --model-config?)")
+    with torch.no_grad():
+        own = module.state_dict(keep_vars=True)
+        for name, value in dense.items():
+            target = own[name]
+            if tuple(target.shape) != tuple(value.shape):
+                raise ModelError(f"{ckpt.name}: tensor {name!r} has shape {tuple(value.shape)}, the model has {tuple(target.shape)}")
+            target.copy_(value.to(target.dtype))
+
+
+def _attach_runtime(module: nn.Module, ckpt: Checkpoint) -> set[str]:
+    """Replace each module whose ``weight`` is encoded by its codec's runtime module, where the
+    codec has one (int8 kernels, ...). Returns the names of the replaced modules."""
+    swapped: set[str] = set()
+    for name, spec in ckpt.encodings.items():
+        codec = encodings.codec_for(name, spec, ckpt.name)
+        mod_name, _, attr = name.rpartition(".")
+        if codec.runtime is None or attr != "weight" or not mod_name:
+            continue
+        parent_name, _, child = mod_name.rpartition(".")
+        try:
+            parent = module.get_submodule(parent_name) if parent_name else module
+            old = module.get_submodule(mod_name)
+        except AttributeError as e:
+            raise ModelError(f"{ckpt.name}: encoded tensor {name!r} names no module of the model") from e
+        setattr(parent, child, codec.runtime(old, ckpt.tensors, name, spec))
+        swapped.add(mod_name)
+    return swapped
+
+
+# Attribute fix-ups for standard layers whose tensors were replaced by smaller ones.
+def _fix_linear(m: nn.Linear) -> None:
+    m.out_features, m.in_features = m.weight.shape
+
+
+def _fix_conv(m: nn.modules.conv._ConvNd) -> None:
+    old_in = m.in_channels
+    m.out_channels = m.weight.shape[0]
+    if m.groups > 1 and m.groups == old_in:  # depthwise: one filter group per input channel
+        m.groups = m.out_channels
+    m.in_channels = m.weight.shape[1] * m.groups
+
+
+def _fix_norm(m: nn.Module) -> None:
+    t = m.weight if getattr(m, "weight", None) is not None else m.running_mean
+    m.num_features = t.shape[0]
+
+
+def _fix_layernorm(m: nn.LayerNorm) -> None:
+    m.normalized_shape = tuple(m.weight.shape)
+
+
+def _fix_embedding(m: nn.Embedding) -> None:
+    m.num_embeddings, m.embedding_dim = m.weight.shape
+
+
+def _fix_groupnorm(m: nn.GroupNorm) -> None:
+    m.num_channels = m.weight.shape[0]
+
+
+_FIXUPS: dict[type, Callable[[Any], None]] = {
+    nn.Linear: _fix_linear,
+    nn.Conv1d: _fix_conv,
+    nn.Conv2d: _fix_conv,
+    nn.Conv3d: _fix_conv,
+    nn.BatchNorm1d: _fix_norm,
+    nn.BatchNorm2d: _fix_norm,
+    nn.BatchNorm3d: _fix_norm,
+    nn.LayerNorm: _fix_layernorm,
+    nn.Embedding: _fix_embedding,
+    nn.GroupNorm: _fix_groupnorm,
+}
+
+
+def adapt_shapes(module: nn.Module, shapes: Mapping[str, tuple[int, ...]], *, where: str = "checkpoint") -> list[str]:
+    """Shrink parameters and buffers to the stored shapes (dims may only get smaller) and fix the
+    standard layers' size attributes. Returns the names of the tensors that changed."""
+    changed_modules: dict[str, nn.Module] = {}
+    changed: list[str] = []
+    for name, t in list(module.state_dict(keep_vars=True).items()):
+        stored = shapes.get(name)
+        if stored is None or tuple(stored) == tuple(t.shape):
+            continue
+        if len(stored) != t.dim() or any(s > b for s, b in zip(stored, t.shape)):
+            raise ModelError(
+                f"{where}: tensor {name!r} has shape {tuple(stored)} but the model builds {tuple(t.shape)}; "
+                "wrong --model or --model-config?"
+            )
+        mod_name, _, attr = name.rpartition(".")
+        mod = module.get_submodule(mod_name) if mod_name else module
+        fresh = torch.zeros(stored, dtype=t.dtype)
+        if isinstance(t, nn.Parameter):
+            setattr(mod, attr, nn.Parameter(fresh, requires_grad=t.requires_grad))
+        else:
+            mod._buffers[attr] = fresh
+        changed_modules[mod_name] = mod
+        changed.append(name)
+    for mod in changed_modules.values():
+        fix = _FIXUPS.get(type(mod))
+        if fix is None:
+            for cls, f in _FIXUPS.items():
+                if isinstance(mod, cls):
+                    fix = f
+                    break
+        if fix is not None:
+            fix(mod)
+    return changed
+
+
+def input_shape(ckpt: Checkpoint, loader: ModelLoader, module: nn.Module) -> tuple[int, ...] | None:
+    """The shape of one input sample, when known (built-in models, or a model's
+    ``example_input_shape`` attribute)."""
+    spec = loader.spec_for(ckpt)
+    if spec and spec["ref"] in zoo.MODELS:
+        return zoo.MODELS[spec["ref"]].input_shape
+    shape = getattr(module, "example_input_shape", None)
+    return tuple(shape) if shape else None

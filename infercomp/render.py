@@ -1,0 +1,130 @@
+"""Rendering a Comparison: rich table, JSON, Markdown, CSV. The only module that imports rich
+besides the CLI's progress display."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+from infercomp.measure import Comparison, ModelReport
+
+FORMATS = ("table", "json", "markdown", "csv")
+
+
+def _size(n: int | None) -> str:
+    if n is None:
+        return "-"
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _x(r: float | None) -> str:
+    return "-" if r is None else f"{r:.2f}x"
+
+
+def _pct(v: float | None, digits: int = 1) -> str:
+    return "-" if v is None else f"{100 * v:.{digits}f}%"
+
+
+def _count(n: int | None) -> str:
+    return "-" if n is None else f"{n:,}"
+
+
+COLUMNS = ("model", "size", "size x", "params", "sparsity", "bits/w", "latency ms (p50 / p90)", "latency x", "samples/s", "accuracy", "acc drop", "top-1 agree", "cos mean / min")
+
+
+def _cells(m: ModelReport) -> list[str]:
+    lat = "-" if m.latency_ms is None else f"{m.latency_ms['median']:.3f} / {m.latency_ms['p90']:.3f}"
+    fid = m.fidelity or {}
+    drop = "-" if m.accuracy_drop is None else f"{100 * m.accuracy_drop:+.2f} pt"
+    cos = "-" if not fid else f"{fid['cosine_mean']:.4f} / {fid['cosine_min']:.4f}"
+    return [
+        m.path,
+        _size(m.size_bytes),
+        _x(m.ratios.get("size")),
+        _count(m.parameters),
+        _pct(m.sparsity),
+        "-" if m.bits_per_weight is None else f"{m.bits_per_weight:.2f}",
+        lat,
+        _x(m.ratios.get("latency")),
+        "-" if m.throughput_per_s is None else f"{m.throughput_per_s:,.0f}",
+        _pct(m.accuracy, 2),
+        drop,
+        _pct(fid.get("top1_agreement"), 2) if fid else "-",
+        cos,
+    ]
+
+
+def _settings_line(c: Comparison) -> str:
+    s = c.settings
+    return f"device {s['device']}, {s['threads']} thread(s), batch {s['batch_size']}, data {s.get('data') or '-'}, torch {s['torch']}"
+
+
+def render_table(c: Comparison, console: Console) -> None:
+    table = Table(title="infercomp comparison (first row = baseline)", caption=_settings_line(c), show_lines=False)
+    for col in COLUMNS:
+        table.add_column(col, justify="left" if col == "model" else "right", overflow="fold")
+    for m in c.models:
+        table.add_row(*_cells(m))
+    console.print(table)
+    for m in c.models:
+        for note in m.notes:
+            console.print(f"note: {m.path}: {note}")
+        if m.layers:
+            _render_layers(m, console)
+
+
+def _render_layers(m: ModelReport, console: Console) -> None:
+    t = Table(title=f"layers of {m.path}")
+    for col in ("tensor", "shape", "stored", "bytes", "sparsity", "SQNR dB"):
+        t.add_column(col, justify="left" if col in ("tensor", "stored") else "right")
+    for row in m.layers or []:
+        db = "exact" if row["sqnr_db"] is None else f"{row['sqnr_db']:.1f}"
+        t.add_row(row["name"], "x".join(map(str, row["shape"])), row["stored"], _size(row["bytes"]), _pct(row["sparsity"]), db)
+    console.print(t)
+
+
+def to_json(c: Comparison) -> str:
+    return json.dumps(c.to_dict(), indent=2)
+
+
+def to_markdown(c: Comparison) -> str:
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(COLUMNS))) + "|"]
+    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in _cells(m)) + " |" for m in c.models]
+    lines.append("")
+    lines.append(f"_{_settings_line(c)}_")
+    return "\n".join(lines) + "\n"
+
+
+CSV_FIELDS = ("path", "size_bytes", "parameters", "nonzero", "sparsity", "bits_per_weight", "latency_median_ms", "latency_p90_ms", "throughput_per_s", "peak_memory_bytes", "accuracy", "accuracy_drop", "top1_agreement", "cosine_mean", "cosine_min", "size_ratio", "parameters_ratio", "latency_ratio")
+
+
+def to_csv(c: Comparison) -> str:
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(CSV_FIELDS)
+    for m in c.models:
+        fid = m.fidelity or {}
+        lat = m.latency_ms or {}
+        row: dict[str, Any] = {
+            **{k: getattr(m, k) for k in ("path", "size_bytes", "parameters", "nonzero", "sparsity", "bits_per_weight", "throughput_per_s", "peak_memory_bytes", "accuracy", "accuracy_drop")},
+            "latency_median_ms": lat.get("median"),
+            "latency_p90_ms": lat.get("p90"),
+            **{k: fid.get(k) for k in ("top1_agreement", "cosine_mean", "cosine_min")},
+            **{f"{k}_ratio": m.ratios.get(k) for k in ("size", "parameters", "latency")},
+        }
+        w.writerow(["" if row[f] is None else row[f] for f in CSV_FIELDS])
+    return buf.getvalue()
+
+
+def render_text(c: Comparison, fmt: str) -> str:
+    """JSON / Markdown / CSV text (the table is drawn by ``render_table``)."""
+    return {"json": to_json, "markdown": to_markdown, "csv": to_csv}[fmt](c)
