@@ -109,8 +109,7 @@ def load(path: str | os.PathLike[str]) -> Checkpoint:
         tensors, meta = _read_torch(p), {}
     else:
         raise CheckpointError(
-            f"{p}: not a checkpoint (expected a .safetensors file, a .pt/.pth/.bin state dict, "
-            "or a directory of *.safetensors)"
+            f"{p}: not a checkpoint (expected a .safetensors file, a .pt/.pth/.bin state dict, or a directory of *.safetensors)"
         )
     return _from_parts(tensors, meta, p)
 
@@ -209,9 +208,7 @@ def _from_parts(tensors: dict[str, torch.Tensor], meta: dict[str, str], p: Path)
         raise CheckpointError(f"{p}: the 'infercomp' metadata is not valid JSON") from e
     version = info.get("format_version", 0)
     if version > FORMAT_VERSION:
-        raise CheckpointError(
-            f"{p}: written by a newer infercomp (format {version}, this one reads {FORMAT_VERSION}); upgrade infercomp"
-        )
+        raise CheckpointError(f"{p}: written by a newer infercomp (format {version}, this one reads {FORMAT_VERSION}); upgrade infercomp")
     return Checkpoint(
         tensors=tensors,
         model=info.get("model"),

@@ -67,7 +67,9 @@ def resolve(ref: str) -> Callable[..., nn.Module]:
         return ep
     if ":" not in ref:
         known = ", ".join(sorted(zoo.MODELS))
-        raise ModelError(f"unknown model reference {ref!r}: use a built-in name ({known}), package.module:callable or path/file.py:callable")
+        raise ModelError(
+            f"unknown model reference {ref!r}: use a built-in name ({known}), package.module:callable or path/file.py:callable"
+        )
     target, _, attr = ref.rpartition(":")
     if target.endswith(".py"):
         path = Path(target)

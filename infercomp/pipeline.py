@@ -193,7 +193,9 @@ def _accuracy_and_fidelity(modules, reports, data: Dataset, options: MeasureOpti
             task.advance()
 
 
-def _latency(ckpts, modules, reports, loader: ModelLoader, data: Dataset | None, options: MeasureOptions, device, progress: Progress) -> None:
+def _latency(
+    ckpts, modules, reports, loader: ModelLoader, data: Dataset | None, options: MeasureOptions, device, progress: Progress
+) -> None:
     runnable = [(i, m) for i, m in enumerate(modules) if m is not None]
     if not runnable:
         return
@@ -286,14 +288,27 @@ def _ratios(reports: list[ModelReport]) -> None:
 
 _OPS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt, "==": operator.eq}
 _GATE = re.compile(r"^\s*([a-z_0-9.]+)\s*(<=|>=|<|>|==)\s*(-?[0-9.]+(?:e-?[0-9]+)?)\s*$")
-GATE_KEYS = ("accuracy", "accuracy_drop", "sparsity", "bits_per_weight", "size_ratio", "parameters_ratio", "latency_ratio", "top1_agreement", "cosine_mean", "cosine_min")
+GATE_KEYS = (
+    "accuracy",
+    "accuracy_drop",
+    "sparsity",
+    "bits_per_weight",
+    "size_ratio",
+    "parameters_ratio",
+    "latency_ratio",
+    "top1_agreement",
+    "cosine_mean",
+    "cosine_min",
+)
 
 
 def parse_gate(text: str) -> tuple[str, str, float]:
     """``--fail-if 'accuracy_drop>0.01'`` -> (key, op, value)."""
     m = _GATE.match(text)
     if not m or m.group(1) not in GATE_KEYS:
-        raise UsageError(f"--fail-if {text!r}: expected KEY OP NUMBER with KEY one of {', '.join(GATE_KEYS)} and OP one of <, <=, >, >=, ==")
+        raise UsageError(
+            f"--fail-if {text!r}: expected KEY OP NUMBER with KEY one of {', '.join(GATE_KEYS)} and OP one of <, <=, >, >=, =="
+        )
     return m.group(1), m.group(2), float(m.group(3))
 
 

@@ -38,7 +38,21 @@ def _count(n: int | None) -> str:
     return "-" if n is None else f"{n:,}"
 
 
-COLUMNS = ("model", "size", "size x", "params", "sparsity", "bits/w", "latency ms (p50 / p90)", "latency x", "samples/s", "accuracy", "acc drop", "top-1 agree", "cos mean / min")
+COLUMNS = (
+    "model",
+    "size",
+    "size x",
+    "params",
+    "sparsity",
+    "bits/w",
+    "latency ms (p50 / p90)",
+    "latency x",
+    "samples/s",
+    "accuracy",
+    "acc drop",
+    "top-1 agree",
+    "cos mean / min",
+)
 
 
 def _cells(m: ModelReport) -> list[str]:
@@ -104,7 +118,26 @@ def to_markdown(c: Comparison) -> str:
     return "\n".join(lines) + "\n"
 
 
-CSV_FIELDS = ("path", "size_bytes", "parameters", "nonzero", "sparsity", "bits_per_weight", "latency_median_ms", "latency_p90_ms", "throughput_per_s", "peak_memory_bytes", "accuracy", "accuracy_drop", "top1_agreement", "cosine_mean", "cosine_min", "size_ratio", "parameters_ratio", "latency_ratio")
+CSV_FIELDS = (
+    "path",
+    "size_bytes",
+    "parameters",
+    "nonzero",
+    "sparsity",
+    "bits_per_weight",
+    "latency_median_ms",
+    "latency_p90_ms",
+    "throughput_per_s",
+    "peak_memory_bytes",
+    "accuracy",
+    "accuracy_drop",
+    "top1_agreement",
+    "cosine_mean",
+    "cosine_min",
+    "size_ratio",
+    "parameters_ratio",
+    "latency_ratio",
+)
 
 
 def to_csv(c: Comparison) -> str:
@@ -115,7 +148,21 @@ def to_csv(c: Comparison) -> str:
         fid = m.fidelity or {}
         lat = m.latency_ms or {}
         row: dict[str, Any] = {
-            **{k: getattr(m, k) for k in ("path", "size_bytes", "parameters", "nonzero", "sparsity", "bits_per_weight", "throughput_per_s", "peak_memory_bytes", "accuracy", "accuracy_drop")},
+            **{
+                k: getattr(m, k)
+                for k in (
+                    "path",
+                    "size_bytes",
+                    "parameters",
+                    "nonzero",
+                    "sparsity",
+                    "bits_per_weight",
+                    "throughput_per_s",
+                    "peak_memory_bytes",
+                    "accuracy",
+                    "accuracy_drop",
+                )
+            },
             "latency_median_ms": lat.get("median"),
             "latency_p90_ms": lat.get("p90"),
             **{k: fid.get(k) for k in ("top1_agreement", "cosine_mean", "cosine_min")},

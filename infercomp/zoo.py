@@ -41,10 +41,16 @@ class DigitsCNN(nn.Module):
         super().__init__()
         c1, c2, c3 = channels
         self.features = nn.Sequential(
-            nn.Conv2d(1, c1, 3, padding=1, bias=False), nn.BatchNorm2d(c1), nn.ReLU(),
-            nn.Conv2d(c1, c2, 3, padding=1, bias=False), nn.BatchNorm2d(c2), nn.ReLU(),
+            nn.Conv2d(1, c1, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c1),
+            nn.ReLU(),
+            nn.Conv2d(c1, c2, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c2),
+            nn.ReLU(),
             nn.MaxPool2d(2),  # 8x8 -> 4x4
-            nn.Conv2d(c2, c3, 3, padding=1, bias=False), nn.BatchNorm2d(c3), nn.ReLU(),
+            nn.Conv2d(c2, c3, 3, padding=1, bias=False),
+            nn.BatchNorm2d(c3),
+            nn.ReLU(),
             nn.MaxPool2d(2),  # 4x4 -> 2x2
         )
         self.classifier = nn.Sequential(nn.Flatten(), nn.Linear(c3 * 4, hidden), nn.ReLU(), nn.Linear(hidden, num_classes))
@@ -80,7 +86,9 @@ class EncoderLayer(nn.Module):
 class DigitsTransformer(nn.Module):
     """Reads the 8x8 image as a sequence of 8 row tokens; mean-pools the encoder output."""
 
-    def __init__(self, dim: int = 64, heads: int = 4, ffn: int = 128, layers: int = 2, num_classes: int = 10, seq_len: int = 8, token_dim: int = 8):
+    def __init__(
+        self, dim: int = 64, heads: int = 4, ffn: int = 128, layers: int = 2, num_classes: int = 10, seq_len: int = 8, token_dim: int = 8
+    ):
         super().__init__()
         self.embed = nn.Linear(token_dim, dim)
         self.pos = nn.Parameter(torch.zeros(1, seq_len, dim))

@@ -26,10 +26,23 @@ from infercomp.progress import Progress, Task
 # ---------------------------------------------------------------------------- shared option types
 Output = Annotated[Path, typer.Option("--output", "-o", help="Where to write the new checkpoint (.safetensors).", dir_okay=False)]
 Force = Annotated[bool, typer.Option("--force", help="Overwrite OUTPUT if it exists (the input is never overwritten).")]
-Data = Annotated[Path | None, typer.Option("--data", help="Data file (.safetensors/.npz with 'inputs' and optional 'labels') for accuracy/fidelity and calibration.")]
-Model = Annotated[str | None, typer.Option("--model", help="Model code: built-in name (digits-cnn), package.module:callable or path/file.py:callable. Trusted because you named it.")]
-ModelConfig = Annotated[str | None, typer.Option("--model-config", help="JSON object (or a file holding one) of keyword arguments for --model.")]
-TrustCode = Annotated[bool, typer.Option("--trust-model-code", help="Import the model code named inside the checkpoint even if it is not built in.")]
+Data = Annotated[
+    Path | None,
+    typer.Option("--data", help="Data file (.safetensors/.npz with 'inputs' and optional 'labels') for accuracy/fidelity and calibration."),
+]
+Model = Annotated[
+    str | None,
+    typer.Option(
+        "--model",
+        help="Model code: built-in name (digits-cnn), package.module:callable or path/file.py:callable. Trusted because you named it.",
+    ),
+]
+ModelConfig = Annotated[
+    str | None, typer.Option("--model-config", help="JSON object (or a file holding one) of keyword arguments for --model.")
+]
+TrustCode = Annotated[
+    bool, typer.Option("--trust-model-code", help="Import the model code named inside the checkpoint even if it is not built in.")
+]
 Device = Annotated[str, typer.Option("--device", help="cpu or cuda.")]
 Threads = Annotated[int | None, typer.Option("--threads", help="Torch CPU threads for measuring (default: torch's default).", min=1)]
 BatchSize = Annotated[int, typer.Option("--batch-size", help="Batch size for latency and evaluation.", min=1)]
@@ -38,11 +51,21 @@ Warmup = Annotated[int, typer.Option("--warmup", help="Untimed warm-up runs per 
 NoLatency = Annotated[bool, typer.Option("--no-latency", help="Skip latency measurement.")]
 Layers = Annotated[bool, typer.Option("--layers", help="Also show a per-layer view: storage, sparsity, SQNR against the baseline.")]
 Format = Annotated[str, typer.Option("--format", "-f", help="Output on stdout: table, json, markdown or csv.")]
-ReportOut = Annotated[Path | None, typer.Option("--report-out", help="Also save the comparison: .json, .md or .csv by extension (JSON otherwise).", dir_okay=False)]
-FailIf = Annotated[list[str] | None, typer.Option("--fail-if", help="Exit 1 when a condition holds for a compared model, e.g. 'accuracy_drop>0.01', 'latency_ratio>0.9'. Repeatable.")]
+ReportOut = Annotated[
+    Path | None,
+    typer.Option("--report-out", help="Also save the comparison: .json, .md or .csv by extension (JSON otherwise).", dir_okay=False),
+]
+FailIf = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--fail-if", help="Exit 1 when a condition holds for a compared model, e.g. 'accuracy_drop>0.01', 'latency_ratio>0.9'. Repeatable."
+    ),
+]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No progress bars.")]
 Debug = Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")]
-Include = Annotated[list[str] | None, typer.Option("--include", help="Glob on module names to transform (repeatable); default: all eligible.")]
+Include = Annotated[
+    list[str] | None, typer.Option("--include", help="Glob on module names to transform (repeatable); default: all eligible.")
+]
 Exclude = Annotated[list[str] | None, typer.Option("--exclude", help="Glob on module names to leave alone (repeatable).")]
 
 
@@ -76,7 +99,13 @@ class Common:
 
     def options(self) -> pipeline.MeasureOptions:
         return pipeline.MeasureOptions(
-            device=self.device, threads=self.threads, batch_size=self.batch_size, warmup=self.warmup, min_time=self.min_time, latency=not self.no_latency, layers=self.layers
+            device=self.device,
+            threads=self.threads,
+            batch_size=self.batch_size,
+            warmup=self.warmup,
+            min_time=self.min_time,
+            latency=not self.no_latency,
+            layers=self.layers,
         )
 
     @contextmanager
@@ -123,8 +152,15 @@ class RichProgress(Progress):
 
     def __init__(self) -> None:
         self.bar = RichBar(
-            SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
-            console=stderr_console(), transient=True,
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+            TextColumn("{task.fields[info]}"),
+            console=stderr_console(),
+            transient=True,
         )
 
     def __enter__(self) -> RichProgress:

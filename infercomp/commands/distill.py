@@ -19,11 +19,17 @@ def distill(
     output: c.Output,
     data: Annotated[Path, typer.Option("--data", help="Training data (.safetensors/.npz: 'inputs', optional 'labels').")],
     val_data: Annotated[Path | None, typer.Option("--val-data", help="Held-out data for the final comparison (default: --data).")] = None,
-    student: Annotated[Path | None, typer.Option("--student", help="Student checkpoint to train (e.g. the output of infercomp prune).")] = None,
-    student_model: Annotated[str | None, typer.Option("--student-model", help="Model code for a fresh student (built-in name or module:callable).")] = None,
+    student: Annotated[
+        Path | None, typer.Option("--student", help="Student checkpoint to train (e.g. the output of infercomp prune).")
+    ] = None,
+    student_model: Annotated[
+        str | None, typer.Option("--student-model", help="Model code for a fresh student (built-in name or module:callable).")
+    ] = None,
     student_config: Annotated[str | None, typer.Option("--student-config", help="JSON keyword arguments for --student-model.")] = None,
     temperature: Annotated[float, typer.Option("--temperature", help="Softening temperature T.")] = 4.0,
-    alpha: Annotated[float, typer.Option("--alpha", help="Weight of the distillation term; 1 - alpha goes to cross-entropy on labels.")] = 0.9,
+    alpha: Annotated[
+        float, typer.Option("--alpha", help="Weight of the distillation term; 1 - alpha goes to cross-entropy on labels.")
+    ] = 0.9,
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 10,
     lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW, warm-up then cosine).")] = 3e-3,
     weight_decay: Annotated[float, typer.Option("--weight-decay")] = 1e-4,
@@ -49,11 +55,44 @@ def distill(
 
     Loss: alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y).
     """
-    opts = c.Common(model, model_config, trust_model_code, device, threads, batch_size, min_time, warmup, no_latency, False, fmt, report_out, tuple(fail_if or ()), quiet)
+    opts = c.Common(
+        model,
+        model_config,
+        trust_model_code,
+        device,
+        threads,
+        batch_size,
+        min_time,
+        warmup,
+        no_latency,
+        False,
+        fmt,
+        report_out,
+        tuple(fail_if or ()),
+        quiet,
+    )
     config = DistillConfig(
-        student=None if student is None else str(student), student_model=student_model, student_config=parse_config(student_config) or {},
-        temperature=temperature, alpha=alpha, epochs=epochs, lr=lr, batch_size=batch_size, weight_decay=weight_decay, seed=seed,
+        student=None if student is None else str(student),
+        student_model=student_model,
+        student_config=parse_config(student_config) or {},
+        temperature=temperature,
+        alpha=alpha,
+        epochs=epochs,
+        lr=lr,
+        batch_size=batch_size,
+        weight_decay=weight_decay,
+        seed=seed,
     )
     with opts.progress() as progress:
-        result = run(teacher, output, config, loader=opts.loader(), options=opts.options(), data=data, eval_data=val_data, force=force, progress=progress)
+        result = run(
+            teacher,
+            output,
+            config,
+            loader=opts.loader(),
+            options=opts.options(),
+            data=data,
+            eval_data=val_data,
+            force=force,
+            progress=progress,
+        )
     c.emit(result, opts)

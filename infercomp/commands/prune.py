@@ -18,7 +18,9 @@ def prune(
     output: c.Output,
     method: Annotated[str, typer.Option("--method", help=f"One of: {', '.join(METHODS)}.")] = "magnitude",
     sparsity: Annotated[float, typer.Option("--sparsity", help="Fraction of weights to remove, 0 <= s < 1.")] = 0.5,
-    scope: Annotated[str, typer.Option("--scope", help="layer: every tensor reaches --sparsity; global: one threshold over all.")] = "layer",
+    scope: Annotated[
+        str, typer.Option("--scope", help="layer: every tensor reaches --sparsity; global: one threshold over all.")
+    ] = "layer",
     include: c.Include = None,
     exclude: c.Exclude = None,
     force: c.Force = False,
@@ -43,7 +45,22 @@ def prune(
 
     magnitude: unstructured, the smallest |w| of each weight matrix (or globally) are zeroed.
     """
-    opts = c.Common(model, model_config, trust_model_code, device, threads, batch_size, min_time, warmup, no_latency, layers, fmt, report_out, tuple(fail_if or ()), quiet)
+    opts = c.Common(
+        model,
+        model_config,
+        trust_model_code,
+        device,
+        threads,
+        batch_size,
+        min_time,
+        warmup,
+        no_latency,
+        layers,
+        fmt,
+        report_out,
+        tuple(fail_if or ()),
+        quiet,
+    )
     config = PruneConfig(method=method, sparsity=sparsity, scope=scope, include=tuple(include or ()), exclude=tuple(exclude or ()))
     with opts.progress() as progress:
         result = run(source, output, config, loader=opts.loader(), options=opts.options(), data=data, force=force, progress=progress)

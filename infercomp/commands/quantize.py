@@ -42,7 +42,22 @@ def quantize(
     int8: symmetric per-output-channel int8 weights with float scales; Linear layers run on torch's
     int8 weight-only CPU kernel when loaded.
     """
-    opts = c.Common(model, model_config, trust_model_code, device, threads, batch_size, min_time, warmup, no_latency, layers, fmt, report_out, tuple(fail_if or ()), quiet)
+    opts = c.Common(
+        model,
+        model_config,
+        trust_model_code,
+        device,
+        threads,
+        batch_size,
+        min_time,
+        warmup,
+        no_latency,
+        layers,
+        fmt,
+        report_out,
+        tuple(fail_if or ()),
+        quiet,
+    )
     config = QuantizeConfig(scheme=scheme, include=tuple(include or ()), exclude=tuple(exclude or ()))
     with opts.progress() as progress:
         result = run(source, output, config, loader=opts.loader(), options=opts.options(), data=data, force=force, progress=progress)

@@ -39,7 +39,22 @@ def report(
     (median and p90 after warm-up, models interleaved in one process); with --data, accuracy
     (labels) or fidelity against the first checkpoint (top-1 agreement, output cosine).
     """
-    opts = c.Common(model, model_config, trust_model_code, device, threads, batch_size, min_time, warmup, no_latency, layers, fmt, report_out, tuple(fail_if or ()), quiet)
+    opts = c.Common(
+        model,
+        model_config,
+        trust_model_code,
+        device,
+        threads,
+        batch_size,
+        min_time,
+        warmup,
+        no_latency,
+        layers,
+        fmt,
+        report_out,
+        tuple(fail_if or ()),
+        quiet,
+    )
     ckpts = [checkpoint.load(p) for p in checkpoints]
     dataset = load_data(data) if data is not None else None
     with opts.progress() as progress:
