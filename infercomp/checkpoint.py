@@ -117,12 +117,12 @@ def load(path: str | os.PathLike[str]) -> Checkpoint:
 def _sniff(p: Path) -> str | None:
     with open(p, "rb") as f:
         head = f.read(9)
-    if head[:2] == b"PK" or head[:1] == b"\x80":
-        return "torch"  # zip (torch.save) or legacy pickle stream, read weights-only
     if len(head) >= 9:
         (n,) = struct.unpack("<Q", head[:8])
         if 2 <= n <= 100_000_000 and head[8:9] == b"{":
             return "safetensors"
+    if head[:2] == b"PK" or head[:1] == b"\x80":
+        return "torch"  # zip (torch.save) or legacy pickle stream, read weights-only
     if p.suffix == ".safetensors":
         return "safetensors"  # let the reader report what is wrong with it
     return None

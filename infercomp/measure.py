@@ -167,6 +167,21 @@ def fidelity(outputs: torch.Tensor, reference: torch.Tensor) -> dict[str, float]
     }
 
 
+def peak_memory(path: str, spec: dict[str, Any], batch_shape: Sequence[int], device: torch.device) -> int | None:
+    """Peak RSS of loading ``path`` and one forward pass on a batch of ``batch_shape``, measured in
+    a fresh Python process (see ``infercomp.memprobe``). None if the probe fails."""
+    import json
+    import subprocess
+    import sys
+
+    cmd = [sys.executable, "-m", "infercomp.memprobe", path, "--spec", json.dumps(spec), "--input-shape", json.dumps(list(batch_shape))]
+    cmd += ["--device", str(device)]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    if proc.returncode != 0:
+        return None
+    return int(json.loads(proc.stdout.strip().splitlines()[-1])["peak_memory_bytes"])
+
+
 def host_settings(device: torch.device, threads: int) -> dict[str, Any]:
     """What the numbers were measured on."""
     info: dict[str, Any] = {

@@ -32,6 +32,7 @@ class MeasureOptions:
     Attributes:
         latency: time the forward pass (needs a model); False skips it.
         layers: add a per-layer breakdown (size, sparsity, error against the baseline).
+        memory: measure peak resident memory of load + one forward pass (a subprocess per model).
     """
 
     device: str = "cpu"
@@ -41,6 +42,7 @@ class MeasureOptions:
     min_time: float = 1.0
     latency: bool = True
     layers: bool = False
+    memory: bool = False
 
     def __post_init__(self) -> None:
         if self.batch_size < 1:
@@ -161,6 +163,8 @@ def compare(
         _accuracy_and_fidelity(modules, reports, data, options, device, progress)
     if options.latency:
         _latency(ckpts, modules, reports, loader, data, options, device, progress)
+    if options.memory:
+        _memory(ckpts, modules, reports, loader, data, options, device, progress)
     if options.layers:
         _layers(ckpts, reports)
     _ratios(reports)
@@ -219,6 +223,19 @@ def _latency(
         summary = measure.summarise(samples)
         reports[i].latency_ms = summary
         reports[i].throughput_per_s = options.batch_size / (summary["median"] / 1000)
+
+
+def _memory(
+    ckpts, modules, reports, loader: ModelLoader, data: Dataset | None, options: MeasureOptions, device, progress: Progress
+) -> None:
+    with progress.task("peak memory (one process per model)", total=len(ckpts)) as task:
+        for c, m, r in zip(ckpts, modules, reports):
+            x = None if m is None or c.path is None else _latency_input(c, m, loader, data, options.batch_size)
+            if x is None or not x.is_floating_point():
+                r.notes.append("peak memory not measured: needs a model, a file on disk and a float input")
+            else:
+                r.peak_memory_bytes = measure.peak_memory(str(c.path), loader.spec_for(c), list(x.shape), device)
+            task.advance()
 
 
 def _latency_input(ckpt: Checkpoint, module: nn.Module, loader: ModelLoader, data: Dataset | None, batch: int) -> torch.Tensor | None:

@@ -85,7 +85,7 @@ def _settings_line(c: Comparison) -> str:
 def render_table(c: Comparison, console: Console) -> None:
     table = Table(title="infercomp comparison (first row = baseline)", caption=_settings_line(c), show_lines=False)
     for col in COLUMNS:
-        table.add_column(col, justify="left" if col == "model" else "right", overflow="fold")
+        table.add_column(col, justify="left" if col == "model" else "right", overflow="fold", no_wrap=col != "model")
     for m in c.models:
         table.add_row(*_cells(m))
     console.print(table)

@@ -50,7 +50,9 @@ def invoke(runner: CliRunner, *args: str):
 def run_cli(*args: str, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run ``python -m infercomp`` as a real subprocess."""
     full_env = {**os.environ, "NO_COLOR": "1", **(env or {})}
-    return subprocess.run([sys.executable, "-m", "infercomp", *map(str, args)], capture_output=True, text=True, cwd=cwd, env=full_env, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "infercomp", *map(str, args)], capture_output=True, text=True, cwd=cwd, env=full_env, timeout=300
+    )
 
 
 class TinyMLP(nn.Module):

@@ -49,6 +49,9 @@ BatchSize = Annotated[int, typer.Option("--batch-size", help="Batch size for lat
 MinTime = Annotated[float, typer.Option("--min-time", help="Seconds of timed runs per model, at least (after warm-up).", min=0.0)]
 Warmup = Annotated[int, typer.Option("--warmup", help="Untimed warm-up runs per model.", min=0)]
 NoLatency = Annotated[bool, typer.Option("--no-latency", help="Skip latency measurement.")]
+Memory = Annotated[
+    bool, typer.Option("--memory", help="Also measure peak resident memory of loading + one forward pass (one fresh process per model).")
+]
 Layers = Annotated[bool, typer.Option("--layers", help="Also show a per-layer view: storage, sparsity, SQNR against the baseline.")]
 Format = Annotated[str, typer.Option("--format", "-f", help="Output on stdout: table, json, markdown or csv.")]
 ReportOut = Annotated[
@@ -87,6 +90,7 @@ class Common:
     report_out: Path | None = None
     fail_if: tuple[str, ...] = ()
     quiet: bool = False
+    memory: bool = False
 
     def __post_init__(self) -> None:
         if self.fmt not in render.FORMATS:
@@ -105,6 +109,7 @@ class Common:
             warmup=self.warmup,
             min_time=self.min_time,
             latency=not self.no_latency,
+            memory=self.memory,
             layers=self.layers,
         )
 
@@ -118,7 +123,7 @@ class Common:
 
 
 def stdout_console() -> Console:
-    return Console(file=sys.stdout, soft_wrap=False, width=None if sys.stdout.isatty() else 200)
+    return Console(file=sys.stdout, soft_wrap=False, width=None if sys.stdout.isatty() else 1000)
 
 
 def stderr_console() -> Console:

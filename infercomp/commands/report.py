@@ -27,6 +27,7 @@ def report(
     warmup: c.Warmup = 3,
     no_latency: c.NoLatency = False,
     layers: c.Layers = False,
+    memory: c.Memory = False,
     fmt: c.Format = "table",
     report_out: c.ReportOut = None,
     fail_if: c.FailIf = None,
@@ -54,6 +55,7 @@ def report(
         report_out,
         tuple(fail_if or ()),
         quiet,
+        memory,
     )
     ckpts = [checkpoint.load(p) for p in checkpoints]
     dataset = load_data(data) if data is not None else None

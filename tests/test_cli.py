@@ -1,0 +1,172 @@
+"""The command line: one-line errors with exit code 2, no tracebacks, nothing lost."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from infercomp import checkpoint
+from tests.conftest import DIGITS_TEST, SAMPLE, invoke, run_cli
+
+
+def _one_line_error(result, *needles: str) -> None:
+    assert result.exit_code == 2, (result.exit_code, result.output)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("infercomp: error: ")
+    for n in needles:
+        assert n in lines[0], lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_help_lists_commands(runner) -> None:
+    r = invoke(runner, "--help")
+    assert r.exit_code == 0
+    for cmd in ("prune", "quantize", "distill", "report"):
+        assert cmd in r.stdout
+    for cmd in ("prune", "quantize", "distill", "report"):
+        sub = invoke(runner, cmd, "--help")
+        assert sub.exit_code == 0 and "--format" in sub.stdout
+
+
+def test_missing_file(runner, tmp_path: Path) -> None:
+    _one_line_error(invoke(runner, "report", tmp_path / "nope.safetensors"), "nope.safetensors", "no such file")
+
+
+def test_not_a_checkpoint(runner, tmp_path: Path) -> None:
+    junk = tmp_path / "notes.txt"
+    junk.write_text("just some text")
+    _one_line_error(invoke(runner, "report", junk), "notes.txt", "not a checkpoint")
+
+
+def test_truncated_safetensors(runner, tmp_path: Path) -> None:
+    cut = tmp_path / "cut.safetensors"
+    cut.write_bytes(SAMPLE["mlp"].read_bytes()[:5000])
+    _one_line_error(invoke(runner, "quantize", cut, "-o", tmp_path / "o.safetensors"), "cut.safetensors", "truncated or corrupt")
+    assert not (tmp_path / "o.safetensors").exists()
+
+
+def test_unknown_model_reference(runner) -> None:
+    _one_line_error(invoke(runner, "report", SAMPLE["mlp"], "--model", "no-such-net"), "unknown model reference 'no-such-net'")
+
+
+def test_untrusted_reference_names_the_flags(runner, tiny_ckpt: Path) -> None:
+    _one_line_error(
+        invoke(runner, "report", tiny_ckpt), "tiny.safetensors", "not trusted", "--model tests.conftest:tiny_mlp", "--trust-model-code"
+    )
+    ok = invoke(runner, "report", tiny_ckpt, "--trust-model-code", "--min-time", "0.01", "--warmup", "1")
+    assert ok.exit_code == 0, ok.output
+
+
+def test_output_equals_input_is_refused(runner, tmp_path: Path) -> None:
+    src = tmp_path / "m.safetensors"
+    src.write_bytes(SAMPLE["mlp"].read_bytes())
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    _one_line_error(invoke(runner, "prune", src, "-o", src, "--force"), "output is the input")
+    assert hashlib.sha256(src.read_bytes()).hexdigest() == digest
+
+
+def test_existing_output_needs_force(runner, tmp_path: Path) -> None:
+    out = tmp_path / "o.safetensors"
+    out.write_bytes(b"precious")
+    _one_line_error(invoke(runner, "quantize", SAMPLE["mlp"], "-o", out), "already exists", "--force")
+    assert out.read_bytes() == b"precious"
+    r = invoke(runner, "quantize", SAMPLE["mlp"], "-o", out, "--force", "--no-latency")
+    assert r.exit_code == 0 and checkpoint.load(out).encodings
+
+
+def test_bad_option_values(runner, tmp_path: Path) -> None:
+    _one_line_error(invoke(runner, "report", SAMPLE["mlp"], "--format", "xml"), "--format 'xml'")
+    _one_line_error(invoke(runner, "report", SAMPLE["mlp"], "--fail-if", "fast"), "--fail-if 'fast'")
+    _one_line_error(invoke(runner, "report", SAMPLE["mlp"], "--model-config", "{bad"), "--model-config", "not valid JSON")
+    _one_line_error(invoke(runner, "report", SAMPLE["mlp"], "--device", "cuda" if not _has_cuda() else "tpu"), "--device")
+
+
+def _has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def test_bad_data_file(runner, tmp_path: Path) -> None:
+    import torch
+    from safetensors.torch import save_file
+
+    bad = tmp_path / "d.safetensors"
+    save_file({"x": torch.ones(2)}, str(bad))
+    _one_line_error(invoke(runner, "report", SAMPLE["mlp"], "--data", bad), "d.safetensors", "no 'inputs'")
+    _one_line_error(invoke(runner, "report", SAMPLE["mlp"], "--data", tmp_path / "none.npz"), "no such data file")
+
+
+def test_debug_shows_traceback(runner, tmp_path: Path) -> None:
+    r = invoke(runner, "report", tmp_path / "nope.safetensors", "--debug")
+    assert r.exit_code == 2 and "Traceback" in r.stderr
+
+
+def test_version(runner) -> None:
+    r = invoke(runner, "--version")
+    assert r.exit_code == 0 and r.stdout.startswith("infercomp ")
+
+
+# ------------------------------------------------------------------------- real subprocesses
+
+
+def test_subprocess_error_is_one_line_exit_2(tmp_path: Path) -> None:
+    p = run_cli("prune", tmp_path / "missing.pt", "-o", tmp_path / "o.safetensors")
+    assert p.returncode == 2
+    assert p.stderr.strip().count("\n") == 0 and "missing.pt: no such file" in p.stderr
+    assert p.stdout == ""
+
+
+def test_subprocess_report_table_respects_no_color() -> None:
+    p = run_cli("report", SAMPLE["mlp"], "--no-latency")
+    assert p.returncode == 0 and "\x1b[" not in p.stdout and "digits_mlp.safetensors" in p.stdout
+
+
+def test_ctrl_c_leaves_no_partial_output(tmp_path: Path) -> None:
+    """SIGINT during a long run exits 130 and leaves neither output nor temp files."""
+    out = tmp_path / "student.safetensors"
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "infercomp",
+            "distill",
+            SAMPLE["cnn"],
+            "-o",
+            out,
+            "--data",
+            DIGITS_TEST,
+            "--student-model",
+            "digits-cnn",
+            "--epochs",
+            "200",
+            "--no-latency",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "NO_COLOR": "1"},
+    )
+    time.sleep(8)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err
+    assert not out.exists()
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
+
+
+@pytest.mark.parametrize("cmd", ["prune", "quantize"])
+def test_subprocess_transform_writes_and_prints_table(cmd: str, tmp_path: Path) -> None:
+    out = tmp_path / f"{cmd}.safetensors"
+    p = run_cli(cmd, SAMPLE["mlp"], "-o", out, "--data", DIGITS_TEST, "--min-time", "0.05", "--warmup", "1")
+    assert p.returncode == 0, p.stderr
+    assert out.exists() and str(out) in p.stdout and "accuracy" in p.stdout
