@@ -162,3 +162,16 @@ def test_layernorm_embedding_and_transformer_heads_adapt() -> None:
     adapt_shapes(holder, {"emb.weight": (10, 4), "ln.weight": (4,), "ln.bias": (4,)})
     assert emb.embedding_dim == 4 and ln.normalized_shape == (4,)
     assert ln(emb(torch.tensor([1, 2]))).shape == (2, 4)
+
+
+def test_entry_point_models_are_trusted(monkeypatch: pytest.MonkeyPatch, tiny_ckpt: Path) -> None:
+    """A model registered by an installed package (group infercomp.models) needs no flag."""
+    from importlib.metadata import EntryPoint
+
+    import infercomp.models as models
+
+    ep = EntryPoint(name="tiny-registered", value="tests.conftest:tiny_mlp", group=models.ENTRY_POINT_GROUP)
+    monkeypatch.setattr(models, "entry_points", lambda group: [ep] if group == models.ENTRY_POINT_GROUP else [])
+    ck = checkpoint.load(tiny_ckpt)
+    ck.model = {"ref": "tiny-registered", "config": {}}
+    assert isinstance(ModelLoader().build(ck), nn.Module)
