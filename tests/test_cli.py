@@ -130,8 +130,10 @@ def test_subprocess_report_table_respects_no_color() -> None:
     assert p.returncode == 0 and "\x1b[" not in p.stdout and "digits_mlp.safetensors" in p.stdout
 
 
-def test_ctrl_c_leaves_no_partial_output(tmp_path: Path) -> None:
-    """SIGINT during a long run exits 130 and leaves neither output nor temp files."""
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_leaves_no_partial_output(tmp_path: Path, sig: int) -> None:
+    """SIGINT / SIGTERM during a long run exits 130 and leaves neither output nor temp files."""
     out = tmp_path / "student.safetensors"
     proc = subprocess.Popen(
         [
@@ -156,7 +158,7 @@ def test_ctrl_c_leaves_no_partial_output(tmp_path: Path) -> None:
         env={**os.environ, "NO_COLOR": "1"},
     )
     time.sleep(8)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
     assert "Traceback" not in err

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
+import threading
 import traceback
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -214,6 +216,11 @@ def write_text_atomic(path: Path, text: str) -> None:
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _interrupt(signum: int, frame: Any) -> None:
+    del signum, frame
+    raise KeyboardInterrupt
+
+
 def handle_errors(fn: F) -> F:
     """Map InfercompError to one line on stderr + its exit code (2, or 1 for a failed gate),
     Ctrl-C to exit 130; full tracebacks only with --debug or INFERCOMP_DEBUG=1."""
@@ -221,6 +228,9 @@ def handle_errors(fn: F) -> F:
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         debug = bool(kwargs.get("debug")) or os.environ.get("INFERCOMP_DEBUG") == "1"
+        if threading.current_thread() is threading.main_thread():
+            # SIGTERM (CI timeouts, `kill`) takes the same clean path as Ctrl-C: temp files removed, exit 130.
+            signal.signal(signal.SIGTERM, _interrupt)
         try:
             return fn(*args, **kwargs)
         except InfercompError as e:
