@@ -192,7 +192,7 @@ def _load_dir(d: Path) -> Checkpoint:
     cfg = d / "config.json"
     if ckpt.model is None and cfg.exists():
         try:
-            ckpt.model = {"ref": "hf-auto", "config": json.loads(cfg.read_text())}
+            ckpt.model = {"ref": "hf-auto", "config": json.loads(cfg.read_text())}  # see infercomp.hf
         except ValueError as e:
             raise CheckpointError(f"{cfg}: not valid JSON") from e
     return ckpt

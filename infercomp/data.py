@@ -30,11 +30,24 @@ class Dataset:
             yield self.inputs[i : i + batch_size], None if self.labels is None else self.labels[i : i + batch_size]
 
 
-def load_data(path: str | Path) -> Dataset:
-    """Read a data file; errors name the file and what is wrong with it."""
+def load_data(path: str | Path, *, tokenizer: str | Path | None = None) -> Dataset:
+    """Read a data file; errors name the file and what is wrong with it.
+
+    Args:
+        path: ``.safetensors`` / ``.npz`` with ``inputs`` (and ``labels``), or text (``.txt``,
+            ``.jsonl``) for Hugging Face models.
+        tokenizer: directory holding the model's tokenizer (needed for text data).
+    """
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{p}: no such data file")
+    if p.suffix in (".txt", ".jsonl"):
+        if tokenizer is None:
+            raise DataError(f"{p}: text data needs the model's tokenizer; use a Hugging Face model directory as the (first) input")
+        from infercomp.hf import tokenize
+
+        ids, labels = tokenize(p, Path(tokenizer))
+        return Dataset(inputs=ids, labels=labels, path=p)
     if p.suffix == ".npz":
         try:
             with np.load(p, allow_pickle=False) as z:
@@ -47,7 +60,9 @@ def load_data(path: str | Path) -> Dataset:
         except (SafetensorError, OSError, ValueError, RuntimeError) as e:
             raise DataError(f"{p}: not a valid safetensors data file ({e})") from e
     else:
-        raise DataError(f"{p}: unsupported data format {p.suffix!r}; use .safetensors or .npz with 'inputs' (and 'labels')")
+        raise DataError(
+            f"{p}: unsupported data format {p.suffix!r}; use .safetensors or .npz with 'inputs' (and 'labels'), or .txt/.jsonl text"
+        )
     if "inputs" not in arrays:
         raise DataError(f"{p}: has no 'inputs' tensor (found: {', '.join(sorted(arrays)) or 'nothing'})")
     inputs = arrays["inputs"]

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from infercomp import encodings, zoo
+from infercomp import encodings, hf, zoo
 from infercomp.checkpoint import Checkpoint
 from infercomp.errors import ModelError, UsageError
 
@@ -54,8 +54,8 @@ def _entry_point(name: str) -> Callable[..., nn.Module] | None:
 
 
 def is_trusted_builtin(ref: str) -> bool:
-    """Built-in names and names registered by installed packages need no extra trust."""
-    return ref in zoo.MODELS or any(ep.name == ref for ep in entry_points(group=ENTRY_POINT_GROUP))
+    """Built-in names, transformers' own classes and names registered by installed packages need no extra trust."""
+    return ref in zoo.MODELS or ref == hf.HF_REF or any(ep.name == ref for ep in entry_points(group=ENTRY_POINT_GROUP))
 
 
 def resolve(ref: str) -> Callable[..., nn.Module]:
@@ -124,8 +124,7 @@ class ModelLoader:
         return {"ref": stored["ref"], "config": cfg}
 
     def can_build(self, ckpt: Checkpoint) -> bool:
-        spec = self.spec_for(ckpt)
-        return spec is not None and spec["ref"] != "hf-auto"
+        return self.spec_for(ckpt) is not None
 
     def build(self, ckpt: Checkpoint, *, runtime: bool = True) -> nn.Module:
         """A module in eval mode holding the checkpoint's weights.
@@ -139,8 +138,10 @@ class ModelLoader:
         if spec is None:
             raise ModelError(f"{ckpt.name}: no model reference stored in the checkpoint; pass --model REF (and --model-config)")
         ref = spec["ref"]
-        if ref == "hf-auto":
-            raise ModelError(f"{ckpt.name}: Hugging Face directories are read for their tensors only; pass --model REF to run them")
+        if ref == hf.HF_REF:  # transformers' own classes, chosen from config.json: trusted
+            module = hf.build(spec["config"])
+            load_weights(module, ckpt, runtime=runtime)
+            return module.eval()
         if self.ref is None and not self.trust_model_code and not is_trusted_builtin(ref):
             raise ModelError(
                 f"{ckpt.name}: model reference {ref!r} stored in the checkpoint is not trusted; "
@@ -183,6 +184,9 @@ def load_weights(module: nn.Module, ckpt: Checkpoint, *, runtime: bool = True) -
     plain = {k: v for k, v in ckpt.tensors.items() if outside(k) or any(k in ks for ks in owned.values())}
     dense = encodings.logical_tensors(plain, kept, ckpt.name)
     expected = {k for k in module.state_dict() if outside(k)}
+    # Buffers the module does not persist (e.g. transformers' position_ids) may still be stored.
+    transient = {k for k, _ in module.named_buffers()} - set(module.state_dict())
+    dense = {k: v for k, v in dense.items() if k not in transient}
     missing = sorted(expected - set(dense))
     unexpected = sorted(set(dense) - expected)
     if missing or unexpected:

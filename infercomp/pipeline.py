@@ -104,7 +104,8 @@ def run(
     src, out = Path(source), Path(output)
     ckpt = checkpoint.load(src)
     checkpoint.check_output(out, force=force, source=src)  # fail before any expensive work
-    dataset = load_data(data) if data is not None else None
+    tokenizer = src if src.is_dir() else None  # a Hugging Face directory carries its tokenizer
+    dataset = load_data(data, tokenizer=tokenizer) if data is not None else None
     device = options.torch_device()
     ctx = Context(loader=loader, data=dataset, device=device, progress=progress, source=src, output=out)
     fn = transforms()[type(config)]
@@ -124,7 +125,7 @@ def run(
     checkpoint.save(new, out, force=force, source=src)
     written = checkpoint.load(out)
     # The output's model reference is stored in it (and the user's --model, if any, applies to both).
-    evaluation = load_data(eval_data) if eval_data is not None else dataset
+    evaluation = load_data(eval_data, tokenizer=tokenizer) if eval_data is not None else dataset
     return compare([ckpt, written], loader=loader, options=options, data=evaluation, progress=progress)
 
 

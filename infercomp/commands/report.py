@@ -58,7 +58,8 @@ def report(
         memory,
     )
     ckpts = [checkpoint.load(p) for p in checkpoints]
-    dataset = load_data(data) if data is not None else None
+    tokenizer = checkpoints[0] if checkpoints[0].is_dir() else None  # a Hugging Face directory carries its tokenizer
+    dataset = load_data(data, tokenizer=tokenizer) if data is not None else None
     with opts.progress() as progress:
         result = compare(ckpts, loader=opts.loader(), options=opts.options(), data=dataset, progress=progress)
     c.emit(result, opts)

@@ -1,0 +1,79 @@
+"""Hugging Face directories (``config.json`` + safetensors): build the module with transformers'
+own classes (trusted, no ``trust_remote_code``) and tokenize text ``--data``.
+
+transformers is optional: only these paths import it, and a missing install is a clear error.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from infercomp.errors import DataError, ModelError
+
+HF_REF = "hf-auto"
+
+
+def _transformers() -> Any:
+    try:
+        import transformers
+    except ImportError as e:
+        raise ModelError(
+            "running a Hugging Face model needs transformers: pip install 'infercomp[hf]' (or pip install transformers)"
+        ) from e
+    transformers.logging.set_verbosity_error()
+    return transformers
+
+
+def build(config: dict[str, Any]) -> nn.Module:
+    """An untrained module of the architecture ``config.json`` names (its first ``architectures``
+    entry when transformers has that class, else AutoModel for its ``model_type``)."""
+    tf = _transformers()
+    cfg_dict = {k: v for k, v in config.items() if not k.startswith("_")}
+    model_type = cfg_dict.pop("model_type", None)
+    if model_type is None:
+        raise ModelError("config.json has no 'model_type'; cannot pick a transformers class")
+    try:
+        cfg = tf.AutoConfig.for_model(model_type, **cfg_dict)
+    except (ValueError, KeyError) as e:
+        raise ModelError(f"transformers does not know model_type {model_type!r}: {e}") from e
+    archs = config.get("architectures") or []
+    cls = getattr(tf, archs[0], None) if archs else None
+    if cls is None or not isinstance(cls, type) or not issubclass(cls, nn.Module):
+        return tf.AutoModel.from_config(cfg)
+    return cls(cfg)
+
+
+def tokenize(path: Path, tokenizer_dir: Path, *, max_length: int = 128) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``.txt`` (one example a line) or ``.jsonl`` (``{"text": ..., "label": ...}``) -> (token ids
+    (N, T) int64 padded to the longest example, labels (N,) or None)."""
+    tf = _transformers()
+    texts: list[str] = []
+    labels: list[int] = []
+    if path.suffix == ".txt":
+        texts = [line.rstrip("\n") for line in path.read_text().splitlines() if line.strip()]
+    else:
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+                texts.append(str(row["text"]))
+            except (ValueError, KeyError, TypeError) as e:
+                raise DataError(f"{path}: line {i} is not a JSON object with a 'text' field") from e
+            if "label" in row:
+                labels.append(int(row["label"]))
+    if not texts:
+        raise DataError(f"{path}: holds no text examples")
+    if labels and len(labels) != len(texts):
+        raise DataError(f"{path}: 'label' is given for {len(labels)} of {len(texts)} examples; give it for all or none")
+    try:
+        tok = tf.AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+    except (OSError, ValueError) as e:
+        raise DataError(f"{tokenizer_dir}: no tokenizer found to tokenize {path} (pass --tokenizer DIR)") from e
+    enc = tok(texts, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
+    return enc["input_ids"].long(), torch.tensor(labels) if labels else None

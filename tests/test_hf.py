@@ -1,0 +1,85 @@
+"""Hugging Face directories: tensors read, transformers' own classes built (trusted), text data
+tokenized with the directory's tokenizer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from infercomp import checkpoint
+from infercomp.models import ModelLoader
+from tests.conftest import invoke
+
+transformers = pytest.importorskip("transformers")
+
+WORDS = [
+    "[PAD]",
+    "[UNK]",
+    "[CLS]",
+    "[SEP]",
+    "[MASK]",
+    "a",
+    "man",
+    "is",
+    "eating",
+    "food",
+    "the",
+    "girl",
+    "riding",
+    "horse",
+    "playing",
+    "music",
+]
+
+
+@pytest.fixture
+def tiny_bert_dir(tmp_path: Path) -> Path:
+    """A 2-layer BERT in Hugging Face layout (config.json, model.safetensors, tokenizer files)."""
+    d = tmp_path / "tiny-bert"
+    d.mkdir()
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        vocab_size=len(WORDS), hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=32
+    )
+    model = transformers.BertModel(cfg).eval()
+    model.save_pretrained(d, safe_serialization=True)
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(WORDS) + "\n")
+    transformers.BertTokenizer(str(vocab)).save_pretrained(d)
+    return d
+
+
+def test_directory_builds_with_transformers_classes(tiny_bert_dir: Path) -> None:
+    ck = checkpoint.load(tiny_bert_dir)
+    assert ck.model["ref"] == "hf-auto" and ck.model["config"]["model_type"] == "bert"
+    m = ModelLoader().build(ck)  # trusted without flags: transformers' own class
+    ref = transformers.BertModel.from_pretrained(tiny_bert_dir).eval()
+    ids = torch.tensor([[2, 6, 7, 8, 9, 3]])
+    with torch.inference_mode():
+        torch.testing.assert_close(m(ids).last_hidden_state, ref(ids).last_hidden_state)
+
+
+def test_quantize_directory_with_text_data(tiny_bert_dir: Path, tmp_path: Path, runner) -> None:
+    text = tmp_path / "sentences.jsonl"
+    text.write_text(
+        "\n".join(json.dumps({"text": t}) for t in ["a man is eating food", "the girl is riding a horse", "a man is playing music"]) + "\n"
+    )
+    out = tmp_path / "bert_int8.safetensors"
+    r = invoke(runner, "quantize", tiny_bert_dir, "-o", out, "--data", text, "--format", "json", "--min-time", "0.05", "--warmup", "1")
+    assert r.exit_code == 0, r.output
+    d = json.loads(r.stdout)
+    assert d["models"][1]["fidelity"]["cosine_mean"] > 0.99
+    assert d["models"][1]["latency_ms"]["median"] > 0
+    assert checkpoint.load(out).model["ref"] == "hf-auto"
+
+
+def test_text_data_without_tokenizer_is_a_clear_error(tmp_path: Path, runner) -> None:
+    from tests.conftest import SAMPLE
+
+    text = tmp_path / "t.txt"
+    text.write_text("hello\n")
+    r = invoke(runner, "report", SAMPLE["mlp"], "--data", text)
+    assert r.exit_code == 2 and "needs the model's tokenizer" in r.stderr
