@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from infercomp.commands import common as c
-from infercomp.distill import DistillConfig
+from infercomp.distill import DistillConfig, ddp, run_rank, state_path
 from infercomp.models import parse_config
 from infercomp.pipeline import run
 
@@ -18,7 +18,12 @@ def distill(
     teacher: Annotated[Path, typer.Argument(help="Teacher checkpoint.", show_default=False)],
     output: c.Output,
     data: Annotated[Path, typer.Option("--data", help="Training data (.safetensors/.npz: 'inputs', optional 'labels').")],
-    val_data: Annotated[Path | None, typer.Option("--val-data", help="Held-out data for the final comparison (default: --data).")] = None,
+    val_data: Annotated[
+        Path | None,
+        typer.Option(
+            "--val-data", help="Held-out data: scored after every epoch (the best student is kept) and used for the final comparison."
+        ),
+    ] = None,
     student: Annotated[
         Path | None, typer.Option("--student", help="Student checkpoint to train (e.g. the output of infercomp prune).")
     ] = None,
@@ -26,21 +31,41 @@ def distill(
         str | None, typer.Option("--student-model", help="Model code for a fresh student (built-in name or module:callable).")
     ] = None,
     student_config: Annotated[str | None, typer.Option("--student-config", help="JSON keyword arguments for --student-model.")] = None,
-    temperature: Annotated[float, typer.Option("--temperature", help="Softening temperature T.")] = 4.0,
+    temperature: Annotated[float, typer.Option("--temperature", help="Softening temperature T (> 0).")] = 4.0,
     alpha: Annotated[
-        float, typer.Option("--alpha", help="Weight of the distillation term; 1 - alpha goes to cross-entropy on labels.")
+        float,
+        typer.Option("--alpha", help="Weight of the distillation term; 1 - alpha goes to cross-entropy on labels (0 = plain fine-tuning)."),
     ] = 0.9,
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 10,
-    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW, warm-up then cosine).")] = 3e-3,
+    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW, 5% linear warm-up then cosine).")] = 3e-3,
     weight_decay: Annotated[float, typer.Option("--weight-decay")] = 1e-4,
-    seed: Annotated[int, typer.Option("--seed")] = 0,
+    seed: Annotated[
+        int, typer.Option("--seed", help="Seeds initialisation and data order: the same seed gives the same bytes on CPU.")
+    ] = 0,
+    output_loss: Annotated[
+        str, typer.Option("--output-loss", help="kl (softened class scores), or mse / cosine for embedding models without logits.")
+    ] = "kl",
+    feature_loss: Annotated[
+        str, typer.Option("--feature-loss", help="none, or mse between matched hidden layers (learned projection where widths differ).")
+    ] = "none",
+    feature_layers: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--feature-layers", help="Module NAME or STUDENT=TEACHER names to match (repeatable); default: input of each last Linear."
+        ),
+    ] = None,
+    feature_weight: Annotated[float, typer.Option("--feature-weight", help="Weight of the feature loss.")] = 1.0,
+    resume: Annotated[
+        bool,
+        typer.Option("--resume", help="Continue from the state an interrupted run saved next to OUTPUT (OUT.train-state.safetensors)."),
+    ] = False,
     force: c.Force = False,
     model: c.Model = None,
     model_config: c.ModelConfig = None,
     trust_model_code: c.TrustCode = False,
-    device: c.Device = "cpu",
+    device: Annotated[str, typer.Option("--device", help="cpu or cuda (training uses bf16 autocast on cuda).")] = "cpu",
     threads: c.Threads = None,
-    batch_size: Annotated[int, typer.Option("--batch-size", help="Training (and evaluation) batch size.", min=1)] = 64,
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Training batch per process (and evaluation batch).", min=1)] = 64,
     min_time: c.MinTime = 1.0,
     warmup: c.Warmup = 3,
     no_latency: c.NoLatency = False,
@@ -53,7 +78,10 @@ def distill(
     """Knowledge distillation: train the student on the teacher's softened outputs (Hinton et al.)
     and labels, write it, and compare teacher and student.
 
-    Loss: alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y).
+    Loss: alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y); CE only where
+    labels exist. Ctrl-C or SIGTERM saves a resumable state (exit 130); --resume continues it.
+    Under `torchrun --nproc-per-node N -m infercomp distill ...` it trains with
+    DistributedDataParallel (gloo on CPU, NCCL on GPU); rank 0 alone writes and prints.
     """
     opts = c.Common(
         model,
@@ -82,7 +110,16 @@ def distill(
         batch_size=batch_size,
         weight_decay=weight_decay,
         seed=seed,
+        val_data=None if val_data is None else str(val_data),
+        output_loss=output_loss,
+        feature_loss=feature_loss,
+        feature_layers=tuple(feature_layers or ()),
+        feature_weight=feature_weight,
+        resume=resume,
     )
+    if not ddp.from_env().main:  # torchrun rank > 0: train alongside rank 0, write and print nothing
+        run_rank(teacher, output, config, loader=opts.loader(), data=data, device=opts.options().torch_device())
+        return
     with opts.progress() as progress:
         result = run(
             teacher,
@@ -95,4 +132,5 @@ def distill(
             force=force,
             progress=progress,
         )
+    state_path(output).unlink(missing_ok=True)  # the output is written: the run needs no resuming
     c.emit(result, opts)

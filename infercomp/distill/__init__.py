@@ -1,21 +1,31 @@
 """Knowledge distillation (Hinton et al., 2015): train a student on a teacher's softened outputs.
-``distill(teacher_ckpt, DistillConfig(...), ctx) -> student Checkpoint``."""
+
+``distill(teacher_ckpt, DistillConfig(...), ctx) -> student Checkpoint``. Modules: ``loss`` (KD,
+output and feature losses), ``trainer`` (the loop: schedule, validation, interrupts, DDP),
+``state`` (resumable training state in safetensors + JSON), ``ddp`` (torchrun environment).
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from infercomp import checkpoint
 from infercomp.checkpoint import Checkpoint
-from infercomp.config import TransformConfig
+from infercomp.config import TransformConfig, choice
+from infercomp.data import Dataset, load_data
+from infercomp.distill import ddp
+from infercomp.distill.loss import FEATURE_LOSSES, OUTPUT_LOSSES, FeatureMatch, kd_loss, kd_loss_per_sample, parse_layer_pairs
+from infercomp.distill.state import state_path
+from infercomp.distill.trainer import Job, Trainable, first_output, train
 from infercomp.errors import DataError, ModelError, UsageError
 from infercomp.models import ModelLoader
+from infercomp.progress import NULL, Progress
 
 if TYPE_CHECKING:
     from infercomp.pipeline import Context
@@ -28,7 +38,16 @@ class DistillConfig(TransformConfig):
     Attributes:
         student: path of a student checkpoint (e.g. the output of ``infercomp prune``), or None.
         student_model / student_config: model code for a freshly initialised student, or None.
-        temperature: T, softens both distributions; alpha: weight of the KD term (1 - alpha on CE).
+        temperature: T, softens both distributions; alpha: weight of the soft term (1 - alpha on CE).
+        epochs, lr, batch_size, weight_decay, seed: AdamW with 5 % linear warm-up then cosine decay;
+            ``batch_size`` is per rank under torchrun (global batch = batch_size * world size).
+        val_data: held-out data scored after every epoch; the best student is kept.
+        output_loss: ``kl`` (softened logits), or ``mse`` / ``cosine`` for embedding outputs.
+        feature_loss: ``none`` or ``mse`` between matched hidden layers (``feature_layers``:
+            ``NAME`` or ``STUDENT=TEACHER`` module names; default the inputs of each model's last
+            Linear), through a learned projection where widths differ, weighted by ``feature_weight``.
+        resume: continue from the saved training state next to the output (not recorded in the
+            output: a resumed run writes the same bytes as an uninterrupted one).
     """
 
     transform: ClassVar[str] = "distill"
@@ -42,81 +61,132 @@ class DistillConfig(TransformConfig):
     batch_size: int = 64
     weight_decay: float = 1e-4
     seed: int = 0
+    val_data: str | None = None
+    output_loss: str = "kl"
+    feature_loss: str = "none"
+    feature_layers: tuple[str, ...] = ()
+    feature_weight: float = 1.0
+    resume: bool = False
 
     def __post_init__(self) -> None:
         if (self.student is None) == (self.student_model is None):
             raise UsageError("give the student as exactly one of --student FILE or --student-model REF")
-        if self.temperature <= 0:
-            raise UsageError(f"--temperature must be > 0, got {self.temperature}")
-        if not 0.0 <= self.alpha <= 1.0:
+        if not (math.isfinite(self.temperature) and self.temperature > 0):
+            raise UsageError(f"--temperature must be a finite number > 0, got {self.temperature}")
+        if not 0.0 <= self.alpha <= 1.0:  # also rejects NaN
             raise UsageError(f"--alpha must be in [0, 1], got {self.alpha}")
-        if self.epochs < 1 or self.batch_size < 1 or self.lr <= 0:
-            raise UsageError("--epochs and --batch-size must be >= 1 and --lr > 0")
+        if self.epochs < 1:
+            raise UsageError(f"--epochs must be >= 1, got {self.epochs}")
+        if self.batch_size < 1:
+            raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            raise UsageError(f"--lr must be > 0, got {self.lr}")
+        if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
+            raise UsageError(f"--weight-decay must be >= 0, got {self.weight_decay}")
+        if not (math.isfinite(self.feature_weight) and self.feature_weight >= 0):
+            raise UsageError(f"--feature-weight must be >= 0, got {self.feature_weight}")
+        choice(self.output_loss, OUTPUT_LOSSES, "--output-loss")
+        choice(self.feature_loss, FEATURE_LOSSES, "--feature-loss")
+        if self.feature_layers and self.feature_loss == "none":
+            raise UsageError("--feature-layers needs --feature-loss mse")
+
+    def to_dict(self) -> dict[str, Any]:
+        """As recorded in the output's history: everything that shapes the result (``resume``
+        does not, so it is left out and a resumed run writes the same bytes)."""
+        d = super().to_dict()
+        d.pop("resume")
+        return d
 
 
-def kd_loss(student: torch.Tensor, teacher: torch.Tensor, labels: torch.Tensor | None, *, temperature: float, alpha: float) -> torch.Tensor:
-    """alpha * T^2 * KL(softmax(t/T) || softmax(s/T)) + (1 - alpha) * CE(s, y); CE only with labels
-    (without labels the KD term carries the whole weight)."""
-    t = temperature
-    kl = F.kl_div(F.log_softmax(student / t, dim=-1), F.log_softmax(teacher / t, dim=-1), log_target=True, reduction="batchmean")
-    if labels is None:
-        return kl * t * t
-    return alpha * t * t * kl + (1 - alpha) * F.cross_entropy(student, labels)
-
-
-def _student(config: DistillConfig, ctx: Context, teacher: Checkpoint) -> tuple[nn.Module, dict[str, Any]]:
+def _student(config: DistillConfig, loader: ModelLoader, teacher: Checkpoint) -> tuple[nn.Module, dict[str, Any]]:
     """The student module and the model reference to record for it."""
     if config.student is not None:
         sc = checkpoint.load(config.student)
-        if sc.model is None:  # a bare state dict: assume the teacher's architecture (shape-adapted)
-            sc.model = ctx.loader.spec_for(teacher)
-        return ctx.loader.build(sc, runtime=False), ctx.loader.spec_for(sc) or {}
+        if sc.model is None and loader.spec_for(sc) is None:  # a bare state dict: assume the teacher's architecture
+            sc.model = loader.spec_for(teacher)
+        return loader.build(sc, runtime=False), loader.spec_for(sc) or {}
     torch.manual_seed(config.seed)
     spec = {"ref": config.student_model, "config": dict(config.student_config)}
     return ModelLoader(ref=config.student_model, config=spec["config"]).build_fresh(), spec
 
 
+def _check_fit(teacher: nn.Module, student: nn.Module, data: Dataset, config: DistillConfig, teacher_name: str) -> None:
+    """Fail early, naming the problem, when the student cannot learn from this teacher on this data."""
+    probe = data.inputs[:2]
+    with torch.no_grad():
+        try:
+            t_out = first_output(teacher(probe))
+        except Exception as e:  # model code: report the shape problem, not a traceback
+            raise DataError(f"{data.path}: the teacher cannot run on 'inputs' of shape {tuple(probe.shape[1:])}: {e}") from e
+        try:
+            s_out = first_output(student(probe))
+        except Exception as e:
+            raise ModelError(f"the student cannot run on {data.path} 'inputs' of shape {tuple(probe.shape[1:])}: {e}") from e
+    if t_out.shape != s_out.shape:
+        raise ModelError(
+            f"student output shape {tuple(s_out.shape[1:])} differs from the teacher's {tuple(t_out.shape[1:])} ({teacher_name}); "
+            "the student must produce the same outputs (e.g. the same number of classes) — check --student-config"
+        )
+    if config.output_loss == "kl" and t_out.dim() < 2:
+        raise ModelError(f"--output-loss kl needs class scores of shape (N, C); the models return {tuple(t_out.shape)}")
+    if data.labels is not None and config.alpha < 1 and t_out.dim() >= 2:
+        top = int(data.labels.max())
+        if top >= t_out.shape[-1]:
+            raise DataError(f"{data.path}: 'labels' go up to {top} but the models output {t_out.shape[-1]} classes")
+
+
 def distill(teacher_ckpt: Checkpoint, config: DistillConfig, ctx: Context) -> Checkpoint:
-    """Train the student against the teacher on ``ctx.data``; return the student checkpoint."""
+    """Train the student against the teacher on ``ctx.data``; return the student checkpoint.
+
+    Under torchrun every rank calls this (see :func:`run_rank`); all ranks train, rank 0's result is
+    the one written. The training state is kept next to ``ctx.output`` (see ``state.state_path``).
+    """
     if ctx.data is None:
         raise DataError("distill needs --data with training 'inputs' (and optional 'labels')")
     data = ctx.data
-    teacher = ctx.loader.build(teacher_ckpt, runtime=False)
-    student, spec = _student(config, ctx, teacher_ckpt)
-    with torch.no_grad():
-        probe = data.inputs[:2]
-        t_out, s_out = teacher(probe), student(probe)
-    if t_out.shape != s_out.shape:
-        raise ModelError(f"student output shape {tuple(s_out.shape[1:])} differs from the teacher's {tuple(t_out.shape[1:])}")
-    gen = torch.Generator().manual_seed(config.seed)
-    torch.manual_seed(config.seed)
-    opt = torch.optim.AdamW(student.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    n = len(data)
-    steps_per_epoch = math.ceil(n / config.batch_size)
-    total = steps_per_epoch * config.epochs
-    warmup = max(1, total // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(math.pi * (s - warmup) / max(1, total - warmup)))
-    )
-    with ctx.progress.task("distilling", total=total) as task:
-        for _epoch in range(config.epochs):
-            student.train()
-            perm = torch.randperm(n, generator=gen)
-            for i in range(0, n, config.batch_size):
-                idx = perm[i : i + config.batch_size]
-                x = data.inputs[idx]
-                y = None if data.labels is None else data.labels[idx]
-                with torch.no_grad():
-                    t = teacher(x)
-                loss = kd_loss(student(x), t, y, temperature=config.temperature, alpha=config.alpha)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                task.advance(loss=float(loss))
-    student.eval()
-    tensors = {k: v.detach().contiguous() for k, v in student.state_dict().items()}
+    d, device, created = ddp.setup(ctx.device)
+    progress: Progress = ctx.progress if d.main else NULL
+    try:
+        teacher = ctx.loader.build(teacher_ckpt, runtime=False)
+        student, spec = _student(config, ctx.loader, teacher_ckpt)
+        _check_fit(teacher, student, data, config, teacher_ckpt.name)
+        if config.alpha == 0 and data.labels is None:
+            progress.log("--alpha 0 but the training data has no 'labels': every sample learns from the teacher alone")
+        val = load_data(config.val_data) if config.val_data is not None else None
+        torch.manual_seed(config.seed)  # projections initialise the same way on every rank and every run
+        features = None
+        if config.feature_loss == "mse":
+            pairs = parse_layer_pairs(config.feature_layers, student, teacher)
+            features = FeatureMatch(student, teacher, pairs, data.inputs[:2])
+        trainable = Trainable(student, features)
+        job = Job(
+            data=data,
+            val=val,
+            device=device,
+            state_file=None if ctx.output is None else state_path(Path(ctx.output)),
+            resume=config.resume,
+            fingerprint=config.to_dict(),
+            progress=progress,
+        )
+        tensors, _summary = train(teacher, trainable, config, job, d)
+        if features is not None:
+            features.close()
+    finally:
+        ddp.teardown(created)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
     return Checkpoint(tensors=tensors, model=spec)
 
 
-__all__ = ["DistillConfig", "distill", "kd_loss"]
+def run_rank(
+    teacher: str | Path, output: str | Path, config: DistillConfig, *, loader: ModelLoader, data: str | Path, device: torch.device
+) -> None:
+    """What a rank other than 0 runs under torchrun: the same training, without writing or printing
+    (rank 0 runs the whole pipeline: it alone saves the output and compares)."""
+    from infercomp.pipeline import Context
+
+    src = Path(teacher)
+    ctx = Context(loader=loader, data=load_data(data), device=device, progress=NULL, source=src, output=Path(output))
+    distill(checkpoint.load(src), config, ctx)
+
+
+__all__ = ["DistillConfig", "distill", "kd_loss", "kd_loss_per_sample", "run_rank", "state_path"]
