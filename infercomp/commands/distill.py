@@ -118,7 +118,10 @@ def distill(
         resume=resume,
     )
     if not ddp.from_env().main:  # torchrun rank > 0: train alongside rank 0, write and print nothing
-        run_rank(teacher, output, config, loader=opts.loader(), data=data, device=opts.options().torch_device())
+        try:
+            run_rank(teacher, output, config, loader=opts.loader(), data=data, device=opts.options().torch_device())
+        except KeyboardInterrupt:  # rank 0 reports the interruption; the state is saved
+            raise typer.Exit(130) from None
         return
     with opts.progress() as progress:
         result = run(

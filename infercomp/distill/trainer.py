@@ -164,6 +164,8 @@ def train(teacher: nn.Module, trainable: Trainable, config: Any, job: Job, d: dd
             while step < steps_per_epoch:
                 if ddp.any_rank(intr.requested, d, device):
                     checkpoint_state(finished=False)
+                    if job.state_file is not None:
+                        progress.log(f"interrupted: training state saved to {job.state_file}; rerun with --resume to continue")
                     raise KeyboardInterrupt
                 batch = order[step * global_batch : (step + 1) * global_batch]
                 idx = ddp.local_slice(batch, d)
