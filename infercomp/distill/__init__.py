@@ -110,6 +110,19 @@ def _student(config: DistillConfig, loader: ModelLoader, teacher: Checkpoint) ->
     return ModelLoader(ref=config.student_model, config=spec["config"]).build_fresh(), spec
 
 
+def _sparsity_masks(student: nn.Module, min_zeros: float = 0.01) -> dict[str, torch.Tensor]:
+    """Keep-masks for the student's weight matrices / filters that are at least ``min_zeros``
+    exact zeros (unstructured pruning; trained dense weights are practically never exactly 0),
+    keyed by their name in ``Trainable``."""
+    masks = {}
+    for name, p in student.named_parameters():
+        if p.dim() >= 2 and p.is_floating_point():
+            keep = p.detach() != 0
+            if 1 - float(keep.float().mean()) >= min_zeros:
+                masks[f"student.{name}"] = keep
+    return masks
+
+
 def _check_fit(teacher: nn.Module, student: nn.Module, data: Dataset, config: DistillConfig, teacher_name: str) -> None:
     """Fail early, naming the problem, when the student cannot learn from this teacher on this data."""
     probe = data.inputs[:2]
@@ -159,6 +172,10 @@ def distill(teacher_ckpt: Checkpoint, config: DistillConfig, ctx: Context) -> Ch
             pairs = parse_layer_pairs(config.feature_layers, student, teacher)
             features = FeatureMatch(student, teacher, pairs, data.inputs[:2])
         trainable = Trainable(student, features)
+        masks = _sparsity_masks(student) if config.student is not None else {}
+        if masks:
+            kept = sum(int(m.sum()) for m in masks.values()) / sum(m.numel() for m in masks.values())
+            progress.log(f"the student's pruned weights stay zero: {len(masks)} tensor(s), {1 - kept:.1%} zeros")
         job = Job(
             data=data,
             val=val,
@@ -167,6 +184,7 @@ def distill(teacher_ckpt: Checkpoint, config: DistillConfig, ctx: Context) -> Ch
             resume=config.resume,
             fingerprint=config.to_dict(),
             progress=progress,
+            masks=masks,
         )
         tensors, _summary = train(teacher, trainable, config, job, d)
         if features is not None:

@@ -96,6 +96,8 @@ class Job:
         state_file: where the resumable state lives (None: not saved, no resume).
         resume: continue from ``state_file`` when it exists.
         fingerprint: JSON-able description of the options; a saved state must match it to resume.
+        masks: parameter name (in ``Trainable``) -> bool mask of the weights to keep; the zeros of
+            an unstructured-pruned student stay zero.
     """
 
     data: Dataset
@@ -105,6 +107,7 @@ class Job:
     resume: bool = False
     fingerprint: dict[str, Any] | None = None
     progress: Progress = NULL
+    masks: dict[str, torch.Tensor] | None = None
 
 
 def train(teacher: nn.Module, trainable: Trainable, config: Any, job: Job, d: ddp.Dist) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
@@ -115,6 +118,8 @@ def train(teacher: nn.Module, trainable: Trainable, config: Any, job: Job, d: dd
     for p in teacher.parameters():
         p.requires_grad_(False)
     trainable.to(device)
+    masks = {name: m.to(device) for name, m in (job.masks or {}).items()}
+    params = dict(trainable.named_parameters())
     opt = torch.optim.AdamW(trainable.parameters(), lr=config.lr, weight_decay=config.weight_decay)
     n, world = len(data), d.world
     global_batch = config.batch_size * world
@@ -190,6 +195,9 @@ def train(teacher: nn.Module, trainable: Trainable, config: Any, job: Job, d: dd
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 opt.step()
+                with torch.no_grad():
+                    for name, m in masks.items():
+                        params[name].mul_(m)
                 step += 1
                 global_step += 1
                 seen += len(batch)
