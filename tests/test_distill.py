@@ -30,7 +30,7 @@ from infercomp.models import ModelLoader
 from infercomp.pipeline import MeasureOptions, run
 from infercomp.progress import Progress, Task
 from infercomp.zoo import DigitsCNN
-from tests.conftest import DIGITS_TEST, SAMPLE, invoke, run_cli
+from tests.conftest import DIGITS_TEST, DIGITS_TRAIN, SAMPLE, invoke, run_cli
 
 NO_LAT = "--no-latency"
 SMALL_MLP = '{"hidden": [32]}'
@@ -343,8 +343,9 @@ def test_help_describes_the_options(runner) -> None:
 
 @pytest.mark.slow
 def test_sigterm_saves_state_and_resume_gives_the_same_bytes(tmp_path: Path) -> None:
-    args = ["distill", SAMPLE["mlp"], "--data", DIGITS_TEST, "--student-model", "digits-mlp", "--student-config", SMALL_MLP,
-            "--epochs", "20", NO_LAT, "--threads", "1"]  # fmt: skip
+    # Training data of 1437 images (23 steps an epoch): the signal lands with ~28 epochs to go.
+    args = ["distill", SAMPLE["mlp"], "--data", DIGITS_TRAIN, "--val-data", DIGITS_TEST, "--student-model", "digits-mlp",
+            "--student-config", SMALL_MLP, "--epochs", "30", NO_LAT, "--threads", "1"]  # fmt: skip
     ref, out = tmp_path / "ref.safetensors", tmp_path / "out.safetensors"
     assert run_cli(*args, "-o", ref).returncode == 0
     env = {**os.environ, "NO_COLOR": "1"}
@@ -352,7 +353,7 @@ def test_sigterm_saves_state_and_resume_gives_the_same_bytes(tmp_path: Path) -> 
                             stdout=subprocess.PIPE, text=True, env=env)  # fmt: skip
     assert proc.stderr is not None
     for line in proc.stderr:  # wait until training is under way
-        if "epoch 3/20" in line:
+        if "epoch 2/30" in line:
             break
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=60)
