@@ -25,7 +25,8 @@ def distill(
         ),
     ] = None,
     student: Annotated[
-        Path | None, typer.Option("--student", help="Student checkpoint to train (e.g. the output of infercomp prune).")
+        Path | None,
+        typer.Option("--student", help="Student checkpoint to train (e.g. the output of infercomp prune; pruned zeros stay zero)."),
     ] = None,
     student_model: Annotated[
         str | None, typer.Option("--student-model", help="Model code for a fresh student (built-in name or module:callable).")
