@@ -10,17 +10,28 @@ import typer
 from infercomp.commands import common as c
 from infercomp.pipeline import run
 from infercomp.prune import METHODS, PruneConfig
+from infercomp.prune.structured import IMPORTANCES
 
 
 @c.handle_errors
 def prune(
     source: Annotated[Path, typer.Argument(help="Checkpoint to prune.", show_default=False)],
     output: c.Output,
-    method: Annotated[str, typer.Option("--method", help=f"One of: {', '.join(METHODS)}.")] = "magnitude",
-    sparsity: Annotated[float, typer.Option("--sparsity", help="Fraction of weights to remove, 0 <= s < 1.")] = 0.5,
+    method: Annotated[str, typer.Option("--method", help=f"One of: {', '.join(METHODS)} (see above).")] = "magnitude",
+    sparsity: Annotated[
+        float, typer.Option("--sparsity", help="Fraction to remove, 0 <= s < 1: of the weights, or of each layer's channels (channel).")
+    ] = 0.5,
     scope: Annotated[
-        str, typer.Option("--scope", help="layer: every tensor reaches --sparsity; global: one threshold over all.")
+        str, typer.Option("--scope", help="layer: every tensor reaches --sparsity; global: one threshold over all (magnitude only).")
     ] = "layer",
+    n: Annotated[int | None, typer.Option("--n", help="N:M: keep N of every M consecutive inputs (2:4 default: 2).", min=1)] = None,
+    m: Annotated[int | None, typer.Option("--m", help="N:M: group size M (2:4 default: 4); with wanda, makes it N:M.", min=2)] = None,
+    importance: Annotated[
+        str, typer.Option("--importance", help=f"channel score: {', '.join(IMPORTANCES)} (activation needs --data).")
+    ] = "l1",
+    eval_data: Annotated[
+        Path | None, typer.Option("--eval-data", help="Evaluate on this file instead of --data (keep calibration and test apart).")
+    ] = None,
     include: c.Include = None,
     exclude: c.Exclude = None,
     force: c.Force = False,
@@ -43,7 +54,18 @@ def prune(
 ) -> None:
     """Remove weights, write the pruned checkpoint, and compare it with the input.
 
-    magnitude: unstructured, the smallest |w| of each weight matrix (or globally) are zeroed.
+    \b
+    Methods (--method):
+      magnitude  unstructured: zero the smallest |w| of each weight (or, --scope global, of all).
+      channel    structured: remove whole output channels / conv filters / attention heads / FFN
+                 channels and everything that depends on them (next layer inputs, BatchNorm,
+                 residual-coupled layers); tensors shrink, the model runs faster. Ranked by L1
+                 row norm, --importance l2, or activation (with --data). Output sizes never change.
+      2:4        semi-structured N:M (--n 2 --m 4): in every 4 consecutive inputs keep the 2
+                 largest |w|; runs torch's sparse kernels on CUDA, dense on CPU.
+      wanda      |w| x ||input activation|| from --data calibration: per output row, or N:M with --n/--m.
+
+    Zeroed weights are stored as a bitmask plus the non-zero values when that is smaller.
     """
     opts = c.Common(
         model,
@@ -61,7 +83,26 @@ def prune(
         tuple(fail_if or ()),
         quiet,
     )
-    config = PruneConfig(method=method, sparsity=sparsity, scope=scope, include=tuple(include or ()), exclude=tuple(exclude or ()))
+    config = PruneConfig(
+        method=method,
+        sparsity=sparsity,
+        scope=scope,
+        include=tuple(include or ()),
+        exclude=tuple(exclude or ()),
+        n=n,
+        m=m,
+        importance=importance,
+    )
     with opts.progress() as progress:
-        result = run(source, output, config, loader=opts.loader(), options=opts.options(), data=data, force=force, progress=progress)
+        result = run(
+            source,
+            output,
+            config,
+            loader=opts.loader(),
+            options=opts.options(),
+            data=data,
+            eval_data=eval_data,
+            force=force,
+            progress=progress,
+        )
     c.emit(result, opts)

@@ -1,9 +1,19 @@
-"""Pruning: remove weights. ``prune(ckpt, PruneConfig(...), ctx) -> Checkpoint``."""
+"""Pruning: remove weights. ``prune(ckpt, PruneConfig(...), ctx) -> Checkpoint``.
+
+Methods (``METHODS``):
+- ``magnitude``: unstructured, the smallest |w| are zeroed (per tensor or one global threshold);
+- ``channel``: structured, whole output channels / filters / attention heads / FFN channels are
+  removed with everything that depends on them, so the tensors really shrink (``structured``);
+- ``2:4``: N:M semi-structured (``--n 2 --m 4``), the smallest |w| of every M consecutive inputs;
+- ``wanda``: |w| · ||x|| from calibration activations (``--data``), per output row or N:M.
+Zeroed weights are stored as a bitmask plus the non-zero values where that is smaller (``storage``).
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
@@ -11,13 +21,17 @@ from infercomp import encodings
 from infercomp.checkpoint import Checkpoint
 from infercomp.config import TransformConfig, choice
 from infercomp.encodings import Codec
-from infercomp.errors import UsageError
+from infercomp.errors import DataError, UsageError
 from infercomp.glob import selected
+from infercomp.prune import storage
+from infercomp.prune.magnitude import magnitude_masks, score_masks
+from infercomp.prune.nm import is_nm, nm_fits, nm_mask
+from infercomp.prune.structured import IMPORTANCES, prune_channels, replay
+from infercomp.prune.wanda import input_norms, wanda_scores
 
 if TYPE_CHECKING:
     from infercomp.pipeline import Context
 
-METHODS = ("magnitude",)
 SCOPES = ("layer", "global")
 
 
@@ -27,9 +41,14 @@ class PruneConfig(TransformConfig):
 
     Attributes:
         method: see ``METHODS``.
-        sparsity: fraction of weights to remove, 0 <= s < 1.
-        scope: ``layer`` (each tensor reaches ``sparsity``) or ``global`` (one threshold for all).
+        sparsity: fraction to remove, 0 <= s < 1: of the weights (``magnitude``, ``wanda``) or of
+            each layer's channels / heads (``channel``). N:M methods take their sparsity from N/M.
+        scope: ``layer`` (each tensor reaches ``sparsity``) or ``global`` (one threshold for all;
+            ``magnitude`` only).
         include / exclude: glob patterns on module names (``fc*``, ``layers.*.q``).
+        n / m: keep N of every M consecutive inputs (``2:4`` defaults to 2 and 4; ``wanda`` with them
+            is N:M instead of unstructured).
+        importance: channel score: ``l1`` (default), ``l2`` or ``activation`` (needs ``--data``).
     """
 
     transform: ClassVar[str] = "prune"
@@ -38,12 +57,33 @@ class PruneConfig(TransformConfig):
     scope: str = "layer"
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
+    n: int | None = None
+    m: int | None = None
+    importance: str = "l1"
 
     def __post_init__(self) -> None:
-        choice(self.method, METHODS, "--method")
+        choice(self.method, tuple(METHODS), "--method")
         choice(self.scope, SCOPES, "--scope")
+        choice(self.importance, IMPORTANCES, "--importance")
         if not 0.0 <= self.sparsity < 1.0:
-            raise UsageError(f"--sparsity must be in [0, 1), got {self.sparsity}")
+            raise UsageError(f"--sparsity must be in [0, 1) (a fraction: 0.5 removes half), got {self.sparsity}")
+        if self.scope == "global" and self.method != "magnitude":
+            raise UsageError(f"--scope global works with --method magnitude only, not {self.method}")
+        if self.importance != "l1" and self.method != "channel":
+            raise UsageError(f"--importance applies to --method channel, not {self.method}")
+        if (self.n is None) != (self.m is None):
+            raise UsageError("--n and --m go together (e.g. --n 2 --m 4)")
+        if self.n is not None:
+            if self.method not in ("2:4", "wanda"):
+                raise UsageError(f"--n/--m apply to --method 2:4 and wanda, not {self.method}")
+            if not 0 < self.n < self.m:
+                raise UsageError(f"--n {self.n} --m {self.m}: need 0 < N < M (2:4 keeps 2 of every 4)")
+
+    def pattern(self) -> tuple[int, int] | None:
+        """(N, M) for semi-structured pruning, None for unstructured / channel."""
+        if self.n is not None and self.m is not None:
+            return self.n, self.m
+        return (2, 4) if self.method == "2:4" else None
 
 
 def prunable(name: str, t: torch.Tensor, config: PruneConfig) -> bool:
@@ -52,40 +92,170 @@ def prunable(name: str, t: torch.Tensor, config: PruneConfig) -> bool:
     return attr == "weight" and t.dim() >= 2 and t.is_floating_point() and selected(module, config.include, config.exclude)
 
 
-def magnitude_masks(weights: dict[str, torch.Tensor], sparsity: float, scope: str) -> dict[str, torch.Tensor]:
-    """Keep-masks removing the smallest |w|: exactly ``round(sparsity * n)`` per tensor (layer) or
-    over all tensors together (global). Ties are broken by position, so the count is exact."""
-    if scope == "layer":
-        return {n: _keep_largest(w.abs().flatten(), w.numel() - round(sparsity * w.numel())).view_as(w) for n, w in weights.items()}
-    flat = torch.cat([w.abs().flatten().float() for w in weights.values()])
-    keep = _keep_largest(flat, flat.numel() - round(sparsity * flat.numel()))
-    out, i = {}, 0
-    for n, w in weights.items():
-        out[n] = keep[i : i + w.numel()].view_as(w)
-        i += w.numel()
-    return out
-
-
-def _keep_largest(scores: torch.Tensor, k: int) -> torch.Tensor:
-    mask = torch.zeros_like(scores, dtype=torch.bool)
-    if k > 0:
-        mask[torch.topk(scores, k, sorted=False).indices] = True
-    return mask
-
-
 def prune(ckpt: Checkpoint, config: PruneConfig, ctx: Context) -> Checkpoint:
-    """Apply ``config`` to ``ckpt`` and return the pruned checkpoint (dense storage)."""
-    del ctx
-    dense = encodings.logical_tensors(ckpt.tensors, ckpt.encodings, ckpt.name)
+    """Apply ``config`` to ``ckpt`` and return the pruned checkpoint, zeros stored as bitmasks
+    where that is smaller."""
+    return METHODS[config.method](ckpt, config, ctx)
+
+
+# ------------------------------------------------------------------------------- unstructured / N:M
+
+
+def _targets(ckpt: Checkpoint, dense: dict[str, torch.Tensor], config: PruneConfig) -> dict[str, torch.Tensor]:
     targets = {n: t for n, t in dense.items() if prunable(n, t, config)}
     if not targets:
         raise UsageError(f"{ckpt.name}: no weight matches --include/--exclude; nothing to prune")
-    masks = magnitude_masks(targets, config.sparsity, config.scope)
-    out = dict(dense)
-    for n, m in masks.items():
-        out[n] = dense[n] * m
-    return Checkpoint(tensors=out, model=ckpt.model)
+    return targets
 
 
-CODECS: dict[str, Codec] = {}
-__all__ = ["CODECS", "METHODS", "PruneConfig", "magnitude_masks", "prune"]
+def _nm_targets(ckpt: Checkpoint, targets: dict[str, torch.Tensor], m: int, ctx: Context) -> dict[str, torch.Tensor]:
+    """The targets whose input size divides by M; the others are skipped with a warning."""
+    fits = {n: t for n, t in targets.items() if nm_fits(t, m)}
+    skipped = sorted(set(targets) - set(fits))
+    if not fits:
+        n0 = skipped[0]
+        raise UsageError(
+            f"{ckpt.name}: N:M pruning groups every {m} inputs, but {n0!r} has input size "
+            f"{targets[n0].numel() // targets[n0].shape[0]}, not divisible by {m} (nor is any other selected weight); "
+            "choose other layers with --include/--exclude or another --m"
+        )
+    for n in skipped:
+        t = targets[n]
+        ctx.progress.log(f"skipped {n}: input size {t.numel() // t.shape[0]} is not divisible by {m}, so it stays dense")
+    return fits
+
+
+def _magnitude(ckpt: Checkpoint, config: PruneConfig, ctx: Context) -> Checkpoint:
+    dense = encodings.logical_tensors(ckpt.tensors, ckpt.encodings, ckpt.name)
+    targets = _targets(ckpt, dense, config)
+    pattern = config.pattern()
+    if pattern is not None:
+        targets = _nm_targets(ckpt, targets, pattern[1], ctx)
+        masks = {n: nm_mask(t.abs(), *pattern) for n, t in targets.items()}
+    else:
+        masks = magnitude_masks(targets, config.sparsity, config.scope)
+    return _masked(ckpt, dense, masks, pattern)
+
+
+def _wanda(ckpt: Checkpoint, config: PruneConfig, ctx: Context) -> Checkpoint:
+    if ctx.data is None:
+        raise DataError("--method wanda needs --data: calibration inputs whose activations weight |w| (a few hundred samples)")
+    dense = encodings.logical_tensors(ckpt.tensors, ckpt.encodings, ckpt.name)
+    targets = _targets(ckpt, dense, config)
+    pattern = config.pattern()
+    if pattern is not None:
+        targets = _nm_targets(ckpt, targets, pattern[1], ctx)
+    model = ctx.loader.build(ckpt, runtime=False)
+    modules = [n.rpartition(".")[0] for n in targets]
+    with ctx.progress.task(f"wanda: calibrating on {len(ctx.data)} samples", total=None):
+        norms = input_norms(model, modules, ctx.data.inputs)
+    scores = wanda_scores(targets, norms)
+    if pattern is not None:
+        masks = {n: nm_mask(s, *pattern) for n, s in scores.items()}
+    else:
+        masks = score_masks(scores, config.sparsity, "row")  # Wanda compares weights within an output row
+    return _masked(ckpt, dense, masks, pattern)
+
+
+def _masked(
+    ckpt: Checkpoint, dense: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], pattern: tuple[int, int] | None
+) -> Checkpoint:
+    """Zero the masked weights; store them sparse; keep every other tensor as it was stored."""
+    tensors: dict[str, torch.Tensor] = {}
+    encs: dict[str, dict[str, Any]] = {}
+    owned = encodings.stored_keys(ckpt.encodings, ckpt.name)
+    taken = {k for keys in owned.values() for k in keys}
+    for name, t in ckpt.tensors.items():  # untouched tensors keep their stored form
+        if name not in taken and name not in masks:
+            tensors[name] = t
+    for name, spec in ckpt.encodings.items():
+        if name not in masks:
+            tensors.update({k: ckpt.tensors[k] for k in owned[name]})
+            encs[name] = spec
+    codec = storage.BITMASK_24 if pattern == (2, 4) else storage.BITMASK
+    for name, mask in masks.items():
+        w = dense[name] * mask
+        stored, spec = storage.encode(name, w, codec=codec, force=codec == storage.BITMASK_24)
+        tensors.update(stored)
+        if spec is not None:
+            if pattern is not None:
+                spec["pattern"] = f"{pattern[0]}:{pattern[1]}"
+            encs[name] = spec
+    return Checkpoint(tensors=tensors, model=ckpt.model, encodings=encs, plan=ckpt.plan)
+
+
+# ------------------------------------------------------------------------------------- structured
+
+
+def example_input(ckpt: Checkpoint, ctx: Context, model: torch.nn.Module) -> torch.Tensor:
+    """Two samples to trace the model with: from ``--data``, else noise of the model's known input shape."""
+    from infercomp.models import input_shape
+
+    if ctx.data is not None:
+        return ctx.data.inputs[:2]
+    shape = input_shape(ckpt, ctx.loader, model)
+    if shape is None:
+        raise UsageError(f"{ckpt.name}: channel pruning traces the model and needs an example input; pass --data")
+    return torch.rand((2, *shape), generator=torch.Generator().manual_seed(0))
+
+
+def _channel(ckpt: Checkpoint, config: PruneConfig, ctx: Context) -> Checkpoint:
+    model = ctx.loader.build(ckpt, runtime=False).cpu().eval()
+    example = example_input(ckpt, ctx, model)
+    with torch.no_grad():
+        before = model(example)
+    calibration = None
+    if config.importance == "activation":
+        if ctx.data is None:
+            raise DataError("--importance activation needs --data: calibration inputs whose activations rank the channels")
+        calibration = ctx.data.inputs
+    with ctx.progress.task("channel pruning", total=None):
+        stage = prune_channels(
+            model,
+            example,
+            sparsity=config.sparsity,
+            importance=config.importance,
+            include=config.include,
+            exclude=config.exclude,
+            calibration=calibration,
+            progress=ctx.progress,
+        )
+    with torch.no_grad():
+        after = model(example)
+    if after.shape != before.shape:  # the output layers are frozen, so this is a bug, not a user error
+        raise RuntimeError(f"channel pruning changed the output shape {tuple(before.shape)} -> {tuple(after.shape)}")
+    dense = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
+    tensors: dict[str, torch.Tensor] = {}
+    encs: dict[str, dict[str, Any]] = {}
+    for name, t in dense.items():  # weights that still hold zeros (pruned before) stay compressed
+        module, _, attr = name.rpartition(".")
+        if attr == "weight" and t.dim() >= 2 and t.is_floating_point():
+            stored, spec = storage.encode(name, t)
+            tensors.update(stored)
+            if spec is not None:
+                encs[name] = spec
+        else:
+            tensors[name] = t
+    stages = list((ckpt.plan or {}).get("prune", []))
+    return Checkpoint(tensors=tensors, model=ckpt.model, encodings=encs, plan={**(ckpt.plan or {}), "prune": [*stages, stage]})
+
+
+METHODS: dict[str, Callable[[Checkpoint, PruneConfig, Any], Checkpoint]] = {
+    "magnitude": _magnitude,
+    "channel": _channel,
+    "2:4": _magnitude,
+    "wanda": _wanda,
+}
+CODECS: dict[str, Codec] = dict(storage.CODECS)
+__all__ = [
+    "CODECS",
+    "METHODS",
+    "PruneConfig",
+    "example_input",
+    "is_nm",
+    "magnitude_masks",
+    "nm_mask",
+    "prune",
+    "prune_channels",
+    "replay",
+]

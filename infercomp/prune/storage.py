@@ -1,0 +1,144 @@
+"""Sparse storage: a bitmask of the non-zeros plus their values (compressed-tensors' layout).
+
+A weight ``W`` viewed as (rows, cols) = (out, in·kh·kw) is stored as
+- ``<name>.bitmask``     uint8 (rows, ceil(cols / 8)): bit j % 8 of byte j // 8 is 1 where W[r, j] != 0
+                         (numpy ``packbits(..., bitorder="little")`` along each row);
+- ``<name>.compressed``  (nnz,) the non-zero values in row-major order, in the weight's own dtype;
+- ``<name>.row_offsets`` int64 (rows,): where each row's values start in ``compressed``;
+- ``<name>.shape``       int64 (ndim,): the logical shape.
+Decoding scatters the values back, so the dense tensor is restored bit for bit (-0.0 is stored as a
+zero). ``encode`` keeps a tensor dense when the bitmask form would not be smaller.
+
+Two codecs share this layout: ``sparse-bitmask`` (decoded to dense when loaded) and
+``sparse-24-bitmask`` (2:4 weights; on CUDA a Linear runs torch's semi-structured sparse kernels).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from infercomp.encodings import Codec, Tensors
+
+BITMASK = "sparse-bitmask"
+BITMASK_24 = "sparse-24-bitmask"
+PARTS = ("bitmask", "compressed", "row_offsets", "shape")
+
+
+def encoded_bytes(t: torch.Tensor) -> int:
+    """Bytes the bitmask form of ``t`` takes (all parts)."""
+    rows = t.shape[0]
+    cols = t.numel() // max(rows, 1)
+    return rows * -(-cols // 8) + int(torch.count_nonzero(t)) * t.element_size() + rows * 8 + t.dim() * 8
+
+
+def encode(
+    name: str, t: torch.Tensor, *, codec: str = BITMASK, force: bool = False
+) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """Stored tensors and the encoding spec for ``t``; ``({name: t}, None)`` (dense) when the
+    bitmask form is not smaller, unless ``force``."""
+    if not force and encoded_bytes(t) >= t.numel() * t.element_size():
+        return {name: t}, None
+    w = t.detach().cpu().contiguous().reshape(t.shape[0], -1)  # (rows, cols)
+    nz = w != 0
+    bits = np.packbits(nz.numpy(), axis=1, bitorder="little")
+    counts = nz.sum(dim=1)
+    offsets = torch.cumsum(counts, 0) - counts
+    stored = {
+        f"{name}.bitmask": torch.from_numpy(bits),
+        f"{name}.compressed": w[nz].clone(),
+        f"{name}.row_offsets": offsets.to(torch.int64),
+        f"{name}.shape": torch.tensor(list(t.shape), dtype=torch.int64),
+    }
+    spec = {"codec": codec, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."), "nnz": int(counts.sum())}
+    return stored, spec
+
+
+def _keys(name: str, spec: dict[str, Any]) -> list[str]:
+    del spec
+    return [f"{name}.{p}" for p in PARTS]
+
+
+def decode(tensors: Tensors, name: str, spec: dict[str, Any]) -> torch.Tensor:
+    """The dense tensor (logical shape and dtype) from its bitmask parts."""
+    shape = [int(s) for s in spec["shape"]]
+    rows = shape[0]
+    cols = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+    bits = tensors[f"{name}.bitmask"].numpy()
+    mask = torch.from_numpy(np.unpackbits(bits, axis=1, count=cols, bitorder="little").astype(bool))  # (rows, cols)
+    values = tensors[f"{name}.compressed"]
+    out = torch.zeros(rows, cols, dtype=values.dtype)
+    out[mask] = values
+    return out.reshape(shape)
+
+
+class SemiSparseLinear(nn.Module):
+    """A Linear layer whose weight has the 2:4 pattern. On CUDA, for shapes and dtypes torch's
+    semi-structured kernels accept, the weight is compressed once per device/dtype and multiplied
+    sparse; everywhere else (CPU included) it runs dense ``F.linear``.
+
+    Attributes:
+        sparse_kernel: after a forward pass, whether the semi-structured kernel ran (None: not yet).
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.weight = nn.Parameter(weight, requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self._sparse: dict[tuple[torch.device, torch.dtype], torch.Tensor | None] = {}
+        self.sparse_kernel: bool | None = None
+
+    def _compressed(self, device: torch.device, dtype: torch.dtype) -> torch.Tensor | None:
+        key = (device, dtype)
+        if key not in self._sparse:
+            self._sparse[key] = _to_semi_structured(self.weight.detach().to(device, dtype))
+        return self._sparse[key]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = None if self.bias is None else self.bias.to(x.dtype)
+        w = self._compressed(x.device, x.dtype) if x.is_cuda else None
+        if w is not None:
+            try:
+                y = F.linear(x.reshape(-1, self.in_features), w, bias)
+                self.sparse_kernel = True
+                return y.reshape(*x.shape[:-1], self.out_features)
+            except (RuntimeError, NotImplementedError):  # no kernel for this input after all: dense from now on
+                self._sparse[(x.device, x.dtype)] = None
+        self.sparse_kernel = False
+        return F.linear(x, self.weight.to(x.dtype), bias)
+
+
+def _to_semi_structured(w: torch.Tensor) -> torch.Tensor | None:
+    """``w`` as a semi-structured sparse tensor, or None where this GPU / dtype / shape has no kernel.
+    float32 goes to the CUTLASS backend (cuSPARSELt has no fp32 kernel)."""
+    try:
+        from torch.sparse import SparseSemiStructuredTensorCUTLASS, to_sparse_semi_structured
+
+        if w.dtype == torch.float32:
+            return SparseSemiStructuredTensorCUTLASS.from_dense(w)
+        return to_sparse_semi_structured(w)
+    except (RuntimeError, ImportError, ValueError, NotImplementedError):
+        return None
+
+
+def _runtime_24(old: nn.Module, tensors: Tensors, name: str, spec: dict[str, Any]) -> nn.Module:
+    weight = decode(tensors, name, spec)
+    bias = tensors.get(name.removesuffix("weight") + "bias")
+    if isinstance(old, nn.Linear):
+        return SemiSparseLinear(weight, None if bias is None else bias.clone())
+    # Not a Linear (a conv): load its dense weight and bias here, since the loader skips this module.
+    old.weight = nn.Parameter(weight, requires_grad=False)
+    if bias is not None and getattr(old, "bias", None) is not None:
+        old.bias = nn.Parameter(bias.clone(), requires_grad=False)
+    return old
+
+
+CODECS: dict[str, Codec] = {
+    BITMASK: Codec(keys=_keys, decode=decode),
+    BITMASK_24: Codec(keys=_keys, decode=decode, runtime=_runtime_24),
+}
