@@ -1,0 +1,205 @@
+"""Modules that run quantized weights directly, swapped in when a quantized checkpoint is loaded.
+
+What runs where (measured on CPU with torch 2.13; ``bench/bench_quantize.py`` repeats it):
+- ``int8-dynamic`` Linear: torch's quantized ``linear_dynamic`` (fbgemm / x86 / oneDNN) with
+  per-channel int8 weights and activations quantized per call to the full 8 bits
+  (``reduce_range=False``); 3-4x faster than float32 at batch 32 x 128 tokens.
+- ``int8`` / ``int4`` / ``fp8`` weight-only Linear: weights stay compact in memory and are
+  dequantized per call into one float matrix, then a float matmul. torch's CPU weight-only kernels
+  (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) are used only for single-row inputs
+  (token-by-token decoding); their cost grows with the batch and reached 30x the float32 matmul at
+  32 rows, which is what made int8 models slower than float32.
+- ``fp8`` on CUDA GPUs with compute capability >= 8.9: ``torch._scaled_mm`` (activations cast to
+  fp8 per call with a per-tensor scale).
+- Embedding tables: rows are gathered in their stored form, then dequantized (only the rows used).
+- Convolutions and other layers: the weight is dequantized once at load and the layer runs in float.
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from infercomp.quantize import schemes
+
+Tensors = Any  # Mapping[str, torch.Tensor]
+
+# Rows of input up to which torch's weight-only CPU kernels beat dequantize + float matmul.
+KERNEL_MAX_ROWS = 1
+
+
+class StoredWeight(nn.Module):
+    """A quantized weight in its stored form, as buffers: ``qdata`` (int8 values, packed int4 bytes
+    or fp8), ``scale`` (out, groups) and ``zero_point`` (out, groups) or None."""
+
+    def __init__(
+        self, kind: str, shape: list[int], qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, symmetric: bool
+    ):
+        super().__init__()
+        self.kind, self.shape, self.symmetric = kind, list(shape), symmetric
+        self.register_buffer("qdata", qdata.contiguous())
+        self.register_buffer("scale", scale.reshape(shape[0], -1).contiguous())
+        self.register_buffer("zero_point", None if zero_point is None else zero_point.reshape(shape[0], -1).contiguous())
+
+    def rows(self, index: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Dequantized rows (out, in), or only the rows ``index`` (any shape) -> (*index.shape, in)."""
+        q, s, z = self.qdata, self.scale, self.zero_point
+        if index is not None:
+            flat = index.reshape(-1)
+            q, s = q[flat], s[flat]
+            z = None if z is None else z[flat]
+        if self.kind == "fp8":
+            w = schemes.dequantize_fp8(q, s, dtype)
+        else:
+            ints = schemes.unpack_int4(q, self.symmetric) if self.kind == "int4" else q
+            w = schemes.dequantize(ints, s, z, dtype)
+        return w if index is None else w.reshape(*index.shape, w.shape[-1])
+
+    def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self.rows(dtype=dtype).reshape(self.shape)
+
+
+class QuantLinear(nn.Module):
+    """Linear with a weight-only quantized weight (int8, int4 or fp8)."""
+
+    def __init__(self, weight: StoredWeight, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape[0], weight.shape[1]
+        self.weight_q = weight
+        self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
+        self._scaled_mm = False
+        self._int8_kernel = weight.kind == "int8" and weight.scale.shape[1] == 1
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, weight={self.weight_q.kind}"
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The dense weight, for code that reads ``layer.weight`` (dtype checks, tied heads)."""
+        return self.weight_q.dense()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, self.in_features)
+        wq = self.weight_q
+        if x2.is_cuda and wq.kind == "fp8" and fp8_matmul_supported(x2.device):
+            y = _fp8_linear(x2, wq)
+        elif self._int8_kernel and x2.shape[0] <= KERNEL_MAX_ROWS and x2.device.type == "cpu" and x2.dtype == torch.float32:
+            y = torch._weight_int8pack_mm(x2.contiguous(), wq.qdata, wq.scale.reshape(-1).to(x2.dtype))
+        else:
+            y = F.linear(x2, wq.rows(dtype=x2.dtype))
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def fp8_matmul_supported(device: torch.device) -> bool:
+    """torch._scaled_mm runs float8 matmuls on CUDA GPUs of compute capability 8.9 (Ada) and up."""
+    return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.get_device_capability(device) >= (8, 9)
+
+
+def _fp8_linear(x2: torch.Tensor, wq: StoredWeight) -> torch.Tensor:
+    # (M, K) activations -> fp8 with one scale; (N, K) fp8 weights with per-row scales, applied after.
+    out_dtype = x2.dtype if x2.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
+    xs = (x2.abs().amax().float() / schemes.FP8_MAX).clamp(min=1e-12)
+    xq = (x2.float() / xs).clamp(-schemes.FP8_MAX, schemes.FP8_MAX).to(torch.float8_e4m3fn)
+    m = xq.shape[0]
+    pad = (-m) % 16  # _scaled_mm wants dimensions divisible by 16
+    if pad:
+        xq = torch.cat([xq, xq.new_zeros(pad, xq.shape[1])])
+    one = torch.ones((), device=x2.device)
+    y = torch._scaled_mm(xq, wq.qdata.t(), scale_a=one, scale_b=one, out_dtype=out_dtype)[:m]
+    return (y.float() * xs * wq.scale.reshape(1, -1).float()).to(x2.dtype)
+
+
+class DynamicInt8Linear(nn.Module):
+    """Linear with per-channel int8 weights; activations are quantized per call to 8 bits (not
+    torch.ao's default 7) and the matmul runs in int8 through torch's quantized CPU kernels."""
+
+    def __init__(self, weight: StoredWeight, bias: torch.Tensor | None):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape[0], weight.shape[1]
+        self.weight_q = weight
+        self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
+        self._packed = _prepack(weight.qdata, weight.scale.float(), self.bias)
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights and activations"
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.weight_q.dense()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._packed is None or x.device.type != "cpu" or x.dtype != torch.float32:
+            w = self.weight_q.rows(dtype=x.dtype)
+            return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
+        y = torch.ops.quantized.linear_dynamic(x.reshape(-1, self.in_features), self._packed, False)
+        return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def _prepack(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> Any:
+    """fbgemm/oneDNN packed weights, or None when this torch build has no quantized CPU engine."""
+    engines = torch.backends.quantized.supported_engines
+    engine = next((e for e in ("x86", "fbgemm", "onednn") if e in engines), None)
+    if engine is None:
+        return None
+    out = q.shape[0]
+    with warnings.catch_warnings():  # quantized tensor creation is deprecated but is the only path to these kernels
+        warnings.simplefilter("ignore")
+        previous = torch.backends.quantized.engine
+        torch.backends.quantized.engine = engine
+        try:
+            qw = torch._make_per_channel_quantized_tensor(q, scale.reshape(-1).double(), torch.zeros(out, dtype=torch.long), 0)
+            return torch.ops.quantized.linear_prepack(qw, None if bias is None else bias.float())
+        finally:
+            torch.backends.quantized.engine = previous
+
+
+class QuantEmbedding(nn.Module):
+    """Embedding table kept quantized; a lookup dequantizes only the rows it gathers."""
+
+    def __init__(self, weight: StoredWeight, old: nn.Embedding):
+        super().__init__()
+        self.num_embeddings, self.embedding_dim = weight.shape
+        self.padding_idx = old.padding_idx
+        self.weight_q = weight
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.weight_q.dense()
+
+    def forward(self, index: torch.Tensor) -> torch.Tensor:
+        return self.weight_q.rows(index)
+
+
+def stored_weight(kind: str, tensors: Tensors, name: str, spec: dict[str, Any]) -> StoredWeight:
+    """The stored parts of the encoded tensor ``name`` (see ``infercomp.quantize.CODECS``)."""
+    shape = spec["shape"]
+    if kind == "int4":
+        zp = tensors.get(f"{name}_zero_point")
+        return StoredWeight("int4", shape, tensors[f"{name}_packed"], tensors[f"{name}_scale"], zp, spec.get("symmetric", True))
+    qdata = tensors[name].reshape(shape[0], -1)
+    return StoredWeight(kind, shape, qdata, tensors[f"{name}_scale"], None, True)
+
+
+def build(kind: str, old: nn.Module, tensors: Tensors, name: str, spec: dict[str, Any]) -> nn.Module:
+    """Runtime module replacing ``old`` whose ``weight`` is stored as ``kind``."""
+    bias = tensors.get(name.removesuffix("weight") + "bias")
+    stored = "int8" if kind == "int8-dynamic" else kind  # same storage, different execution
+    if type(old) is nn.Embedding and old.max_norm is None:  # max_norm renormalises rows in place
+        return QuantEmbedding(stored_weight(stored, tensors, name, spec), old)
+    if type(old) is nn.Linear and kind == "int8-dynamic":
+        return DynamicInt8Linear(stored_weight(stored, tensors, name, spec), bias)
+    if type(old) in (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear):
+        return QuantLinear(stored_weight(stored, tensors, name, spec), bias)
+    # Anything else (convolutions, custom layers): dequantize once, run in float.
+    w = stored_weight(stored, tensors, name, spec)
+    dtype = old.weight.dtype if isinstance(getattr(old, "weight", None), torch.Tensor) else torch.float32
+    old.weight = nn.Parameter(w.dense(dtype), requires_grad=False)
+    if bias is not None and getattr(old, "bias", None) is not None:
+        old.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
+    return old
