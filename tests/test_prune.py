@@ -1,0 +1,325 @@
+"""Pruning library: exact counts, N:M patterns, wanda, sparse storage, channel dependencies."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from infercomp import checkpoint, encodings, pipeline, zoo
+from infercomp.checkpoint import Checkpoint
+from infercomp.data import load_data
+from infercomp.errors import DataError, ModelError, UsageError
+from infercomp.models import ModelLoader
+from infercomp.progress import Progress
+from infercomp.prune import PruneConfig, is_nm, magnitude_masks, nm_mask, prune, prune_channels, replay, storage
+from infercomp.prune.magnitude import score_masks
+from infercomp.prune.wanda import input_norms, wanda_scores
+from tests.conftest import DIGITS_TEST, DIGITS_TRAIN, SAMPLE
+
+
+class Log(Progress):
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def log(self, message: str) -> None:
+        self.lines.append(message)
+
+
+def ctx(data: Path | None = None, log: Progress | None = None) -> pipeline.Context:
+    return pipeline.Context(
+        loader=ModelLoader(), data=load_data(data) if data else None, device=torch.device("cpu"), progress=log or Progress()
+    )
+
+
+def sample(name: str) -> Checkpoint:
+    return checkpoint.load(SAMPLE[name])
+
+
+def dense(ck: Checkpoint) -> dict[str, torch.Tensor]:
+    return encodings.logical_tensors(ck.tensors, ck.encodings)
+
+
+# ------------------------------------------------------------------------------------ masks
+
+
+@pytest.mark.parametrize("sparsity", [0.0, 0.1, 0.5, 0.73, 0.99])
+def test_layer_scope_removes_exactly_round_s_n_per_tensor(sparsity: float) -> None:
+    g = torch.Generator().manual_seed(0)
+    weights = {"a": torch.randn(7, 13, generator=g), "b": torch.randn(4, 3, 3, 3, generator=g), "ties": torch.ones(5, 6)}
+    for name, mask in magnitude_masks(weights, sparsity, "layer").items():
+        assert int((~mask).sum()) == round(sparsity * weights[name].numel()), name
+
+
+def test_layer_scope_drops_the_smallest() -> None:
+    w = torch.tensor([[0.1, -3.0, 0.2, 5.0], [-0.05, 1.0, -2.0, 0.3]])
+    mask = magnitude_masks({"w": w}, 0.5, "layer")["w"]
+    assert mask.tolist() == [[False, True, False, True], [False, True, True, False]]
+
+
+def test_global_scope_is_exact_over_all_tensors_and_uneven_per_tensor() -> None:
+    small, big = torch.full((10, 10), 0.01), torch.full((10, 10), 10.0)
+    big[0, :5] = 0.001
+    masks = magnitude_masks({"small": small, "big": big}, 0.5, "global")
+    assert int((~masks["small"]).sum()) + int((~masks["big"]).sum()) == 100
+    assert int((~masks["small"]).sum()) == 95 and int((~masks["big"]).sum()) == 5
+
+
+def test_row_scope_prunes_every_row_equally() -> None:
+    s = torch.rand(6, 10, generator=torch.Generator().manual_seed(3))
+    mask = score_masks({"s": s}, 0.3, "row")["s"]
+    assert (mask.sum(1) == 7).all()
+
+
+def test_nm_mask_keeps_the_n_largest_of_every_m() -> None:
+    s = torch.rand(8, 16, generator=torch.Generator().manual_seed(1))
+    mask = nm_mask(s, 2, 4)
+    groups, kept = s.reshape(-1, 4), mask.reshape(-1, 4)
+    assert (kept.sum(1) == 2).all()
+    for g, k in zip(groups, kept):
+        assert g[k].min() >= g[~k].max()
+    assert is_nm(s * mask, 2, 4) and not is_nm(s, 2, 4)
+    assert (nm_mask(torch.rand(4, 3, 2, 2), 1, 4).reshape(-1, 4).sum(1) == 1).all()  # conv: along in·kh·kw
+
+
+def test_wanda_prefers_weights_on_strong_inputs() -> None:
+    lin = nn.Linear(4, 2, bias=False)
+    with torch.no_grad():
+        lin.weight.copy_(torch.tensor([[1.0, 0.5, 0.2, 0.1], [1.0, 0.5, 0.2, 0.1]]))
+    x = torch.tensor([[0.01, 1.0, 1.0, 1.0]]).repeat(8, 1)  # feature 0 is almost silent
+    norms = input_norms(nn.Sequential(lin), ["0"], x)
+    torch.testing.assert_close(norms["0"], x.pow(2).sum(0).sqrt())
+    mask = score_masks(wanda_scores({"0.weight": lin.weight}, norms), 0.5, "row")["0.weight"]
+    assert mask[0].tolist() == [False, True, True, False]  # |w|·||x||: 0.08, 1.41, 0.57, 0.28
+
+
+# ---------------------------------------------------------------------------------- storage
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("shape", [(5, 13), (6, 3, 3, 3), (1, 8), (3, 1)])
+def test_bitmask_round_trip_is_exact(dtype: torch.dtype, shape: tuple[int, ...], tmp_path: Path) -> None:
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(shape, generator=g).to(dtype)
+    w[torch.rand(shape, generator=g) < 0.6] = 0
+    stored, spec = storage.encode("layer.weight", w, force=True)
+    assert spec is not None and set(stored) == {"layer.weight.bitmask", "layer.weight.compressed"}
+    assert torch.equal(storage.decode(stored, "layer.weight", spec), w)
+    path = tmp_path / "w.safetensors"
+    checkpoint.save(Checkpoint(tensors=stored, encodings={"layer.weight": spec}), path)
+    back = checkpoint.load(path)
+    got = encodings.logical_tensors(back.tensors, back.encodings)["layer.weight"]
+    assert got.dtype == dtype and torch.equal(got, w)
+
+
+def test_dense_storage_is_kept_when_the_bitmask_is_not_smaller() -> None:
+    w = torch.randn(8, 8)
+    stored, spec = storage.encode("w", w)
+    assert spec is None and stored["w"] is w
+    w[:, :2] = 0  # 25 % zeros: 1 bit + 0.75 · 32 bits < 32 bits per weight
+    assert storage.encode("w", w)[1] is not None
+
+
+@pytest.mark.parametrize(("sparsity", "bound"), [(0.5, 0.55), (0.9, 0.15)])
+@pytest.mark.parametrize("model", ["mlp", "cnn"])
+def test_sparse_file_size(model: str, sparsity: float, bound: float, tmp_path: Path) -> None:
+    out = tmp_path / "p.safetensors"
+    checkpoint.save(prune(sample(model), PruneConfig(sparsity=sparsity), ctx()), out)
+    assert out.stat().st_size <= bound * SAMPLE[model].stat().st_size
+    # and it loads back to exactly the pruned dense values
+    back = dense(checkpoint.load(out))
+    ref = dense(prune(sample(model), PruneConfig(sparsity=sparsity), ctx()))
+    assert back.keys() == ref.keys() and all(torch.equal(back[k], ref[k]) for k in ref)
+
+
+def test_untouched_tensors_keep_their_stored_form() -> None:
+    first = prune(sample("mlp"), PruneConfig(sparsity=0.8, include=("net.1",)), ctx())
+    second = prune(first, PruneConfig(sparsity=0.5, include=("net.3",)), ctx())
+    assert second.encodings["net.1.weight"] == first.encodings["net.1.weight"]
+    assert torch.equal(second.tensors["net.1.weight.compressed"], first.tensors["net.1.weight.compressed"])
+    assert "net.3.weight" in second.encodings and "net.5.weight" not in second.encodings
+
+
+# -------------------------------------------------------------------------- methods end to end
+
+
+def test_include_exclude_select_layers() -> None:
+    out = dense(prune(sample("cnn"), PruneConfig(sparsity=0.5, exclude=("classifier.*",)), ctx()))
+    base = dense(sample("cnn"))
+    assert torch.equal(out["classifier.1.weight"], base["classifier.1.weight"])
+    assert int((out["features.3.weight"] == 0).sum()) == round(0.5 * base["features.3.weight"].numel())
+    with pytest.raises(UsageError, match="no weight matches"):
+        prune(sample("cnn"), PruneConfig(include=("nothing*",)), ctx())
+
+
+def test_two_four_pattern_and_skipped_layer_warning() -> None:
+    log = Log()
+    out = prune(sample("cnn"), PruneConfig(method="2:4"), ctx(log=log))
+    w = dense(out)
+    for name in ("features.3.weight", "features.7.weight", "classifier.1.weight", "classifier.3.weight"):
+        assert is_nm(w[name], 2, 4) and out.encodings[name]["codec"] == "sparse-24-bitmask", name
+    assert torch.equal(w["features.0.weight"], dense(sample("cnn"))["features.0.weight"])  # 1·3·3 = 9 inputs
+    assert any("features.0.weight" in line and "not divisible by 4" in line for line in log.lines)
+
+
+def test_two_four_on_only_indivisible_layers_is_a_usage_error() -> None:
+    with pytest.raises(UsageError, match=r"'features.0.weight' has input size 9, not divisible by 4"):
+        prune(sample("cnn"), PruneConfig(method="2:4", include=("features.0",)), ctx())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"sparsity": 1.5}, r"--sparsity must be in \[0, 1\)"),
+        ({"sparsity": -0.1}, r"--sparsity must be in \[0, 1\)"),
+        ({"method": "random"}, "--method 'random' is not supported"),
+        ({"method": "channel", "scope": "global"}, "--scope global works with --method magnitude only"),
+        ({"n": 2}, "--n and --m go together"),
+        ({"method": "2:4", "n": 4, "m": 4}, "need 0 < N < M"),
+        ({"method": "magnitude", "n": 2, "m": 4}, "apply to --method 2:4 and wanda"),
+        ({"importance": "activation"}, "--importance applies to --method channel"),
+    ],
+)
+def test_bad_configs_name_the_option(kwargs: dict, message: str) -> None:
+    with pytest.raises(UsageError, match=message):
+        PruneConfig(**kwargs)
+
+
+def test_wanda_needs_data_and_beats_magnitude_on_the_transformer() -> None:
+    with pytest.raises(DataError, match="--method wanda needs --data"):
+        prune(sample("transformer"), PruneConfig(method="wanda"), ctx())
+    test = load_data(DIGITS_TEST)
+    base = ModelLoader().build(sample("transformer"))
+
+    def cosine(ck: Checkpoint) -> float:
+        with torch.inference_mode():
+            return float(torch.cosine_similarity(ModelLoader().build(ck)(test.inputs), base(test.inputs)).mean())
+
+    wanda = prune(sample("transformer"), PruneConfig(method="wanda"), ctx(DIGITS_TRAIN))
+    magnitude = prune(sample("transformer"), PruneConfig(method="magnitude"), ctx())
+    assert abs(pipeline.measure.static_stats(wanda)["sparsity"] - pipeline.measure.static_stats(magnitude)["sparsity"]) < 0.01
+    assert cosine(wanda) > cosine(magnitude) + 0.02
+    nm = prune(sample("transformer"), PruneConfig(method="wanda", n=2, m=4), ctx(DIGITS_TRAIN))
+    assert all(is_nm(t, 2, 4) for n, t in dense(nm).items() if n in nm.encodings)
+
+
+def test_semi_sparse_linear_runs_dense_on_cpu() -> None:
+    w = torch.randn(8, 16) * nm_mask(torch.rand(8, 16), 2, 4)
+    layer = storage.SemiSparseLinear(w, torch.randn(8))
+    x = torch.randn(3, 5, 16)
+    torch.testing.assert_close(layer(x), nn.functional.linear(x, w, layer.bias))
+    assert layer.sparse_kernel is False
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_semi_sparse_linear_uses_the_sparse_kernel_on_cuda() -> None:
+    w = (torch.randn(128, 128) * nm_mask(torch.rand(128, 128), 2, 4)).cuda().half()
+    layer = storage.SemiSparseLinear(w, None)
+    x = torch.randn(64, 128, device="cuda", dtype=torch.half)
+    y = layer(x)
+    if layer.sparse_kernel:
+        torch.testing.assert_close(y, x @ w.t(), rtol=1e-2, atol=1e-2)
+    else:
+        pytest.skip("this GPU has no semi-structured sparse kernel")
+
+
+# -------------------------------------------------------------------------------- structured
+
+
+def _zero_half(model: zoo.DigitsCNN) -> None:
+    """Make half the channels of every hidden layer produce exactly zero."""
+    with torch.no_grad():
+        for conv, bn in ((0, 1), (3, 4), (7, 8)):
+            c = model.features[conv].out_channels
+            dead = torch.arange(0, c, 2)
+            model.features[conv].weight[dead] = 0
+            model.features[bn].weight[dead] = 0
+            model.features[bn].bias[dead] = 0
+        dead = torch.arange(0, 128, 2)
+        model.classifier[1].weight[dead] = 0
+        model.classifier[1].bias[dead] = 0
+
+
+def test_channels_that_were_zero_are_removed_and_outputs_do_not_change() -> None:
+    model = ModelLoader().build(sample("cnn"))
+    _zero_half(model)
+    x = load_data(DIGITS_TEST).inputs[:64]
+    with torch.no_grad():
+        before = model(x)
+    stage = prune_channels(model, x[:2], sparsity=0.5)
+    assert [g["kept"] for g in stage["groups"]] == [list(range(1, g["size"], 2)) for g in stage["groups"]]
+    assert (model.features[0].out_channels, model.features[3].in_channels, model.features[4].num_features) == (16, 16, 32)
+    assert model.classifier[1].in_features == 64 * 4 and model.classifier[3].out_features == 10
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before)
+
+
+def test_channel_checkpoint_shrinks_loads_back_and_replays(tmp_path: Path) -> None:
+    ck = prune(sample("cnn"), PruneConfig(method="channel", sparsity=0.5), ctx())
+    out = tmp_path / "ch.safetensors"
+    checkpoint.save(ck, out)
+    back = checkpoint.load(out)
+    shapes = encodings.logical_shapes(back.tensors, back.encodings)
+    assert shapes["features.0.weight"] == (16, 1, 3, 3) and shapes["features.3.weight"] == (32, 16, 3, 3)
+    assert shapes["classifier.1.weight"] == (64, 256) and shapes["classifier.3.weight"] == (10, 64)
+    params = sum(t.numel() for n, t in dense(back).items() if not n.endswith(("running_mean", "running_var", "num_batches_tracked")))
+    assert params <= 0.30 * sum(p.numel() for p in zoo.DigitsCNN().parameters())
+    model = ModelLoader().build(back)
+    x = torch.rand(4, 1, 8, 8)
+    assert model(x).shape == (4, 10)
+    # The recorded plan replayed on a fresh model and the original weights gives the same tensors.
+    assert back.plan is not None and [s["method"] for s in back.plan["prune"]] == ["channel"]
+    fresh = ModelLoader().build(sample("cnn"))
+    replay(fresh, back.plan["prune"][0], x[:2])
+    got = dense(back)
+    for name, t in fresh.state_dict().items():
+        assert torch.equal(t, got[name]), name
+
+
+def test_transformer_channels_prune_whole_heads_and_ffn() -> None:
+    ck = prune(sample("transformer"), PruneConfig(method="channel", sparsity=0.5), ctx())
+    model = ModelLoader().build(ck)
+    for layer in model.layers:
+        assert layer.q.out_features == layer.k.out_features == layer.v.out_features == 32  # 2 of 4 heads of 16
+        assert layer.o.in_features == 32 and layer.fc1.out_features == 64 == layer.fc2.in_features
+    assert model.embed.out_features == 32 and model.pos.shape == (1, 8, 32) and model.head.out_features == 10
+    heads = [g for g in ck.plan["prune"][0]["groups"] if g["unit"] == 16]
+    assert len(heads) == 2
+    for g in heads:
+        starts = g["kept"][::16]
+        assert all(s % 16 == 0 for s in starts) and g["kept"] == [s + i for s in starts for i in range(16)]
+    assert model(torch.rand(3, 1, 8, 8)).shape == (3, 10)
+
+
+def test_zero_heads_removed_by_include_leave_outputs_unchanged() -> None:
+    model = ModelLoader().build(sample("transformer"))
+    with torch.no_grad():
+        for layer in model.layers:
+            for p in (layer.q, layer.k, layer.v):
+                p.weight[16:48] = 0  # heads 1 and 2 attend uniformly over zero values: they add nothing
+                p.bias[16:48] = 0
+    x = load_data(DIGITS_TEST).inputs[:32]
+    with torch.no_grad():
+        before = model(x)
+    prune_channels(model, x[:2], sparsity=0.5, include=("layers.*.q", "layers.*.k", "layers.*.v"))
+    assert [layer.q.out_features for layer in model.layers] == [32, 32] and model.embed.out_features == 64
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), before)
+
+
+def test_activation_importance_needs_data_and_uses_it() -> None:
+    with pytest.raises(DataError, match="--importance activation needs --data"):
+        prune(sample("cnn"), PruneConfig(method="channel", importance="activation"), ctx())
+    a = prune(sample("cnn"), PruneConfig(method="channel", importance="activation"), ctx(DIGITS_TRAIN))
+    b = prune(sample("cnn"), PruneConfig(method="channel"), ctx())
+    assert [g["kept"] for g in a.plan["prune"][0]["groups"]] != [g["kept"] for g in b.plan["prune"][0]["groups"]]
+
+
+def test_replay_rejects_a_plan_for_another_model() -> None:
+    ck = prune(sample("cnn"), PruneConfig(method="channel"), ctx())
+    other = zoo.DigitsCNN(channels=(8, 64, 128)).eval()
+    with pytest.raises(ModelError, match="'features.0' to have 32 outputs, the model has 8"):
+        replay(other, ck.plan["prune"][0], torch.rand(2, 1, 8, 8))

@@ -1,0 +1,69 @@
+"""``infercomp prune`` end to end: CliRunner and one real subprocess."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from infercomp import checkpoint
+from tests.conftest import DIGITS_TEST, SAMPLE, invoke, run_cli
+
+FAST = ("--min-time", "0.05", "--warmup", "1")
+
+
+def test_channel_prune_writes_a_smaller_model_that_report_loads(runner, tmp_path: Path) -> None:
+    out = tmp_path / "cnn_channel.safetensors"
+    r = invoke(runner, "prune", SAMPLE["cnn"], "-o", out, "--method", "channel", "--sparsity", "0.5", "--format", "json", "--no-latency")
+    assert r.exit_code == 0, r.stderr
+    after = json.loads(r.stdout)["models"][1]
+    assert after["ratios"]["parameters"] <= 0.30 and after["ratios"]["size"] <= 0.30
+    r = invoke(runner, "report", SAMPLE["cnn"], out, "--data", DIGITS_TEST, "--format", "json", "--batch-size", "256", *FAST)
+    assert r.exit_code == 0, r.stderr
+    base, small = json.loads(r.stdout)["models"]
+    assert small["accuracy"] is not None and small["latency_ms"]["median"] > 0
+    assert checkpoint.load(out).plan["prune"][0]["method"] == "channel"
+
+
+def test_two_four_warns_about_skipped_layers(runner, tmp_path: Path) -> None:
+    out = tmp_path / "cnn24.safetensors"
+    r = invoke(runner, "prune", SAMPLE["cnn"], "-o", out, "--method", "2:4", "--data", DIGITS_TEST, "--no-latency", "-q")
+    assert r.exit_code == 0, r.stderr
+    assert "skipped features.0.weight: input size 9 is not divisible by 4" in r.stderr
+    assert checkpoint.load(out).encodings["features.3.weight"]["pattern"] == "2:4"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (("--sparsity", "1.5"), "--sparsity must be in [0, 1)"),
+        (("--method", "2:4", "--include", "features.0"), "'features.0.weight' has input size 9, not divisible by 4"),
+        (("--method", "wanda"), "--method wanda needs --data"),
+        (("--method", "channel", "--importance", "activation"), "--importance activation needs --data"),
+        (("--method", "fancy"), "--method 'fancy' is not supported; choose one of: magnitude, channel, 2:4, wanda"),
+    ],
+)
+def test_bad_options_exit_2_with_one_line(runner, tmp_path: Path, args: tuple[str, ...], message: str) -> None:
+    out = tmp_path / "o.safetensors"
+    r = invoke(runner, "prune", SAMPLE["cnn"], "-o", out, *args, "--no-latency")
+    assert r.exit_code == 2
+    assert message in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
+    assert not out.exists()
+
+
+def test_help_explains_the_methods(runner) -> None:
+    r = invoke(runner, "prune", "--help")
+    assert r.exit_code == 0
+    for word in ("magnitude", "channel", "2:4", "wanda", "--importance", "--n", "--m", "bitmask"):
+        assert word in r.stdout, word
+
+
+@pytest.mark.slow
+def test_subprocess_wanda_with_separate_eval_data(tmp_path: Path) -> None:
+    out = tmp_path / "wanda.safetensors"
+    p = run_cli("prune", SAMPLE["mlp"], "-o", out, "--method", "wanda", "--sparsity", "0.5",
+                "--data", SAMPLE["mlp"].parent / "digits_train.safetensors", "--eval-data", DIGITS_TEST, *FAST)  # fmt: skip
+    assert p.returncode == 0, p.stderr
+    assert str(out) in p.stdout and "accuracy" in p.stdout
+    assert checkpoint.load(out).encodings["net.1.weight"]["codec"] == "sparse-bitmask"
