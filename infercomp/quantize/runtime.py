@@ -17,7 +17,6 @@ What runs where (measured on CPU with torch 2.13; ``bench/bench_quantize.py`` re
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
@@ -116,15 +115,24 @@ def _fp8_linear(x2: torch.Tensor, wq: StoredWeight) -> torch.Tensor:
 
 
 class DynamicInt8Linear(nn.Module):
-    """Linear with per-channel int8 weights; activations are quantized per call to 8 bits (not
-    torch.ao's default 7) and the matmul runs in int8 through torch's quantized CPU kernels."""
+    """Linear with per-channel int8 weights whose activations are quantized per call, one scale
+    per row (token), to the full 8 bits, and multiplied in int8 (``torch._int_mm``, int32
+    accumulation). When rows are skewed (GELU outputs), each row is centred on the midpoint of its
+    range before rounding, so it uses all 255 levels; the centre is added back exactly as a rank-1
+    term.
+
+    torch.ao's default dynamic quantization instead uses one scale for the whole activation tensor
+    and 7 bits (``reduce_range``): outlier tokens then flatten every other token's resolution."""
 
     def __init__(self, weight: StoredWeight, bias: torch.Tensor | None):
         super().__init__()
         self.out_features, self.in_features = weight.shape[0], weight.shape[1]
         self.weight_q = weight
         self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
-        self._packed = _prepack(weight.qdata, weight.scale.float(), self.bias)
+        # (2, N): row sums of the dequantized weight (adds the row centres back) and the bias.
+        shift = torch.stack([weight.rows().sum(dim=1), torch.zeros(self.out_features) if bias is None else bias.float()])
+        self.register_buffer("_shift", shift, persistent=False)
+        self.register_buffer("_wscale", weight.scale.reshape(1, -1).float(), persistent=False)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights and activations"
@@ -134,29 +142,29 @@ class DynamicInt8Linear(nn.Module):
         return self.weight_q.dense()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._packed is None or x.device.type != "cpu" or x.dtype != torch.float32:
-            w = self.weight_q.rows(dtype=x.dtype)
-            return F.linear(x, w, None if self.bias is None else self.bias.to(x.dtype))
-        y = torch.ops.quantized.linear_dynamic(x.reshape(-1, self.in_features), self._packed, False)
+        x2 = x.reshape(-1, self.in_features)
+        if x2.device.type != "cpu" or x2.dtype != torch.float32:
+            y = F.linear(x2, self.weight_q.rows(dtype=x2.dtype), None if self.bias is None else self.bias.to(x2.dtype))
+            return y.reshape(*x.shape[:-1], self.out_features)
+        hi, lo = x2.amax(dim=1, keepdim=True), x2.amin(dim=1, keepdim=True)  # (M, 1)
+        # Centre rows when some row is skewed (its midpoint off zero by > 1/4 of its range, e.g.
+        # GELU outputs); otherwise the cheaper symmetric form loses little.
+        centre = bool(((hi + lo).abs() > 0.5 * (hi - lo)).any())
+        if centre:
+            mid = (hi + lo) * 0.5
+            step = ((hi - lo) / 254).clamp(min=1e-12)  # half-range / 127
+            inv = 1.0 / step
+            xq = torch.addcmul(-mid * inv, x2, inv)
+        else:
+            step = (torch.maximum(hi, -lo) / 127).clamp(min=1e-12)
+            xq = x2 / step
+        acc = torch._int_mm(xq.round_().to(torch.int8), self.weight_q.qdata.t())  # (M, N) int32
+        y = acc.to(torch.float32).mul_(self._wscale)
+        if centre:  # + mid (x) rowsum + 1 (x) bias, as one (M, 2) @ (2, N) update
+            y.mul_(step).addmm_(torch.cat([mid, torch.ones_like(mid)], dim=1), self._shift)
+        else:
+            y = torch.addcmul(self._shift[1], y, step, out=y)
         return y.reshape(*x.shape[:-1], self.out_features)
-
-
-def _prepack(q: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None) -> Any:
-    """fbgemm/oneDNN packed weights, or None when this torch build has no quantized CPU engine."""
-    engines = torch.backends.quantized.supported_engines
-    engine = next((e for e in ("x86", "fbgemm", "onednn") if e in engines), None)
-    if engine is None:
-        return None
-    out = q.shape[0]
-    with warnings.catch_warnings():  # quantized tensor creation is deprecated but is the only path to these kernels
-        warnings.simplefilter("ignore")
-        previous = torch.backends.quantized.engine
-        torch.backends.quantized.engine = engine
-        try:
-            qw = torch._make_per_channel_quantized_tensor(q, scale.reshape(-1).double(), torch.zeros(out, dtype=torch.long), 0)
-            return torch.ops.quantized.linear_prepack(qw, None if bias is None else bias.float())
-        finally:
-            torch.backends.quantized.engine = previous
 
 
 class QuantEmbedding(nn.Module):
