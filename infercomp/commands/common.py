@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import signal
@@ -93,6 +94,15 @@ class Common:
     fail_if: tuple[str, ...] = ()
     quiet: bool = False
     memory: bool = False
+
+    @classmethod
+    def pick(cls, options: dict[str, Any]) -> Common:
+        """The shared options out of a command's parameters (``Common.pick(locals())``); options a
+        command does not offer keep their defaults."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kwargs = {k: v for k, v in options.items() if k in names}
+        kwargs["fail_if"] = tuple(kwargs.get("fail_if") or ())
+        return cls(**kwargs)
 
     def __post_init__(self) -> None:
         if self.fmt not in render.FORMATS:

@@ -40,23 +40,7 @@ def report(
     (median and p90 after warm-up, models interleaved in one process); with --data, accuracy
     (labels) or fidelity against the first checkpoint (top-1 agreement, output cosine).
     """
-    opts = c.Common(
-        model,
-        model_config,
-        trust_model_code,
-        device,
-        threads,
-        batch_size,
-        min_time,
-        warmup,
-        no_latency,
-        layers,
-        fmt,
-        report_out,
-        tuple(fail_if or ()),
-        quiet,
-        memory,
-    )
+    opts = c.Common.pick(locals())
     ckpts = [checkpoint.load(p) for p in checkpoints]
     tokenizer = checkpoints[0] if checkpoints[0].is_dir() else None  # a Hugging Face directory carries its tokenizer
     dataset = load_data(data, tokenizer=tokenizer) if data is not None else None
