@@ -79,9 +79,10 @@ def gptq(w: torch.Tensor, h: torch.Tensor, fmt: IntFormat, group_size: int | Non
     wr = schemes.rows(w).clone()
     out, n = wr.shape
     h = h.clone()
-    dead = torch.diag(h) == 0  # inputs that were always zero: weight irrelevant
+    # Inputs that were always zero in calibration (e.g. blank border pixels): no information, so
+    # a unit diagonal; their weights are rounded plainly (they may be non-zero on other data).
+    dead = torch.diag(h) == 0
     h[dead, dead] = 1
-    wr[:, dead] = 0
     h += torch.eye(n) * (DAMP * torch.diag(h).mean())
     hinv = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
 
