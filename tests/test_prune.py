@@ -323,3 +323,14 @@ def test_replay_rejects_a_plan_for_another_model() -> None:
     other = zoo.DigitsCNN(channels=(8, 64, 128)).eval()
     with pytest.raises(ModelError, match="'features.0' to have 32 outputs, the model has 8"):
         replay(other, ck.plan["prune"][0], torch.rand(2, 1, 8, 8))
+
+
+def test_two_four_checkpoint_loads_with_runtime_modules(tmp_path: Path) -> None:
+    out = tmp_path / "mlp24.safetensors"
+    checkpoint.save(prune(sample("mlp"), PruneConfig(method="2:4"), ctx()), out)
+    ck = checkpoint.load(out)
+    fast, plain = ModelLoader().build(ck), ModelLoader().build(ck, runtime=False)
+    assert isinstance(fast.net[1], storage.SemiSparseLinear) and isinstance(plain.net[1], nn.Linear)
+    x = load_data(DIGITS_TEST).inputs[:16]
+    with torch.inference_mode():
+        torch.testing.assert_close(fast(x), plain(x))

@@ -134,7 +134,7 @@ def _magnitude(ckpt: Checkpoint, config: PruneConfig, ctx: Context) -> Checkpoin
         masks = {n: nm_mask(t.abs(), *pattern) for n, t in targets.items()}
     else:
         masks = magnitude_masks(targets, config.sparsity, config.scope)
-    return _masked(ckpt, dense, masks, pattern)
+    return _masked(ckpt, dense, masks, pattern, ctx)
 
 
 def _wanda(ckpt: Checkpoint, config: PruneConfig, ctx: Context) -> Checkpoint:
@@ -154,13 +154,15 @@ def _wanda(ckpt: Checkpoint, config: PruneConfig, ctx: Context) -> Checkpoint:
         masks = {n: nm_mask(s, *pattern) for n, s in scores.items()}
     else:
         masks = score_masks(scores, config.sparsity, "row")  # Wanda compares weights within an output row
-    return _masked(ckpt, dense, masks, pattern)
+    return _masked(ckpt, dense, masks, pattern, ctx)
 
 
 def _masked(
-    ckpt: Checkpoint, dense: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], pattern: tuple[int, int] | None
+    ckpt: Checkpoint, dense: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], pattern: tuple[int, int] | None, ctx: Context
 ) -> Checkpoint:
     """Zero the masked weights; store them sparse; keep every other tensor as it was stored."""
+    if pattern == (2, 4) and ctx.device.type != "cuda":
+        ctx.progress.log("2:4 weights run dense on CPU (torch's semi-structured kernels are CUDA-only): expect no speed-up here")
     tensors: dict[str, torch.Tensor] = {}
     encs: dict[str, dict[str, Any]] = {}
     owned = encodings.stored_keys(ckpt.encodings, ckpt.name)
