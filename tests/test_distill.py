@@ -19,7 +19,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from infercomp import checkpoint, measure
+from infercomp import checkpoint, encodings, measure
 from infercomp.data import load_data
 from infercomp.distill import DistillConfig, kd_loss, kd_loss_per_sample, state_path
 from infercomp.distill import state as train_state
@@ -228,7 +228,7 @@ def test_magnitude_pruned_student_keeps_its_zeros(runner, tmp_path: Path) -> Non
     r = invoke(runner, "distill", SAMPLE["mlp"], "-o", out, "--data", DIGITS_TEST, "--student", pruned, "--epochs", "2", NO_LAT)
     assert r.exit_code == 0, r.stderr
     assert "pruned weights stay zero" in r.stderr
-    before, after = checkpoint.load(pruned).tensors, checkpoint.load(out).tensors
+    before, after = (encodings.logical_tensors(ck.tensors, ck.encodings) for ck in (checkpoint.load(pruned), checkpoint.load(out)))
     for name, w in before.items():
         if w.dim() == 2:
             assert torch.equal(after[name] == 0, w == 0), name  # same zeros, nothing regrown

@@ -146,7 +146,7 @@ def test_untouched_tensors_keep_their_stored_form() -> None:
 
 
 def test_include_exclude_select_layers() -> None:
-    out = dense(prune(sample("cnn"), PruneConfig(sparsity=0.5, exclude=("classifier.*",)), ctx()))
+    out = dense(prune(sample("cnn"), PruneConfig(sparsity=0.5, scope="layer", exclude=("classifier.*",)), ctx()))
     base = dense(sample("cnn"))
     assert torch.equal(out["classifier.1.weight"], base["classifier.1.weight"])
     assert int((out["features.3.weight"] == 0).sum()) == round(0.5 * base["features.3.weight"].numel())
@@ -198,7 +198,7 @@ def test_wanda_needs_data_and_beats_magnitude_on_the_transformer() -> None:
             return float(torch.cosine_similarity(ModelLoader().build(ck)(test.inputs), base(test.inputs)).mean())
 
     wanda = prune(sample("transformer"), PruneConfig(method="wanda"), ctx(DIGITS_TRAIN))
-    magnitude = prune(sample("transformer"), PruneConfig(method="magnitude"), ctx())
+    magnitude = prune(sample("transformer"), PruneConfig(method="magnitude", scope="layer"), ctx())
     assert abs(pipeline.measure.static_stats(wanda)["sparsity"] - pipeline.measure.static_stats(magnitude)["sparsity"]) < 0.01
     assert cosine(wanda) > cosine(magnitude) + 0.02
     nm = prune(sample("transformer"), PruneConfig(method="wanda", n=2, m=4), ctx(DIGITS_TRAIN))
@@ -334,3 +334,10 @@ def test_two_four_checkpoint_loads_with_runtime_modules(tmp_path: Path) -> None:
     x = load_data(DIGITS_TEST).inputs[:16]
     with torch.inference_mode():
         torch.testing.assert_close(fast(x), plain(x))
+
+
+def test_default_scope_is_global_for_magnitude_and_recorded() -> None:
+    assert PruneConfig().scope == "global" and PruneConfig().to_dict()["scope"] == "global"
+    assert PruneConfig(method="channel").scope == "layer"
+    with pytest.raises(UsageError, match="--scope global works with --method magnitude only"):
+        PruneConfig(method="channel", scope="global")

@@ -22,8 +22,14 @@ def prune(
         float, typer.Option("--sparsity", help="Fraction to remove, 0 <= s < 1: of the weights, or of each layer's channels (channel).")
     ] = 0.5,
     scope: Annotated[
-        str, typer.Option("--scope", help="layer: every tensor reaches --sparsity; global: one threshold over all (magnitude only).")
-    ] = "layer",
+        str | None,
+        typer.Option(
+            "--scope",
+            help="layer: every tensor reaches --sparsity; global: one threshold over all (magnitude only). "
+            "Default: global for magnitude, layer otherwise.",
+            show_default=False,
+        ),
+    ] = None,
     n: Annotated[int | None, typer.Option("--n", help="N:M: keep N of every M consecutive inputs (2:4 default: 2).", min=1)] = None,
     m: Annotated[int | None, typer.Option("--m", help="N:M: group size M (2:4 default: 4); with wanda, makes it N:M.", min=2)] = None,
     importance: Annotated[

@@ -44,7 +44,9 @@ class PruneConfig(TransformConfig):
         sparsity: fraction to remove, 0 <= s < 1: of the weights (``magnitude``, ``wanda``) or of
             each layer's channels / heads (``channel``). N:M methods take their sparsity from N/M.
         scope: ``layer`` (each tensor reaches ``sparsity``) or ``global`` (one threshold for all;
-            ``magnitude`` only).
+            ``magnitude`` only). None picks ``global`` for magnitude (small first layers stay whole:
+            on the digits CNN at 50 % it loses 0.0 points where ``layer`` loses 10.8) and ``layer``
+            for the other methods.
         include / exclude: glob patterns on module names (``fc*``, ``layers.*.q``).
         n / m: keep N of every M consecutive inputs (``2:4`` defaults to 2 and 4; ``wanda`` with them
             is N:M instead of unstructured).
@@ -54,7 +56,7 @@ class PruneConfig(TransformConfig):
     transform: ClassVar[str] = "prune"
     method: str = "magnitude"
     sparsity: float = 0.5
-    scope: str = "layer"
+    scope: str | None = None
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
     n: int | None = None
@@ -63,6 +65,8 @@ class PruneConfig(TransformConfig):
 
     def __post_init__(self) -> None:
         choice(self.method, tuple(METHODS), "--method")
+        if self.scope is None:  # frozen dataclass: resolve the default once, so it is recorded
+            object.__setattr__(self, "scope", "global" if self.method == "magnitude" else "layer")
         choice(self.scope, SCOPES, "--scope")
         choice(self.importance, IMPORTANCES, "--importance")
         if not 0.0 <= self.sparsity < 1.0:
