@@ -17,6 +17,7 @@ What runs where (measured on CPU with torch 2.13; ``bench/bench_quantize.py`` re
 
 from __future__ import annotations
 
+import threading
 from typing import Any
 
 import torch
@@ -146,25 +147,46 @@ class DynamicInt8Linear(nn.Module):
         if x2.device.type != "cpu" or x2.dtype != torch.float32:
             y = F.linear(x2, self.weight_q.rows(dtype=x2.dtype), None if self.bias is None else self.bias.to(x2.dtype))
             return y.reshape(*x.shape[:-1], self.out_features)
+        m, k, n = x2.shape[0], self.in_features, self.out_features
         hi, lo = x2.amax(dim=1, keepdim=True), x2.amin(dim=1, keepdim=True)  # (M, 1)
         # Centre rows when some row is skewed (its midpoint off zero by > 1/4 of its range, e.g.
         # GELU outputs); otherwise the cheaper symmetric form loses little.
         centre = bool(((hi + lo).abs() > 0.5 * (hi - lo)).any())
+        # Intermediates go to per-thread scratch buffers: fresh multi-MB tensors cost page faults
+        # on every call (glibc hands them out as new mappings), which took a third of the time.
+        xf = _scratch(0, torch.float32, m * k).view(m, k)
         if centre:
             mid = (hi + lo) * 0.5
             step = ((hi - lo) / 254).clamp(min=1e-12)  # half-range / 127
             inv = 1.0 / step
-            xq = torch.addcmul(-mid * inv, x2, inv)
+            torch.addcmul(-mid * inv, x2, inv, out=xf)
         else:
             step = (torch.maximum(hi, -lo) / 127).clamp(min=1e-12)
-            xq = x2 / step
-        acc = torch._int_mm(xq.round_().to(torch.int8), self.weight_q.qdata.t())  # (M, N) int32
+            torch.div(x2, step, out=xf)
+        xq = _scratch(1, torch.int8, m * k).view(m, k)
+        xq.copy_(xf.round_())  # (M, K) in [-127, 127], already integral
+        acc = _scratch(2, torch.int32, m * n).view(m, n)
+        torch._int_mm(xq, self.weight_q.qdata.t(), out=acc)  # (M, N) int32
         y = acc.to(torch.float32).mul_(self._wscale)
         if centre:  # + mid (x) rowsum + 1 (x) bias, as one (M, 2) @ (2, N) update
             y.mul_(step).addmm_(torch.cat([mid, torch.ones_like(mid)], dim=1), self._shift)
         else:
             y = torch.addcmul(self._shift[1], y, step, out=y)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+
+_SCRATCH = threading.local()
+
+
+def _scratch(slot: int, dtype: torch.dtype, numel: int) -> torch.Tensor:
+    """A flat per-thread buffer for intermediates, grown as needed and reused across calls."""
+    bufs = getattr(_SCRATCH, "bufs", None)
+    if bufs is None:
+        bufs = _SCRATCH.bufs = {}
+    buf = bufs.get(slot)
+    if buf is None or buf.dtype != dtype or buf.numel() < numel:
+        buf = bufs[slot] = torch.empty(numel, dtype=dtype)
+    return buf[:numel]
 
 
 class QuantEmbedding(nn.Module):
