@@ -301,3 +301,23 @@ def test_every_scheme_is_listed_in_help(runner) -> None:
     assert r.exit_code == 0
     for s in SCHEMES:
         assert s in r.stdout
+
+
+# ------------------------------------------------------------------------------------------ GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_fp8_on_cuda_matches_dequantized() -> None:
+    """On GPUs with fp8 support the Linear runs torch._scaled_mm; elsewhere it dequantizes. Both
+    must agree with the float result of the decoded weights."""
+    g = torch.Generator().manual_seed(0)
+    w, b = torch.randn(64, 128, generator=g) * 0.05, torch.randn(64, generator=g)
+    q, s = schemes.quantize_fp8(w)
+    mod = runtime.QuantLinear(runtime.StoredWeight("fp8", [64, 128], q, s, None, True), b).cuda()
+    x = torch.randn(40, 128, generator=g).cuda()
+    with torch.inference_mode():
+        y = mod(x)
+        ref = F.linear(x, schemes.dequantize_fp8(q, s).cuda(), b.cuda())
+    assert y.shape == (40, 64) and y.dtype == torch.float32
+    assert sqnr(ref.float().cpu(), y.float().cpu()) > (20 if runtime.fp8_matmul_supported(x.device) else 60)

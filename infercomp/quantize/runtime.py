@@ -30,6 +30,10 @@ Tensors = Any  # Mapping[str, torch.Tensor]
 
 # Rows of input up to which torch's weight-only CPU kernels beat dequantize + float matmul.
 KERNEL_MAX_ROWS = 1
+# Layers with at most this many weights also keep a float copy decoded at load (<= 256 KiB) and
+# run from it: at that size the per-call work of any quantized path (dequantizing, quantizing the
+# activations) costs more than the matmul itself (the digits models ran 2-3x slower without it).
+SMALL_LAYER = 65536
 
 
 class StoredWeight(nn.Module):
@@ -63,6 +67,11 @@ class StoredWeight(nn.Module):
         return self.rows(dtype=dtype).reshape(self.shape)
 
 
+def _small_copy(weight: StoredWeight) -> torch.Tensor | None:
+    n = weight.shape[0] * weight.shape[1]
+    return weight.rows() if n <= SMALL_LAYER else None
+
+
 class QuantLinear(nn.Module):
     """Linear with a weight-only quantized weight (int8, int4 or fp8)."""
 
@@ -71,8 +80,9 @@ class QuantLinear(nn.Module):
         self.out_features, self.in_features = weight.shape[0], weight.shape[1]
         self.weight_q = weight
         self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
-        self._scaled_mm = False
         self._int8_kernel = weight.kind == "int8" and weight.scale.shape[1] == 1
+        # fp8 keeps no float copy: on GPUs its point is the fp8 matmul.
+        self.register_buffer("_dense", None if weight.kind == "fp8" else _small_copy(weight), persistent=False)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, weight={self.weight_q.kind}"
@@ -83,9 +93,17 @@ class QuantLinear(nn.Module):
         return self.weight_q.dense()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._dense is not None:
+            return F.linear(x, self._dense.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         x2 = x.reshape(-1, self.in_features)
         wq = self.weight_q
-        if x2.is_cuda and wq.kind == "fp8" and fp8_matmul_supported(x2.device):
+        if (
+            wq.kind == "fp8"
+            and x2.is_cuda
+            and self.in_features % 16 == 0
+            and self.out_features % 16 == 0
+            and fp8_matmul_supported(x2.device)
+        ):
             y = _fp8_linear(x2, wq)
         elif self._int8_kernel and x2.shape[0] <= KERNEL_MAX_ROWS and x2.device.type == "cpu" and x2.dtype == torch.float32:
             y = torch._weight_int8pack_mm(x2.contiguous(), wq.qdata, wq.scale.reshape(-1).to(x2.dtype))
@@ -134,6 +152,7 @@ class DynamicInt8Linear(nn.Module):
         shift = torch.stack([weight.rows().sum(dim=1), torch.zeros(self.out_features) if bias is None else bias.float()])
         self.register_buffer("_shift", shift, persistent=False)
         self.register_buffer("_wscale", weight.scale.reshape(1, -1).float(), persistent=False)
+        self.register_buffer("_dense", _small_copy(weight), persistent=False)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights and activations"
@@ -143,36 +162,49 @@ class DynamicInt8Linear(nn.Module):
         return self.weight_q.dense()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._dense is not None:
+            return F.linear(x, self._dense.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
         x2 = x.reshape(-1, self.in_features)
         if x2.device.type != "cpu" or x2.dtype != torch.float32:
             y = F.linear(x2, self.weight_q.rows(dtype=x2.dtype), None if self.bias is None else self.bias.to(x2.dtype))
             return y.reshape(*x.shape[:-1], self.out_features)
-        m, k, n = x2.shape[0], self.in_features, self.out_features
-        hi, lo = x2.amax(dim=1, keepdim=True), x2.amin(dim=1, keepdim=True)  # (M, 1)
-        # Centre rows when some row is skewed (its midpoint off zero by > 1/4 of its range, e.g.
-        # GELU outputs); otherwise the cheaper symmetric form loses little.
-        centre = bool(((hi + lo).abs() > 0.5 * (hi - lo)).any())
-        # Intermediates go to per-thread scratch buffers: fresh multi-MB tensors cost page faults
-        # on every call (glibc hands them out as new mappings), which took a third of the time.
-        xf = _scratch(0, torch.float32, m * k).view(m, k)
-        if centre:
-            mid = (hi + lo) * 0.5
-            step = ((hi - lo) / 254).clamp(min=1e-12)  # half-range / 127
-            inv = 1.0 / step
-            torch.addcmul(-mid * inv, x2, inv, out=xf)
-        else:
-            step = (torch.maximum(hi, -lo) / 127).clamp(min=1e-12)
-            torch.div(x2, step, out=xf)
-        xq = _scratch(1, torch.int8, m * k).view(m, k)
-        xq.copy_(xf.round_())  # (M, K) in [-127, 127], already integral
+        m, n = x2.shape[0], self.out_features
+        xq, step, mid = _quantize_rows(x2)
         acc = _scratch(2, torch.int32, m * n).view(m, n)
         torch._int_mm(xq, self.weight_q.qdata.t(), out=acc)  # (M, N) int32
         y = acc.to(torch.float32).mul_(self._wscale)
-        if centre:  # + mid (x) rowsum + 1 (x) bias, as one (M, 2) @ (2, N) update
+        if mid is not None:  # + mid (x) rowsum + 1 (x) bias, as one (M, 2) @ (2, N) update
             y.mul_(step).addmm_(torch.cat([mid, torch.ones_like(mid)], dim=1), self._shift)
         else:
             y = torch.addcmul(self._shift[1], y, step, out=y)
         return y.reshape(*x.shape[:-1], self.out_features)
+
+
+def _quantize_rows(x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Activations (M, K) -> (int8 (M, K), step (M, 1), row centres (M, 1) or None).
+
+    (Reusing the result when query, key and value read the same tensor would save a little, but
+    inference tensors carry no version counter, so an in-place update could not be detected.)"""
+    m, k = x2.shape
+    hi, lo = x2.amax(dim=1, keepdim=True), x2.amin(dim=1, keepdim=True)  # (M, 1)
+    # Centre rows when some row is skewed (its midpoint off zero by > 1/4 of its range, e.g.
+    # GELU outputs); otherwise the cheaper symmetric form loses little.
+    centre = bool(((hi + lo).abs() > 0.5 * (hi - lo)).any())
+    # Intermediates go to per-thread scratch buffers: fresh multi-MB tensors cost page faults on
+    # every call (glibc hands them out as new mappings), which took a third of the time.
+    xf = _scratch(0, torch.float32, m * k).view(m, k)
+    mid = None
+    if centre:
+        mid = (hi + lo) * 0.5
+        step = ((hi - lo) / 254).clamp(min=1e-12)  # half-range / 127
+        inv = 1.0 / step
+        torch.addcmul(-mid * inv, x2, inv, out=xf)
+    else:
+        step = (torch.maximum(hi, -lo) / 127).clamp(min=1e-12)
+        torch.div(x2, step, out=xf)
+    xq = _scratch(1, torch.int8, m * k).view(m, k)
+    xq.copy_(xf.round_())  # (M, K) in [-127, 127], already integral
+    return xq, step, mid
 
 
 _SCRATCH = threading.local()
