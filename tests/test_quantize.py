@@ -162,6 +162,41 @@ def test_load_back_runs_quantized(scheme: str, tmp_path: Path) -> None:
     assert torch.allclose(single, y[:1, :1], rtol=1e-3, atol=1e-3 if scheme != "int8-dynamic" else 5e-2)
 
 
+@pytest.mark.parametrize(("kind", "group_size"), [("int8", None), ("int8", 32), ("int4", 32), ("fp8", None)])
+@pytest.mark.parametrize("rows", [1, 8])
+def test_large_linear_runs_what_was_stored(kind: str, group_size: int | None, rows: int) -> None:
+    """Layers above runtime.SMALL_LAYER keep only the stored form: kernel (1 row) or per-call dequantization."""
+    g = torch.Generator().manual_seed(2)
+    w, b = torch.randn(512, 256, generator=g) * 0.05, torch.randn(512, generator=g)
+    if kind == "fp8":
+        q, s = schemes.quantize_fp8(w)
+        stored, z = runtime.StoredWeight("fp8", [512, 256], q, s, None, True), None
+    else:
+        qz = schemes.quantize_rtn(w, IntFormat(8 if kind == "int8" else 4), group_size)
+        data = qz.q if kind == "int8" else schemes.pack_int4(qz.q, True)
+        stored, z = runtime.StoredWeight(kind, [512, 256], data, qz.scale, None, True), qz
+    mod = runtime.QuantLinear(stored, b)
+    assert mod._dense is None
+    x = torch.randn(rows, 256, generator=g)
+    decoded = schemes.dequantize_fp8(q, s) if z is None else schemes.dequantize(z.q, z.scale, None)
+    with torch.inference_mode():
+        assert torch.allclose(mod(x), F.linear(x, decoded, b), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("skewed", [False, True])
+def test_large_dynamic_int8_linear_matches_decoded(skewed: bool) -> None:
+    g = torch.Generator().manual_seed(4)
+    w, b = torch.randn(384, 384, generator=g) * 0.05, torch.randn(384, generator=g)
+    qz = schemes.quantize_rtn(w, IntFormat(8), None)
+    mod = runtime.DynamicInt8Linear(runtime.StoredWeight("int8", [384, 384], qz.q, qz.scale, None, True), b)
+    x = torch.randn(2, 64, 384, generator=g)
+    if skewed:  # GELU-like rows: centred before rounding
+        x = F.gelu(x * 3)
+    with torch.inference_mode():
+        y, ref = mod(x), F.linear(x, schemes.dequantize(qz.q, qz.scale, None), b)
+    assert y.shape == (2, 64, 384) and sqnr(ref, y) > 35
+
+
 def test_int8_dynamic_beats_per_tensor_7bit_activations() -> None:
     """Per-token 8-bit activations vs torch.ao's default (per-tensor, reduce_range) on rows with an outlier token."""
     g = torch.Generator().manual_seed(0)
