@@ -5,10 +5,12 @@ What runs where (measured on CPU with torch 2.13; ``bench/bench_quantize.py`` re
   per-channel int8 weights and activations quantized per call to the full 8 bits
   (``reduce_range=False``); 3-4x faster than float32 at batch 32 x 128 tokens.
 - ``int8`` / ``int4`` / ``fp8`` weight-only Linear: weights stay compact in memory and are
-  dequantized per call into one float matrix, then a float matmul. torch's CPU weight-only kernels
-  (``_weight_int8pack_mm``, ``_weight_int4pack_mm_for_cpu``) are used only for single-row inputs
-  (token-by-token decoding); their cost grows with the batch and reached 30x the float32 matmul at
-  32 rows, which is what made int8 models slower than float32.
+  dequantized per call into one float matrix, then a float matmul. torch's int8 weight-only CPU
+  kernel (``_weight_int8pack_mm``) is used only for single-row inputs (token-by-token decoding):
+  its cost grows with the batch and reached 30x the float32 matmul at 32 rows, which is what made
+  int8 models slower than float32. ``_weight_int4pack_mm_for_cpu`` took 65x the float matmul at
+  4096 rows, so int4 is not run through it.
+- Layers with at most ``SMALL_LAYER`` weights run from a float copy decoded at load.
 - ``fp8`` on CUDA GPUs with compute capability >= 8.9: ``torch._scaled_mm`` (activations cast to
   fp8 per call with a per-tensor scale).
 - Embedding tables: rows are gathered in their stored form, then dequantized (only the rows used).
