@@ -26,8 +26,7 @@ NO_LAT = ("--min-time", "0.05", "--warmup", "1")
 MIN_SQNR = {"int8": 38.0, "int8-dynamic": 38.0, "int4": 18.0, "fp8": 28.0}
 
 
-def _ctx(ckpt: Checkpoint | None = None, data: Path | None = None) -> Context:
-    del ckpt
+def _ctx(data: Path | None = None) -> Context:
     return Context(loader=ModelLoader(), data=None if data is None else load_data(data), device=torch.device("cpu"))
 
 
@@ -203,14 +202,12 @@ def test_int8_dynamic_beats_per_tensor_7bit_activations() -> None:
     lin = nn.Linear(256, 256)
     x = torch.randn(64, 256, generator=g)
     x[0] *= 50  # one outlier token (a [CLS]-like row)
-    ckpt = Checkpoint(tensors={"weight": lin.weight.detach(), "bias": lin.bias.detach()})
     qz = schemes.quantize_rtn(lin.weight.detach(), IntFormat(8), None)
     mod = runtime.DynamicInt8Linear(runtime.StoredWeight("int8", [256, 256], qz.q, qz.scale, None, True), lin.bias.detach())
     with torch.inference_mode():
         ours = mod(x)
         ao = torch.ao.quantization.quantize_dynamic(nn.Sequential(lin), {nn.Linear}, dtype=torch.qint8)(x)
         ref = lin(x)
-    del ckpt
     assert sqnr(ref[1:], ours[1:]) > sqnr(ref[1:], ao[1:]) + 10
 
 
