@@ -84,22 +84,7 @@ def distill(
     Under `torchrun --nproc-per-node N -m infercomp distill ...` it trains with
     DistributedDataParallel (gloo on CPU, NCCL on GPU); rank 0 alone writes and prints.
     """
-    opts = c.Common(
-        model,
-        model_config,
-        trust_model_code,
-        device,
-        threads,
-        batch_size,
-        min_time,
-        warmup,
-        no_latency,
-        False,
-        fmt,
-        report_out,
-        tuple(fail_if or ()),
-        quiet,
-    )
+    opts = c.Common.pick(locals())
     config = DistillConfig(
         student=None if student is None else str(student),
         student_model=student_model,

@@ -52,6 +52,7 @@ def prune(
     warmup: c.Warmup = 3,
     no_latency: c.NoLatency = False,
     layers: c.Layers = False,
+    memory: c.Memory = False,
     fmt: c.Format = "table",
     report_out: c.ReportOut = None,
     fail_if: c.FailIf = None,
@@ -74,22 +75,7 @@ def prune(
 
     Zeroed weights are stored as a bitmask plus the non-zero values when that is smaller.
     """
-    opts = c.Common(
-        model,
-        model_config,
-        trust_model_code,
-        device,
-        threads,
-        batch_size,
-        min_time,
-        warmup,
-        no_latency,
-        layers,
-        fmt,
-        report_out,
-        tuple(fail_if or ()),
-        quiet,
-    )
+    opts = c.Common.pick(locals())
     config = PruneConfig(
         method=method,
         sparsity=sparsity,

@@ -50,6 +50,7 @@ def quantize(
     warmup: c.Warmup = 3,
     no_latency: c.NoLatency = False,
     layers: c.Layers = False,
+    memory: c.Memory = False,
     fmt: c.Format = "table",
     report_out: c.ReportOut = None,
     fail_if: c.FailIf = None,
@@ -74,22 +75,7 @@ def quantize(
     Stored as plain integer tensors + scales (compressed-tensors names: weight_packed, weight_scale,
     weight_zero_point); infercomp.load() runs them quantized.
     """
-    opts = c.Common(
-        model,
-        model_config,
-        trust_model_code,
-        device,
-        threads,
-        batch_size,
-        min_time,
-        warmup,
-        no_latency,
-        layers,
-        fmt,
-        report_out,
-        tuple(fail_if or ()),
-        quiet,
-    )
+    opts = c.Common.pick(locals())
     config = QuantizeConfig(
         scheme=scheme,
         group_size=group_size,
