@@ -145,30 +145,14 @@ def to_csv(c: Comparison) -> str:
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(CSV_FIELDS)
     for m in c.models:
-        fid = m.fidelity or {}
-        lat = m.latency_ms or {}
-        row: dict[str, Any] = {
-            **{
-                k: getattr(m, k)
-                for k in (
-                    "path",
-                    "size_bytes",
-                    "parameters",
-                    "nonzero",
-                    "sparsity",
-                    "bits_per_weight",
-                    "throughput_per_s",
-                    "peak_memory_bytes",
-                    "accuracy",
-                    "accuracy_drop",
-                )
-            },
-            "latency_median_ms": lat.get("median"),
-            "latency_p90_ms": lat.get("p90"),
-            **{k: fid.get(k) for k in ("top1_agreement", "cosine_mean", "cosine_min")},
+        derived: dict[str, Any] = {
+            "latency_median_ms": (m.latency_ms or {}).get("median"),
+            "latency_p90_ms": (m.latency_ms or {}).get("p90"),
+            **{k: (m.fidelity or {}).get(k) for k in ("top1_agreement", "cosine_mean", "cosine_min")},
             **{f"{k}_ratio": m.ratios.get(k) for k in ("size", "parameters", "latency")},
         }
-        w.writerow(["" if row[f] is None else row[f] for f in CSV_FIELDS])
+        row = [derived[f] if f in derived else getattr(m, f) for f in CSV_FIELDS]
+        w.writerow(["" if v is None else v for v in row])
     return buf.getvalue()
 
 
