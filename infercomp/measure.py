@@ -111,20 +111,25 @@ def time_interleaved(
 ) -> list[list[float]]:
     """Run each function ``warmup`` times, then call them in turn (one call each per round) until
     every one has ``min_runs`` samples and ``min_time`` seconds in total. Returns seconds per call.
-    Interleaving makes slow drift (thermal, other load) hit all candidates alike."""
+    Interleaving makes slow drift (thermal, other load) hit all candidates alike; the order rotates
+    every round so that no candidate always runs right after the same neighbour (caches, allocator
+    state left by the previous model)."""
     for fn in fns:
         for _ in range(warmup):
             fn()
     sync(device)
     times: list[list[float]] = [[] for _ in fns]
+    n_fns = len(fns)
+    rnd = 0
     while True:
-        for i, fn in enumerate(fns):
+        for k in range(n_fns):
+            i = (rnd + k) % n_fns
             t0 = time.perf_counter()
-            fn()
+            fns[i]()
             sync(device)
             times[i].append(time.perf_counter() - t0)
-        n = len(times[0])
-        if n >= max_runs or (n >= min_runs and all(sum(t) >= min_time for t in times)):
+        rnd += 1
+        if rnd >= max_runs or (rnd >= min_runs and all(sum(t) >= min_time for t in times)):
             return times
 
 
