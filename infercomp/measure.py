@@ -111,19 +111,19 @@ def time_interleaved(
 ) -> list[list[float]]:
     """Run each function ``warmup`` times, then call them in turn (one call each per round) until
     every one has ``min_runs`` samples and ``min_time`` seconds in total. Returns seconds per call.
-    Interleaving makes slow drift (thermal, other load) hit all candidates alike; the order rotates
-    every round so that no candidate always runs right after the same neighbour (caches, allocator
-    state left by the previous model)."""
+    Interleaving makes slow drift (thermal, other load) hit all candidates alike; each round runs
+    them in a fresh (seeded) random order so that no candidate always runs right after the same
+    neighbour (caches and allocator state left by the previous model). A plain rotation would not
+    do: it keeps every candidate's predecessor the same."""
     for fn in fns:
         for _ in range(warmup):
             fn()
     sync(device)
     times: list[list[float]] = [[] for _ in fns]
-    n_fns = len(fns)
+    gen = torch.Generator().manual_seed(0)
     rnd = 0
     while True:
-        for k in range(n_fns):
-            i = (rnd + k) % n_fns
+        for i in torch.randperm(len(fns), generator=gen).tolist():
             t0 = time.perf_counter()
             fns[i]()
             sync(device)

@@ -51,7 +51,7 @@ def test_accuracy() -> None:
     assert measure.accuracy(logits, torch.tensor([0, 1, 1])) == pytest.approx(2 / 3)
 
 
-def test_time_interleaved_rotates_and_respects_minimums() -> None:
+def test_time_interleaved_shuffles_and_respects_minimums() -> None:
     order: list[int] = []
     fns = [lambda: order.append(0), lambda: order.append(1), lambda: order.append(2)]
     times = measure.time_interleaved(fns, device=torch.device("cpu"), warmup=2, min_time=0.0, min_runs=6)
@@ -59,7 +59,8 @@ def test_time_interleaved_rotates_and_respects_minimums() -> None:
     assert order[:6] == [0, 0, 1, 1, 2, 2]  # warm-up of each
     rounds = [order[6 + 3 * r : 9 + 3 * r] for r in range(6)]
     assert all(sorted(r) == [0, 1, 2] for r in rounds)  # each model once per round
-    assert [r[0] for r in rounds] == [0, 1, 2, 0, 1, 2]  # and the order rotates
+    predecessors = {(r[k - 1], r[k]) for r in rounds for k in range(1, 3)}
+    assert len(predecessors) > 3  # neighbours change between rounds (a rotation keeps them fixed)
 
 
 def test_sqnr() -> None:
