@@ -206,7 +206,9 @@ def _from_parts(tensors: dict[str, torch.Tensor], meta: dict[str, str], p: Path)
         info = json.loads(raw)
     except ValueError as e:
         raise CheckpointError(f"{p}: the 'infercomp' metadata is not valid JSON") from e
-    version = info.get("format_version", 0)
+    version = info.get("format_version", 0) if isinstance(info, dict) else None
+    if not isinstance(version, int):
+        raise CheckpointError(f"{p}: the 'infercomp' metadata is malformed (expected an object with an integer format_version)")
     if version > FORMAT_VERSION:
         raise CheckpointError(f"{p}: written by a newer infercomp (format {version}, this one reads {FORMAT_VERSION}); upgrade infercomp")
     return Checkpoint(
@@ -248,10 +250,14 @@ def save(ckpt: Checkpoint, path: str | os.PathLike[str], *, force: bool = False,
     return out
 
 
-def check_output(out: Path, *, force: bool, source: Path | None) -> None:
-    """Raise CheckpointError when writing ``out`` would clobber the input or an existing file."""
+def check_output(out: Path, *, force: bool, source: Path | None, inputs: tuple[Path, ...] = ()) -> None:
+    """Raise CheckpointError when writing ``out`` would clobber the input, another file the run
+    reads (``inputs``: a student, data files), or, without ``force``, an existing file."""
     if source is not None and source.exists() and out.exists() and _same(out, source):
         raise CheckpointError(f"{out}: output is the input file; choose another -o path (inputs are never overwritten)")
+    for other in inputs:
+        if other.exists() and out.exists() and _same(out, other):
+            raise CheckpointError(f"{out}: output is also an input of this run ({other}); choose another -o path")
     if source is not None and source.is_dir() and out.resolve().is_relative_to(source.resolve()):
         raise CheckpointError(f"{out}: output lies inside the input directory {source}; choose another -o path")
     if out.is_dir():

@@ -18,6 +18,10 @@ class TransformConfig:
 
     transform: ClassVar[str] = ""
 
+    def inputs(self) -> tuple[str, ...]:
+        """Files the transform reads besides the source checkpoint (never to be overwritten)."""
+        return ()
+
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict (tuples become lists)."""
         return {f.name: _jsonable(getattr(self, f.name)) for f in dataclasses.fields(self)}

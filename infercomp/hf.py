@@ -44,8 +44,26 @@ def build(config: dict[str, Any]) -> nn.Module:
     archs = config.get("architectures") or []
     cls = getattr(tf, archs[0], None) if archs else None
     if cls is None or not isinstance(cls, type) or not issubclass(cls, nn.Module):
-        return tf.AutoModel.from_config(cfg)
-    return cls(cfg)
+        model = tf.AutoModel.from_config(cfg)
+    else:
+        model = cls(cfg)
+    pad = getattr(cfg, "pad_token_id", None)
+    if pad is not None:
+        model.register_forward_pre_hook(_mask_padding(pad), with_kwargs=True)
+    return model
+
+
+def _mask_padding(pad: int) -> Any:
+    """Text --data is padded to the longest example: when a caller passes token ids alone, mask
+    the padding as a tokenizer's attention_mask would."""
+
+    def hook(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> tuple[tuple[Any, ...], dict[str, Any]]:
+        del module
+        if args and "attention_mask" not in kwargs and torch.is_tensor(args[0]) and not args[0].is_floating_point():
+            kwargs = {**kwargs, "attention_mask": (args[0] != pad).long()}
+        return args, kwargs
+
+    return hook
 
 
 def tokenize(path: Path, tokenizer_dir: Path, *, max_length: int = 128) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -63,10 +81,10 @@ def tokenize(path: Path, tokenizer_dir: Path, *, max_length: int = 128) -> tuple
             try:
                 row = json.loads(line)
                 texts.append(str(row["text"]))
+                if "label" in row:
+                    labels.append(int(row["label"]))
             except (ValueError, KeyError, TypeError) as e:
-                raise DataError(f"{path}: line {i} is not a JSON object with a 'text' field") from e
-            if "label" in row:
-                labels.append(int(row["label"]))
+                raise DataError(f"{path}: line {i} is not a JSON object with a 'text' field and an integer 'label' (if any)") from e
     if not texts:
         raise DataError(f"{path}: holds no text examples")
     if labels and len(labels) != len(texts):

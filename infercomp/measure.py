@@ -154,8 +154,12 @@ def predict(module: nn.Module, data: Dataset, *, batch_size: int, device: torch.
     return torch.cat(outs)
 
 
-def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
-    return float((logits.argmax(dim=-1) == labels).float().mean())
+def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float | None:
+    """Top-1 accuracy over the labelled samples (a negative label means "unlabelled"); None if none are."""
+    known = labels >= 0
+    if not bool(known.any()):
+        return None
+    return float((logits[known].argmax(dim=-1) == labels[known]).float().mean())
 
 
 def fidelity(outputs: torch.Tensor, reference: torch.Tensor) -> dict[str, float]:

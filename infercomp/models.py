@@ -104,15 +104,21 @@ class ModelLoader:
         ref: the reference the user passed with ``--model`` (trusted), or None.
         config: the user's ``--model-config``, or None to use the checkpoint's.
         trust_model_code: ``--trust-model-code``: follow any reference stored in a checkpoint.
+        trusted: further references the user named on the command line (e.g. distill's
+            ``--student-model``): trusted, and a checkpoint storing one is built with its own
+            reference even when ``--model`` names another (the teacher's).
     """
 
     ref: str | None = None
     config: dict[str, Any] | None = None
     trust_model_code: bool = False
+    trusted: frozenset[str] = frozenset()
 
     def spec_for(self, ckpt: Checkpoint) -> dict[str, Any] | None:
         """The model reference to use for (and record in the output of) this checkpoint."""
         stored = ckpt.model
+        if stored is not None and stored.get("ref") in self.trusted:
+            return {"ref": stored["ref"], "config": dict(stored.get("config") or {})}
         if self.ref is not None:
             cfg = self.config
             if cfg is None:
@@ -142,7 +148,7 @@ class ModelLoader:
             module = hf.build(spec["config"])
             load_weights(module, ckpt, runtime=runtime)
             return module.eval()
-        if self.ref is None and not self.trust_model_code and not is_trusted_builtin(ref):
+        if self.ref is None and not self.trust_model_code and ref not in self.trusted and not is_trusted_builtin(ref):
             raise ModelError(
                 f"{ckpt.name}: model reference {ref!r} stored in the checkpoint is not trusted; "
                 f"pass --model {ref} to use it, or --trust-model-code"

@@ -96,14 +96,17 @@ def run(
     eval_data: str | Path | None = None,
     force: bool = False,
     progress: Progress = NULL,
+    on_saved: Callable[[Path], None] | None = None,
 ) -> Comparison:
     """Load ``source``, apply the transform ``config`` describes, write ``output`` atomically, and
     compare the two (the output is read back from disk, so what is measured is what was written).
     ``data`` feeds the transform (calibration, training) and the comparison, unless ``eval_data``
-    is given for the comparison."""
+    is given for the comparison. ``on_saved(output)`` runs once the output is safely written
+    (distill drops its resumable training state there)."""
     src, out = Path(source), Path(output)
     ckpt = checkpoint.load(src)
-    checkpoint.check_output(out, force=force, source=src)  # fail before any expensive work
+    reads = tuple(Path(p) for p in (*config.inputs(), data, eval_data) if p is not None)
+    checkpoint.check_output(out, force=force, source=src, inputs=reads)  # fail before any expensive work
     tokenizer = src if src.is_dir() else None  # a Hugging Face directory carries its tokenizer
     dataset = load_data(data, tokenizer=tokenizer) if data is not None else None
     device = options.torch_device()
@@ -123,6 +126,8 @@ def run(
         },
     ]
     checkpoint.save(new, out, force=force, source=src)
+    if on_saved is not None:
+        on_saved(out)
     written = checkpoint.load(out)
     # The output's model reference is stored in it (and the user's --model, if any, applies to both).
     evaluation = load_data(eval_data, tokenizer=tokenizer) if eval_data is not None else dataset
@@ -323,11 +328,12 @@ GATE_KEYS = (
 def parse_gate(text: str) -> tuple[str, str, float]:
     """``--fail-if 'accuracy_drop>0.01'`` -> (key, op, value)."""
     m = _GATE.match(text)
-    if not m or m.group(1) not in GATE_KEYS:
-        raise UsageError(
-            f"--fail-if {text!r}: expected KEY OP NUMBER with KEY one of {', '.join(GATE_KEYS)} and OP one of <, <=, >, >=, =="
-        )
-    return m.group(1), m.group(2), float(m.group(3))
+    try:
+        if m and m.group(1) in GATE_KEYS:
+            return m.group(1), m.group(2), float(m.group(3))
+    except ValueError:  # '1.2.3' passes the pattern but is no number
+        pass
+    raise UsageError(f"--fail-if {text!r}: expected KEY OP NUMBER with KEY one of {', '.join(GATE_KEYS)} and OP one of <, <=, >, >=, ==")
 
 
 def _gate_value(r: ModelReport, key: str) -> float | None:

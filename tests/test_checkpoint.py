@@ -198,3 +198,11 @@ def test_sha256_of_file_and_directory(tmp_path: Path) -> None:
     h1 = checkpoint.sha256(f.parent)
     (f.parent / "b.safetensors").write_bytes(f.read_bytes())
     assert checkpoint.sha256(f.parent) != h1
+
+
+@pytest.mark.parametrize("info", ['{"format_version": "2"}', "[1, 2]"])
+def test_malformed_metadata_is_refused(tmp_path: Path, info: str) -> None:
+    p = tmp_path / "odd.safetensors"
+    save_file({"w": torch.ones(1)}, str(p), metadata={"format": "pt", "infercomp": info})
+    with pytest.raises(CheckpointError, match="malformed"):
+        checkpoint.load(p)

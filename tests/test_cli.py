@@ -172,3 +172,55 @@ def test_subprocess_transform_writes_and_prints_table(cmd: str, tmp_path: Path) 
     p = run_cli(cmd, SAMPLE["mlp"], "-o", out, "--data", DIGITS_TEST, "--min-time", "0.05", "--warmup", "1")
     assert p.returncode == 0, p.stderr
     assert out.exists() and str(out) in p.stdout and "accuracy" in p.stdout
+
+
+def test_report_out_never_overwrites_a_checkpoint(runner, tmp_path: Path) -> None:
+    src = tmp_path / "in.safetensors"
+    src.write_bytes(SAMPLE["mlp"].read_bytes())
+    digest = hashlib.sha256(src.read_bytes()).hexdigest()
+    r = invoke(runner, "quantize", src, "-o", tmp_path / "o.safetensors", "--report-out", src, "--no-latency")
+    _one_line_error(r, "--report-out", "looks like a checkpoint")
+    assert hashlib.sha256(src.read_bytes()).hexdigest() == digest
+    assert not (tmp_path / "o.safetensors").exists()  # refused before any work
+
+
+def test_unwritable_report_out_is_a_one_line_error(runner, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    _one_line_error(invoke(runner, "report", SAMPLE["mlp"], "--no-latency", "--report-out", blocker / "r.json"), "cannot write the report")
+
+
+def test_malformed_gate_number(runner) -> None:
+    _one_line_error(invoke(runner, "report", SAMPLE["mlp"], "--fail-if", "accuracy>1.2.3"), "--fail-if")
+
+
+def test_distill_output_may_not_be_its_student(runner, tmp_path: Path) -> None:
+    student = tmp_path / "student.safetensors"
+    student.write_bytes(SAMPLE["mlp"].read_bytes())
+    digest = hashlib.sha256(student.read_bytes()).hexdigest()
+    r = invoke(runner, "distill", SAMPLE["mlp"], "-o", student, "--student", student, "--data", DIGITS_TEST, "--force", "--no-latency")
+    _one_line_error(r, "also an input of this run")
+    assert hashlib.sha256(student.read_bytes()).hexdigest() == digest
+
+
+def test_distill_student_code_named_by_the_user_is_trusted(runner, tmp_path: Path) -> None:
+    code = tmp_path / "students.py"
+    code.write_text("from infercomp.zoo import DigitsMLP\n\ndef small():\n    return DigitsMLP(hidden=(32,))\n")
+    out = tmp_path / "s.safetensors"
+    r = invoke(
+        runner,
+        "distill",
+        SAMPLE["mlp"],
+        "-o",
+        out,
+        "--student-model",
+        f"{code}:small",
+        "--data",
+        DIGITS_TEST,
+        "--epochs",
+        "1",
+        "--no-latency",
+    )
+    assert r.exit_code == 0, r.stderr
+    assert checkpoint.load(out).model["ref"] == f"{code}:small"
+    assert not list(tmp_path.glob("*.train-state*"))  # written: nothing left to resume

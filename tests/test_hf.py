@@ -83,3 +83,22 @@ def test_text_data_without_tokenizer_is_a_clear_error(tmp_path: Path, runner) ->
     text.write_text("hello\n")
     r = invoke(runner, "report", SAMPLE["mlp"], "--data", text)
     assert r.exit_code == 2 and "needs the model's tokenizer" in r.stderr
+
+
+def test_padding_is_masked_for_token_id_inputs(tiny_bert_dir: Path) -> None:
+    """Text --data is padded to the longest example; the padded example must give the same
+    outputs at its real tokens as when run alone."""
+    m = ModelLoader().build(checkpoint.load(tiny_bert_dir))
+    short = torch.tensor([[2, 6, 7, 3]])
+    padded = torch.tensor([[2, 6, 7, 3, 0, 0], [2, 11, 7, 12, 13, 3]])
+    with torch.inference_mode():
+        alone = m(short).last_hidden_state
+        batch = m(padded).last_hidden_state
+    torch.testing.assert_close(batch[0, :4], alone[0], atol=1e-5, rtol=1e-4)
+
+
+def test_jsonl_with_non_integer_label_is_a_clear_error(tiny_bert_dir: Path, tmp_path: Path, runner) -> None:
+    text = tmp_path / "d.jsonl"
+    text.write_text(json.dumps({"text": "a man", "label": "pos"}) + "\n")
+    r = invoke(runner, "report", tiny_bert_dir, "--data", text, "--no-latency")
+    assert r.exit_code == 2 and "line 1" in r.stderr and "integer 'label'" in r.stderr

@@ -93,3 +93,9 @@ def test_measure_options_validate() -> None:
     if not torch.cuda.is_available():
         with pytest.raises(UsageError, match="no CUDA GPU"):
             pipeline.MeasureOptions(device="cuda").torch_device()
+
+
+def test_accuracy_ignores_unlabelled_samples() -> None:
+    logits = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+    assert measure.accuracy(logits, torch.tensor([0, -1, -1])) == 1.0
+    assert measure.accuracy(logits, torch.tensor([-1, -1, -1])) is None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -21,6 +22,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, SpinnerColumn, TextColu
 from rich.progress import Progress as RichBar
 
 from infercomp import pipeline, render
+from infercomp.checkpoint import TORCH_SUFFIXES
 from infercomp.errors import InfercompError, UsageError
 from infercomp.measure import Comparison
 from infercomp.models import ModelLoader, parse_config
@@ -105,6 +107,8 @@ class Common:
         return cls(**kwargs)
 
     def __post_init__(self) -> None:
+        if self.report_out is not None and self.report_out.suffix in (".safetensors", *TORCH_SUFFIXES):
+            raise UsageError(f"--report-out {self.report_out}: looks like a checkpoint; give a .json, .md or .csv path")
         if self.fmt not in render.FORMATS:
             raise UsageError(f"--format {self.fmt!r} is not supported; choose one of: {', '.join(render.FORMATS)}")
         for gate in self.fail_if:
@@ -207,17 +211,28 @@ def emit(comparison: Comparison, common: Common) -> None:
         sys.stdout.write(render.render_text(comparison, common.fmt))
         sys.stdout.flush()
     if common.report_out is not None:
-        fmt = {".md": "markdown", ".csv": "csv"}.get(common.report_out.suffix, "json")
-        write_text_atomic(common.report_out, render.render_text(comparison, fmt))
+        out = common.report_out
+        if any(Path(m.path).exists() and os.path.samefile(out, m.path) for m in comparison.models if out.exists()):
+            raise UsageError(f"--report-out {out}: is one of the compared checkpoints; choose another path")
+        fmt = {".md": "markdown", ".csv": "csv"}.get(out.suffix, "json")
+        write_text_atomic(out, render.render_text(comparison, fmt))
     pipeline.check_gates(comparison, common.fail_if)
 
 
 def write_text_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Temp file in the same folder, fsync, rename: a reader never sees half a report."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
-        tmp.write_text(text)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink(missing_ok=True)
+        raise UsageError(f"--report-out {path}: cannot write the report ({e.strerror or e})") from e
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Annotated
 
@@ -105,21 +106,24 @@ def distill(
     )
     if not ddp.from_env().main:  # torchrun rank > 0: train alongside rank 0, write and print nothing
         try:
-            run_rank(teacher, output, config, loader=opts.loader(), data=data, device=opts.options().torch_device())
+            loader = dataclasses.replace(opts.loader(), trusted=frozenset({student_model} if student_model else ()))
+            run_rank(teacher, output, config, loader=loader, data=data, device=opts.options().torch_device())
         except KeyboardInterrupt:  # rank 0 reports the interruption; the state is saved
             raise typer.Exit(130) from None
         return
+    # The student's model code was named on the command line: trusted, and used for the output.
+    loader = dataclasses.replace(opts.loader(), trusted=frozenset({student_model} if student_model else ()))
     with opts.progress() as progress:
         result = run(
             teacher,
             output,
             config,
-            loader=opts.loader(),
+            loader=loader,
             options=opts.options(),
             data=data,
             eval_data=val_data,
             force=force,
             progress=progress,
+            on_saved=lambda out: state_path(out).unlink(missing_ok=True),  # written: nothing to resume
         )
-    state_path(output).unlink(missing_ok=True)  # the output is written: the run needs no resuming
     c.emit(result, opts)

@@ -68,6 +68,10 @@ class DistillConfig(TransformConfig):
     feature_weight: float = 1.0
     resume: bool = False
 
+    def inputs(self) -> tuple[str, ...]:
+        """The student checkpoint and validation data are read by the run: never overwritten by it."""
+        return tuple(p for p in (self.student, self.val_data) if p is not None)
+
     def __post_init__(self) -> None:
         if (self.student is None) == (self.student_model is None):
             raise UsageError("give the student as exactly one of --student FILE or --student-model REF")
@@ -165,7 +169,8 @@ def distill(teacher_ckpt: Checkpoint, config: DistillConfig, ctx: Context) -> Ch
         _check_fit(teacher, student, data, config, teacher_ckpt.name)
         if config.alpha == 0 and data.labels is None:
             progress.log("--alpha 0 but the training data has no 'labels': every sample learns from the teacher alone")
-        val = load_data(config.val_data) if config.val_data is not None else None
+        tokenizer = ctx.source if ctx.source is not None and ctx.source.is_dir() else None  # HF directory: its tokenizer
+        val = load_data(config.val_data, tokenizer=tokenizer) if config.val_data is not None else None
         torch.manual_seed(config.seed)  # projections initialise the same way on every rank and every run
         features = None
         if config.feature_loss == "mse":
@@ -203,7 +208,8 @@ def run_rank(
     from infercomp.pipeline import Context
 
     src = Path(teacher)
-    ctx = Context(loader=loader, data=load_data(data), device=device, progress=NULL, source=src, output=Path(output))
+    tokenizer = src if src.is_dir() else None  # HF directory: text data uses its tokenizer, as on rank 0
+    ctx = Context(loader=loader, data=load_data(data, tokenizer=tokenizer), device=device, progress=NULL, source=src, output=Path(output))
     distill(checkpoint.load(src), config, ctx)
 
 

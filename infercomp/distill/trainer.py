@@ -237,8 +237,9 @@ def _validate(student: nn.Module, teacher: nn.Module, val: Dataset, batch_size: 
     student.eval()
     with torch.no_grad():
         out = measure.predict(student, val, batch_size=batch_size, device=device)
-        if val.labels is not None:
-            score = measure.accuracy(out, val.labels)
+        labelled = None if val.labels is None else measure.accuracy(out, val.labels)
+        if labelled is not None:
+            score = labelled
         else:
             ref = measure.predict(teacher, val, batch_size=batch_size, device=device)
             score = float((out.argmax(-1) == ref.argmax(-1)).float().mean())
