@@ -341,3 +341,43 @@ def test_default_scope_is_global_for_magnitude_and_recorded() -> None:
     assert PruneConfig(method="channel").scope == "layer"
     with pytest.raises(UsageError, match="--scope global works with --method magnitude only"):
         PruneConfig(method="channel", scope="global")
+
+
+class _Mixed(nn.Module):
+    """Embedding + depthwise conv + Linear: wanda may only score the Linear."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(50, 8)
+        self.dw = nn.Conv1d(8, 8, 3, padding=1, groups=8)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:  # (B, T) token ids
+        h = self.dw(self.emb(ids).transpose(1, 2)).mean(-1)
+        return self.fc(h)
+
+
+def _mixed() -> _Mixed:
+    torch.manual_seed(0)
+    return _Mixed()
+
+
+def test_wanda_skips_embeddings_and_depthwise_convs(tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    m = _mixed()
+    ck = Checkpoint(tensors=dict(m.state_dict()), model={"ref": "tests.test_prune:_mixed", "config": {}})
+    data = tmp_path / "ids.safetensors"
+    save_file({"inputs": torch.randint(0, 50, (16, 10))}, str(data))
+    log = Log()
+    c = pipeline.Context(loader=ModelLoader(trust_model_code=True), data=load_data(data), device=torch.device("cpu"), progress=log)
+    out = dense(prune(ck, PruneConfig(method="wanda", sparsity=0.5), c))
+    assert out["emb.weight"].shape == (50, 8) and out["dw.weight"].shape == (8, 1, 3)  # untouched, not broadcast
+    assert torch.equal(out["emb.weight"], m.emb.weight) and torch.equal(out["dw.weight"], m.dw.weight)
+    assert int((out["fc.weight"] == 0).sum()) == 16
+    assert any("skipped 2 weight(s)" in line for line in log.lines)
+
+
+def test_nm_records_the_sparsity_it_really_removes() -> None:
+    assert PruneConfig(method="wanda", n=1, m=4).sparsity == 0.75
+    assert PruneConfig(method="2:4").to_dict()["sparsity"] == 0.5

@@ -353,3 +353,36 @@ def test_fp8_on_cuda_matches_dequantized() -> None:
         ref = F.linear(x, schemes.dequantize_fp8(q, s).cuda(), b.cuda())
     assert y.shape == (40, 64) and y.dtype == torch.float32
     assert sqnr(ref.float().cpu(), y.float().cpu()) > (20 if runtime.fp8_matmul_supported(x.device) else 60)
+
+
+# ------------------------------------------------------------------- edge cases found in review
+
+
+def test_dynamic_int8_runs_outside_inference_mode_after_inside() -> None:
+    """Scratch buffers first made under inference_mode must stay writable under no_grad."""
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(384, 384, generator=g) * 0.05
+    qz = schemes.quantize_rtn(w, IntFormat(8), None)
+    mod = runtime.DynamicInt8Linear(runtime.StoredWeight("int8", [384, 384], qz.q, qz.scale, None, True), None)
+    x = torch.randn(8, 384, generator=g)
+    with torch.inference_mode():
+        a = mod(x)
+    with torch.no_grad():
+        b = mod(x)
+    torch.testing.assert_close(a, b)
+
+
+def test_gptq_falls_back_to_rtn_on_string_padding() -> None:
+    from infercomp.quantize import gptq
+
+    assert not gptq.supported(nn.Conv2d(2, 4, 3, padding="same"))
+    assert gptq.supported(nn.Conv2d(2, 4, 3, padding=1)) and gptq.supported(nn.Linear(4, 4))
+
+
+def test_quantized_embedding_keeps_the_model_dtype() -> None:
+    emb = nn.Embedding(32, 16).bfloat16()
+    qz = schemes.quantize_rtn(emb.weight.detach().float(), IntFormat(8), None)
+    q = runtime.QuantEmbedding(runtime.StoredWeight("int8", [32, 16], qz.q, qz.scale, None, True), emb)
+    out = q(torch.tensor([[1, 2, 3]]))
+    assert out.dtype == torch.bfloat16 and out.shape == (1, 3, 16)
+    nn.LayerNorm(16).bfloat16()(out)  # the next layer accepts it

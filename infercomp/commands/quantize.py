@@ -60,7 +60,7 @@ def quantize(
     """Quantize weights, write the compact checkpoint, and compare it with the input.
 
     Weight matrices, conv filters and embedding tables of the selected modules are quantized;
-    biases and norms stay float32. Schemes:
+    biases and norms keep their dtype. Schemes:
 
     \b
     int8          int8 weights, a scale per output channel (or per --group-size columns); ~0.26x size.

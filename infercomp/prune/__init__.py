@@ -82,6 +82,9 @@ class PruneConfig(TransformConfig):
                 raise UsageError(f"--n/--m apply to --method 2:4 and wanda, not {self.method}")
             if not 0 < self.n < self.m:
                 raise UsageError(f"--n {self.n} --m {self.m}: need 0 < N < M (2:4 keeps 2 of every 4)")
+        nm = self.pattern()
+        if nm is not None:  # N:M fixes the sparsity at 1 - N/M: record what is really removed
+            object.__setattr__(self, "sparsity", 1 - nm[0] / nm[1])
 
     def pattern(self) -> tuple[int, int] | None:
         """(N, M) for semi-structured pruning, None for unstructured / channel."""
@@ -150,6 +153,15 @@ def _wanda(ckpt: Checkpoint, config: PruneConfig, ctx: Context) -> Checkpoint:
     if pattern is not None:
         targets = _nm_targets(ckpt, targets, pattern[1], ctx)
     model = ctx.loader.build(ckpt, runtime=False)
+    # |w| * ||x|| needs the layer's input features along the weight's columns: plain Linear and
+    # ungrouped, non-transposed convolutions. Embeddings (token ids in), depthwise and transposed
+    # convs are left alone, with a note.
+    odd = sorted(n for n in targets if not _wanda_fits(model.get_submodule(n.rpartition(".")[0])))
+    if odd:
+        ctx.progress.log(f"wanda: skipped {len(odd)} weight(s) that are not Linear / ungrouped Conv, e.g. {odd[0]!r}")
+        targets = {n: t for n, t in targets.items() if n not in odd}
+    if not targets:
+        raise UsageError(f"{ckpt.name}: --method wanda found no Linear or ungrouped Conv weight to prune")
     modules = [n.rpartition(".")[0] for n in targets]
     with ctx.progress.task(f"wanda: calibrating on {len(ctx.data)} samples", total=None):
         norms = input_norms(model, modules, ctx.data.inputs)
@@ -159,6 +171,13 @@ def _wanda(ckpt: Checkpoint, config: PruneConfig, ctx: Context) -> Checkpoint:
     else:
         masks = score_masks(scores, config.sparsity, "row")  # Wanda compares weights within an output row
     return _masked(ckpt, dense, masks, pattern, ctx)
+
+
+def _wanda_fits(module: torch.nn.Module) -> bool:
+    if type(module) is torch.nn.Linear:
+        return True
+    conv = isinstance(module, torch.nn.modules.conv._ConvNd)
+    return conv and not module.transposed and module.groups == 1
 
 
 def _masked(

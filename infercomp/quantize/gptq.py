@@ -30,7 +30,8 @@ class _Stop(Exception):
 def supported(module: nn.Module) -> bool:
     if type(module) is nn.Linear:
         return True
-    return type(module) is nn.Conv2d and module.groups == 1 and module.padding_mode == "zeros"
+    # F.unfold (used to build the conv's input columns) takes numeric padding only, not 'same'/'valid'.
+    return type(module) is nn.Conv2d and module.groups == 1 and module.padding_mode == "zeros" and isinstance(module.padding, tuple)
 
 
 def _columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

@@ -219,7 +219,10 @@ def _scratch(slot: int, dtype: torch.dtype, numel: int) -> torch.Tensor:
         bufs = _SCRATCH.bufs = {}
     buf = bufs.get(slot)
     if buf is None or buf.dtype != dtype or buf.numel() < numel:
-        buf = bufs[slot] = torch.empty(numel, dtype=dtype)
+        # Allocated outside inference mode: an inference tensor could not be written to later by a
+        # call made under no_grad or plain autograd.
+        with torch.inference_mode(False):
+            buf = bufs[slot] = torch.empty(numel, dtype=dtype)
     return buf[:numel]
 
 
@@ -231,13 +234,14 @@ class QuantEmbedding(nn.Module):
         self.num_embeddings, self.embedding_dim = weight.shape
         self.padding_idx = old.padding_idx
         self.weight_q = weight
+        self.dtype = old.weight.dtype  # a bf16 model gets bf16 rows, as its next layer expects
 
     @property
     def weight(self) -> torch.Tensor:
         return self.weight_q.dense()
 
     def forward(self, index: torch.Tensor) -> torch.Tensor:
-        return self.weight_q.rows(index)
+        return self.weight_q.rows(index, dtype=self.dtype)
 
 
 def stored_weight(kind: str, tensors: Tensors, name: str, spec: dict[str, Any]) -> StoredWeight:
