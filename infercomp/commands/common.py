@@ -203,6 +203,16 @@ class RichProgress(Progress):
         self.bar.console.print(f"infercomp: {message}", markup=False, highlight=False)
 
 
+def transform(common: Common, source: Path, output: Path, config: Any, *, loader: ModelLoader | None = None, **run_options: Any) -> None:
+    """The body every transform command shares: run the pipeline with progress on stderr, then
+    print / save / gate the comparison. ``run_options`` go to ``pipeline.run`` (data, force...)."""
+    with common.progress() as progress:
+        result = pipeline.run(
+            source, output, config, loader=loader or common.loader(), options=common.options(), progress=progress, **run_options
+        )
+    emit(result, common)
+
+
 def emit(comparison: Comparison, common: Common) -> None:
     """Print the comparison on stdout in the chosen format, save --report-out, check --fail-if."""
     if common.fmt == "table":

@@ -11,7 +11,6 @@ import typer
 from infercomp.commands import common as c
 from infercomp.distill import DistillConfig, ddp, run_rank, state_path
 from infercomp.models import parse_config
-from infercomp.pipeline import run
 
 
 @c.handle_errors
@@ -104,26 +103,22 @@ def distill(
         feature_weight=feature_weight,
         resume=resume,
     )
+    # The student's model code was named on the command line: trusted, and used for the output.
+    loader = dataclasses.replace(opts.loader(), trusted=frozenset({student_model} if student_model else ()))
     if not ddp.from_env().main:  # torchrun rank > 0: train alongside rank 0, write and print nothing
         try:
-            loader = dataclasses.replace(opts.loader(), trusted=frozenset({student_model} if student_model else ()))
             run_rank(teacher, output, config, loader=loader, data=data, device=opts.options().torch_device())
         except KeyboardInterrupt:  # rank 0 reports the interruption; the state is saved
             raise typer.Exit(130) from None
         return
-    # The student's model code was named on the command line: trusted, and used for the output.
-    loader = dataclasses.replace(opts.loader(), trusted=frozenset({student_model} if student_model else ()))
-    with opts.progress() as progress:
-        result = run(
-            teacher,
-            output,
-            config,
-            loader=loader,
-            options=opts.options(),
-            data=data,
-            eval_data=val_data,
-            force=force,
-            progress=progress,
-            on_saved=lambda out: state_path(out).unlink(missing_ok=True),  # written: nothing to resume
-        )
-    c.emit(result, opts)
+    c.transform(
+        opts,
+        teacher,
+        output,
+        config,
+        loader=loader,
+        data=data,
+        eval_data=val_data,
+        force=force,
+        on_saved=lambda out: state_path(out).unlink(missing_ok=True),  # written: nothing to resume
+    )

@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 
 from infercomp.commands import common as c
-from infercomp.pipeline import run
 from infercomp.prune import METHODS, PruneConfig
 from infercomp.prune.structured import IMPORTANCES
 
@@ -86,16 +85,4 @@ def prune(
         m=m,
         importance=importance,
     )
-    with opts.progress() as progress:
-        result = run(
-            source,
-            output,
-            config,
-            loader=opts.loader(),
-            options=opts.options(),
-            data=data,
-            eval_data=eval_data,
-            force=force,
-            progress=progress,
-        )
-    c.emit(result, opts)
+    c.transform(opts, source, output, config, data=data, eval_data=eval_data, force=force)

@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 
 from infercomp.commands import common as c
-from infercomp.pipeline import run
 from infercomp.quantize import GROUP_SIZES, METHODS, SCHEMES, QuantizeConfig
 
 
@@ -85,16 +84,4 @@ def quantize(
         include=tuple(include or ()),
         exclude=tuple(exclude or ()),
     )
-    with opts.progress() as progress:
-        result = run(
-            source,
-            output,
-            config,
-            loader=opts.loader(),
-            options=opts.options(),
-            data=data,
-            eval_data=eval_data,
-            force=force,
-            progress=progress,
-        )
-    c.emit(result, opts)
+    c.transform(opts, source, output, config, data=data, eval_data=eval_data, force=force)
