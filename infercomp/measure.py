@@ -185,10 +185,13 @@ def peak_memory(path: str, spec: dict[str, Any], batch_shape: Sequence[int], dev
 
     cmd = [sys.executable, "-m", "infercomp.memprobe", path, "--spec", json.dumps(spec), "--input-shape", json.dumps(list(batch_shape))]
     cmd += ["--device", str(device)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    if proc.returncode != 0:
-        return None
-    return int(json.loads(proc.stdout.strip().splitlines()[-1])["peak_memory_bytes"])
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        if proc.returncode != 0:
+            return None
+        return int(json.loads(proc.stdout.strip().splitlines()[-1])["peak_memory_bytes"])
+    except (subprocess.TimeoutExpired, ValueError, KeyError, IndexError):
+        return None  # not measured: null in the report, never a guess
 
 
 def host_settings(device: torch.device, threads: int) -> dict[str, Any]:
