@@ -140,17 +140,22 @@ def summarise(samples: Sequence[float]) -> dict[str, float]:
     return {"median": statistics.median(ms), "p90": p90, "mean": statistics.fmean(ms), "runs": len(ms)}
 
 
+def first_output(y: Any) -> torch.Tensor:
+    """Logits (or embeddings) from whatever a model returns: a tensor, a tuple, or a dict /
+    ModelOutput (``logits`` if present, else its first value)."""
+    if isinstance(y, (tuple, list)):
+        return y[0]
+    if isinstance(y, dict):
+        return y.get("logits", next(iter(y.values())))
+    return y
+
+
 @torch.inference_mode()
 def predict(module: nn.Module, data: Dataset, *, batch_size: int, device: torch.device) -> torch.Tensor:
     """Outputs for every input, in order, as float32 on the CPU: shape (N, ...)."""
     outs = []
     for x, _ in data.batches(batch_size):
-        y = module(x.to(device))
-        if isinstance(y, (tuple, list)):
-            y = y[0]
-        elif isinstance(y, dict):
-            y = y.get("logits", next(iter(y.values())))
-        outs.append(y.float().cpu())
+        outs.append(first_output(module(x.to(device))).float().cpu())
     return torch.cat(outs)
 
 

@@ -374,3 +374,11 @@ def test_cuda_trains_with_bf16_autocast(tmp_path: Path) -> None:
     cmp = run(SAMPLE["cnn"], out, cfg, loader=ModelLoader(), options=MeasureOptions(device="cuda", latency=False), data=DIGITS_TEST)
     assert checkpoint.load(out).tensors["classifier.3.weight"].dtype == torch.float32
     assert cmp.models[1].accuracy is not None and cmp.models[1].accuracy > 0.8
+
+
+def test_pruning_plan_of_the_student_is_carried_into_the_output(runner, tmp_path: Path) -> None:
+    pruned, out = tmp_path / "channel.safetensors", tmp_path / "student.safetensors"
+    assert invoke(runner, "prune", SAMPLE["cnn"], "-o", pruned, "--method", "channel", "--sparsity", "0.5", NO_LAT).exit_code == 0
+    r = invoke(runner, "distill", SAMPLE["cnn"], "-o", out, "--student", pruned, "--data", DIGITS_TEST, "--epochs", "1", NO_LAT)
+    assert r.exit_code == 0, r.stderr
+    assert checkpoint.load(out).plan == checkpoint.load(pruned).plan is not None

@@ -381,3 +381,28 @@ def test_wanda_skips_embeddings_and_depthwise_convs(tmp_path: Path) -> None:
 def test_nm_records_the_sparsity_it_really_removes() -> None:
     assert PruneConfig(method="wanda", n=1, m=4).sparsity == 0.75
     assert PruneConfig(method="2:4").to_dict()["sparsity"] == 0.5
+
+
+class _TupleOut(nn.Module):
+    """Returns (logits, hidden) like many library models."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(6, 16), nn.Linear(16, 3)
+        self.example_input_shape = (6,)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        h = torch.relu(self.fc1(x))
+        return self.fc2(h), h
+
+
+def _tuple_out() -> _TupleOut:
+    torch.manual_seed(0)
+    return _TupleOut()
+
+
+def test_channel_pruning_a_model_that_returns_a_tuple() -> None:
+    ck = Checkpoint(tensors=dict(_tuple_out().state_dict()), model={"ref": "tests.test_prune:_tuple_out", "config": {}})
+    c = pipeline.Context(loader=ModelLoader(trust_model_code=True), data=None, device=torch.device("cpu"), progress=Log())
+    out = dense(prune(ck, PruneConfig(method="channel", sparsity=0.5), c))
+    assert out["fc1.weight"].shape == (8, 6) and out["fc2.weight"].shape == (3, 8)  # output size kept

@@ -22,8 +22,9 @@ from infercomp.data import Dataset, load_data
 from infercomp.distill import ddp
 from infercomp.distill.loss import FEATURE_LOSSES, OUTPUT_LOSSES, FeatureMatch, kd_loss, kd_loss_per_sample, parse_layer_pairs
 from infercomp.distill.state import state_path
-from infercomp.distill.trainer import Job, Trainable, first_output, train
+from infercomp.distill.trainer import Job, Trainable, train
 from infercomp.errors import DataError, ModelError, UsageError
+from infercomp.measure import first_output
 from infercomp.models import ModelLoader
 from infercomp.progress import NULL, Progress
 
@@ -102,16 +103,17 @@ class DistillConfig(TransformConfig):
         return d
 
 
-def _student(config: DistillConfig, loader: ModelLoader, teacher: Checkpoint) -> tuple[nn.Module, dict[str, Any]]:
-    """The student module and the model reference to record for it."""
+def _student(config: DistillConfig, loader: ModelLoader, teacher: Checkpoint) -> tuple[nn.Module, dict[str, Any], dict[str, Any] | None]:
+    """The student module, the model reference to record for it, and its structured-pruning plan
+    (carried into the output so the chain stays replayable)."""
     if config.student is not None:
         sc = checkpoint.load(config.student)
         if sc.model is None and loader.spec_for(sc) is None:  # a bare state dict: assume the teacher's architecture
             sc.model = loader.spec_for(teacher)
-        return loader.build(sc, runtime=False), loader.spec_for(sc) or {}
+        return loader.build(sc, runtime=False), loader.spec_for(sc) or {}, sc.plan
     torch.manual_seed(config.seed)
     spec = {"ref": config.student_model, "config": dict(config.student_config)}
-    return ModelLoader(ref=config.student_model, config=spec["config"]).build_fresh(), spec
+    return ModelLoader(ref=config.student_model, config=spec["config"]).build_fresh(), spec, None
 
 
 def _sparsity_masks(student: nn.Module, min_zeros: float = 0.01) -> dict[str, torch.Tensor]:
@@ -165,7 +167,7 @@ def distill(teacher_ckpt: Checkpoint, config: DistillConfig, ctx: Context) -> Ch
     progress: Progress = ctx.progress if d.main else NULL
     try:
         teacher = ctx.loader.build(teacher_ckpt, runtime=False)
-        student, spec = _student(config, ctx.loader, teacher_ckpt)
+        student, spec, plan = _student(config, ctx.loader, teacher_ckpt)
         _check_fit(teacher, student, data, config, teacher_ckpt.name)
         if config.alpha == 0 and data.labels is None:
             progress.log("--alpha 0 but the training data has no 'labels': every sample learns from the teacher alone")
@@ -197,7 +199,7 @@ def distill(teacher_ckpt: Checkpoint, config: DistillConfig, ctx: Context) -> Ch
     finally:
         ddp.teardown(created)
     tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    return Checkpoint(tensors=tensors, model=spec)
+    return Checkpoint(tensors=tensors, model=spec, plan=plan)
 
 
 def run_rank(

@@ -20,6 +20,7 @@ from infercomp.data import Dataset
 from infercomp.distill import ddp, state
 from infercomp.distill.loss import FeatureMatch, kd_loss_per_sample
 from infercomp.errors import UsageError
+from infercomp.measure import first_output
 from infercomp.progress import NULL, Progress
 
 
@@ -35,15 +36,6 @@ def epoch_order(n: int, seed: int, epoch: int) -> torch.Tensor:
     """The sample order of one epoch: a permutation that depends only on (seed, epoch), so a
     resumed run and every rank of a distributed run see the same order without sharing state."""
     return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
-
-
-def first_output(y: Any) -> torch.Tensor:
-    """Logits (or embeddings) from whatever the model returns: a tensor, a tuple, or a dict."""
-    if isinstance(y, (tuple, list)):
-        return y[0]
-    if isinstance(y, dict):
-        return y.get("logits", next(iter(y.values())))
-    return y
 
 
 class Trainable(nn.Module):

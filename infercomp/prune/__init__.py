@@ -23,6 +23,7 @@ from infercomp.config import TransformConfig, choice
 from infercomp.encodings import Codec
 from infercomp.errors import DataError, UsageError
 from infercomp.glob import selected
+from infercomp.measure import first_output
 from infercomp.prune import storage
 from infercomp.prune.magnitude import magnitude_masks, score_masks
 from infercomp.prune.nm import is_nm, nm_fits, nm_mask
@@ -228,7 +229,7 @@ def _channel(ckpt: Checkpoint, config: PruneConfig, ctx: Context) -> Checkpoint:
     model = ctx.loader.build(ckpt, runtime=False).cpu().eval()
     example = example_input(ckpt, ctx, model)
     with torch.no_grad():
-        before = model(example)
+        before = first_output(model(example))
     calibration = None
     if config.importance == "activation":
         if ctx.data is None:
@@ -246,7 +247,7 @@ def _channel(ckpt: Checkpoint, config: PruneConfig, ctx: Context) -> Checkpoint:
             progress=ctx.progress,
         )
     with torch.no_grad():
-        after = model(example)
+        after = first_output(model(example))
     if after.shape != before.shape:  # the output layers are frozen, so this is a bug, not a user error
         raise RuntimeError(f"channel pruning changed the output shape {tuple(before.shape)} -> {tuple(after.shape)}")
     dense = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}

@@ -29,6 +29,7 @@ from torch import nn
 
 from infercomp.errors import ModelError
 from infercomp.glob import selected
+from infercomp.measure import first_output
 from infercomp.progress import NULL, Progress
 from infercomp.prune.magnitude import keep_largest
 from infercomp.prune.wanda import input_norms
@@ -58,6 +59,7 @@ def output_layers(model: nn.Module, example: torch.Tensor) -> list[nn.Module]:
     finally:
         for h in hooks:
             h.remove()
+    y = first_output(y)  # tuple / dict / ModelOutput: the tensor that carries the outputs
     found = [m for m, out in called if out is y]
     if called and called[-1][0] not in found:
         found.append(called[-1][0])
