@@ -386,3 +386,17 @@ def test_quantized_embedding_keeps_the_model_dtype() -> None:
     out = q(torch.tensor([[1, 2, 3]]))
     assert out.dtype == torch.bfloat16 and out.shape == (1, 3, 16)
     nn.LayerNorm(16).bfloat16()(out)  # the next layer accepts it
+
+
+def test_half_precision_cast_keeps_sparse_storage(runner, tmp_path: Path) -> None:
+    pruned, half = tmp_path / "p.safetensors", tmp_path / "p16.safetensors"
+    assert invoke(runner, "prune", SAMPLE["mlp"], "-o", pruned, "--sparsity", "0.9", "--no-latency").exit_code == 0
+    assert invoke(runner, "quantize", pruned, "-o", half, "--scheme", "fp16", "--no-latency").exit_code == 0
+    ck = checkpoint.load(half)
+    assert ck.encodings and all(e["codec"] == "sparse-bitmask" for e in ck.encodings.values())
+    assert half.stat().st_size < 0.75 * pruned.stat().st_size  # half the bytes per value, same bitmasks
+    assert half.stat().st_size < 0.5 * 2 * SAMPLE["mlp"].stat().st_size / 4  # far below a dense fp16 file
+    before = encodings.logical_tensors(checkpoint.load(pruned).tensors, checkpoint.load(pruned).encodings)
+    after = encodings.logical_tensors(ck.tensors, ck.encodings)
+    for name, w in before.items():
+        assert torch.equal(after[name] == 0, w == 0) or not w.is_floating_point(), name

@@ -264,19 +264,28 @@ def _gptq(
 
 def _cast(ckpt: Checkpoint, dense: dict[str, torch.Tensor], config: QuantizeConfig) -> Checkpoint:
     """fp16 / bf16: every floating-point tensor of the selected modules, cast."""
+    from infercomp.prune import storage  # sparse weights stay stored sparse after the cast
+
     dtype = _CASTS[config.scheme]
     out: dict[str, torch.Tensor] = {}
+    encs: dict[str, dict[str, Any]] = {}
     cast = 0
     for name, t in dense.items():
         module = name.rpartition(".")[0]
         if t.is_floating_point() and selected(module, config.include, config.exclude):
-            out[name] = t.to(dtype)
+            t = t.to(dtype)
             cast += 1
+        old = ckpt.encodings.get(name)
+        if old is not None and old["codec"] in (storage.BITMASK, storage.BITMASK_24):
+            stored, spec = storage.encode(name, t, codec=old["codec"], force=old["codec"] == storage.BITMASK_24)
+            out.update(stored)
+            if spec is not None:
+                encs[name] = {**old, **spec}
         else:
             out[name] = t
     if not cast:
         raise UsageError(f"{ckpt.name}: no tensor matches --include/--exclude; nothing to cast")
-    return Checkpoint(tensors=out, model=ckpt.model, plan=ckpt.plan)
+    return Checkpoint(tensors=out, model=ckpt.model, encodings=encs, plan=ckpt.plan)
 
 
 __all__ = ["CODECS", "GROUP_SIZES", "METHODS", "SCHEMES", "QuantizeConfig", "quantize"]
