@@ -61,11 +61,16 @@ def stored_keys(encodings: Mapping[str, dict[str, Any]], where: str = "checkpoin
     return {name: codec_for(name, spec, where).keys(name, spec) for name, spec in encodings.items()}
 
 
-def logical_tensors(tensors: Tensors, encodings: Mapping[str, dict[str, Any]], where: str = "checkpoint") -> dict[str, torch.Tensor]:
-    """The dense state dict a model expects: plain tensors as they are, encoded ones decoded."""
+def _split(tensors: Tensors, encodings: Mapping[str, dict[str, Any]], where: str) -> tuple[dict[str, list[str]], dict[str, torch.Tensor]]:
+    """(logical name -> its stored keys for encoded tensors, the plain tensors owned by no codec)."""
     owned = stored_keys(encodings, where)
     taken = {k for keys in owned.values() for k in keys}
-    out = {k: v for k, v in tensors.items() if k not in taken}
+    return owned, {k: v for k, v in tensors.items() if k not in taken}
+
+
+def logical_tensors(tensors: Tensors, encodings: Mapping[str, dict[str, Any]], where: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """The dense state dict a model expects: plain tensors as they are, encoded ones decoded."""
+    owned, out = _split(tensors, encodings, where)
     for name, spec in encodings.items():
         missing = [k for k in owned[name] if k not in tensors]
         if missing:
@@ -76,18 +81,16 @@ def logical_tensors(tensors: Tensors, encodings: Mapping[str, dict[str, Any]], w
 
 def logical_shapes(tensors: Tensors, encodings: Mapping[str, dict[str, Any]], where: str = "checkpoint") -> dict[str, tuple[int, ...]]:
     """Shapes of the logical tensors without decoding (encodings record ``shape``)."""
-    owned = stored_keys(encodings, where)
-    taken = {k for keys in owned.values() for k in keys}
-    shapes = {k: tuple(v.shape) for k, v in tensors.items() if k not in taken}
+    _, plain = _split(tensors, encodings, where)
+    shapes = {k: tuple(v.shape) for k, v in plain.items()}
     shapes.update({name: tuple(spec["shape"]) for name, spec in encodings.items()})
     return shapes
 
 
 def stored_bytes(tensors: Tensors, encodings: Mapping[str, dict[str, Any]], where: str = "checkpoint") -> dict[str, int]:
     """Bytes each logical tensor takes in storage (all of its stored parts)."""
-    owned = stored_keys(encodings, where)
-    taken = {k for keys in owned.values() for k in keys}
-    nbytes = {k: v.numel() * v.element_size() for k, v in tensors.items() if k not in taken}
+    owned, plain = _split(tensors, encodings, where)
+    nbytes = {k: v.numel() * v.element_size() for k, v in plain.items()}
     for name, keys in owned.items():
         nbytes[name] = sum(tensors[k].numel() * tensors[k].element_size() for k in keys if k in tensors)
     return nbytes

@@ -74,29 +74,40 @@ def _small_copy(weight: StoredWeight) -> torch.Tensor | None:
     return weight.rows() if n <= SMALL_LAYER else None
 
 
-class QuantLinear(nn.Module):
-    """Linear with a weight-only quantized weight (int8, int4 or fp8)."""
+class _QuantLinearBase(nn.Module):
+    """What the quantized Linear layers share: the stored weight, a float bias, the dense view of
+    the weight, and the float copy small layers run from (see ``_small_copy``)."""
 
-    def __init__(self, weight: StoredWeight, bias: torch.Tensor | None):
+    def __init__(self, weight: StoredWeight, bias: torch.Tensor | None, *, small_copy: bool = True):
         super().__init__()
         self.out_features, self.in_features = weight.shape[0], weight.shape[1]
         self.weight_q = weight
         self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
-        self._int8_kernel = weight.kind == "int8" and weight.scale.shape[1] == 1
-        # fp8 keeps no float copy: on GPUs its point is the fp8 matmul.
-        self.register_buffer("_dense", None if weight.kind == "fp8" else _small_copy(weight), persistent=False)
-
-    def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, weight={self.weight_q.kind}"
+        self.register_buffer("_dense", _small_copy(weight) if small_copy else None, persistent=False)
 
     @property
     def weight(self) -> torch.Tensor:
         """The dense weight, for code that reads ``layer.weight`` (dtype checks, tied heads)."""
         return self.weight_q.dense()
 
+    def _run_small(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self._dense.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+
+
+class QuantLinear(_QuantLinearBase):
+    """Linear with a weight-only quantized weight (int8, int4 or fp8)."""
+
+    def __init__(self, weight: StoredWeight, bias: torch.Tensor | None):
+        # fp8 keeps no float copy: on GPUs its point is the fp8 matmul.
+        super().__init__(weight, bias, small_copy=weight.kind != "fp8")
+        self._int8_kernel = weight.kind == "int8" and weight.scale.shape[1] == 1
+
+    def extra_repr(self) -> str:
+        return f"in_features={self.in_features}, out_features={self.out_features}, weight={self.weight_q.kind}"
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._dense is not None:
-            return F.linear(x, self._dense.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+            return self._run_small(x)
         x2 = x.reshape(-1, self.in_features)
         wq = self.weight_q
         if (
@@ -135,7 +146,7 @@ def _fp8_linear(x2: torch.Tensor, wq: StoredWeight) -> torch.Tensor:
     return (y.float() * xs * wq.scale.reshape(1, -1).float()).to(x2.dtype)
 
 
-class DynamicInt8Linear(nn.Module):
+class DynamicInt8Linear(_QuantLinearBase):
     """Linear with per-channel int8 weights whose activations are quantized per call, one scale
     per row (token), to the full 8 bits, and multiplied in int8 (``torch._int_mm``, int32
     accumulation). When rows are skewed (GELU outputs), each row is centred on the midpoint of its
@@ -146,26 +157,18 @@ class DynamicInt8Linear(nn.Module):
     and 7 bits (``reduce_range``): outlier tokens then flatten every other token's resolution."""
 
     def __init__(self, weight: StoredWeight, bias: torch.Tensor | None):
-        super().__init__()
-        self.out_features, self.in_features = weight.shape[0], weight.shape[1]
-        self.weight_q = weight
-        self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
+        super().__init__(weight, bias)
         # (2, N): row sums of the dequantized weight (adds the row centres back) and the bias.
         shift = torch.stack([weight.rows().sum(dim=1), torch.zeros(self.out_features) if bias is None else bias.float()])
         self.register_buffer("_shift", shift, persistent=False)
         self.register_buffer("_wscale", weight.scale.reshape(1, -1).float(), persistent=False)
-        self.register_buffer("_dense", _small_copy(weight), persistent=False)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights and activations"
 
-    @property
-    def weight(self) -> torch.Tensor:
-        return self.weight_q.dense()
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self._dense is not None:
-            return F.linear(x, self._dense.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
+            return self._run_small(x)
         x2 = x.reshape(-1, self.in_features)
         if x2.device.type != "cpu" or x2.dtype != torch.float32:
             y = F.linear(x2, self.weight_q.rows(dtype=x2.dtype), None if self.bias is None else self.bias.to(x2.dtype))
