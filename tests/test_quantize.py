@@ -81,8 +81,10 @@ def test_stored_form_decodes_to_the_quantizer_values(scheme: str, group_size: in
             q, s = schemes.quantize_fp8(w)
             expected = schemes.dequantize_fp8(q, s).reshape(w.shape)
         else:
-            qz = schemes.quantize_rtn(w, cfg.format, cfg.groups)
-            expected = schemes.dequantize(qz.q, qz.scale, qz.zero_point).reshape(w.shape)
+            pick = schemes.choose_column_scale if scheme in ("int8", "int4") else schemes.quantize_rtn
+            qz = pick(w, cfg.format, cfg.groups)
+            expected = schemes.dequantize(qz.q, qz.scale, qz.zero_point, column_scale=qz.column_scale).reshape(w.shape)
+            assert out.encodings[name].get("column_scale", False) == (qz.column_scale is not None)
         assert torch.equal(dense[name], expected), name
         assert sqnr(w, dense[name]) >= MIN_SQNR[scheme], (name, sqnr(w, dense[name]))
         keys = CODECS[scheme].keys(name, out.encodings[name])
@@ -90,6 +92,57 @@ def test_stored_form_decodes_to_the_quantizer_values(scheme: str, group_size: in
     if scheme == "int4":  # compressed-tensors naming, packed bytes
         assert out.tensors["fc.weight_packed"].dtype == torch.uint8 and out.tensors["fc.weight_packed"].shape == (48, 64)
         assert ("fc.weight_zero_point" in out.tensors) == asymmetric
+
+
+def _outlier_columns(seed: int, rows: int = 64, cols: int = 256) -> torch.Tensor:
+    """Gaussian weights with a few input columns 20x larger (as in transformer FFN projections)."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(rows, cols, generator=g)
+    w[:, torch.randperm(cols, generator=g)[:4]] *= 20
+    return w
+
+
+@pytest.mark.parametrize(("bits", "group_size"), [(8, None), (8, 128), (4, 32)])
+def test_column_scales_cut_error_on_outlier_columns(bits: int, group_size: int | None) -> None:
+    w = _outlier_columns(6)
+    plain = schemes.quantize_rtn(w, IntFormat(bits), group_size)
+    cs = schemes.column_scales(w)
+    scaled = schemes.quantize_rtn(w, IntFormat(bits), group_size, cs)
+    assert cs.dtype == torch.float8_e4m3fn and cs.shape == (256,) and bool((cs.float() > 0).all())
+    err = [sqnr(w, schemes.dequantize(z.q, z.scale, None, column_scale=z.column_scale)) for z in (plain, scaled)]
+    assert err[1] > err[0] + 3, err
+    assert schemes.choose_column_scale(w, IntFormat(bits), group_size).column_scale is not None
+
+
+def test_column_scales_are_left_out_where_they_do_not_help() -> None:
+    w = torch.ones(8, 64)  # every column alike: nothing to equalize, plain RTN is exact
+    assert schemes.choose_column_scale(w, IntFormat(8), None).column_scale is None
+
+
+def test_no_column_scales_gives_the_plain_layout() -> None:
+    ckpt = Checkpoint(tensors={"fc.weight": _outlier_columns(7), "fc.bias": torch.zeros(64)})
+    on = quantize(ckpt, QuantizeConfig(scheme="int8"), _ctx())
+    off = quantize(ckpt, QuantizeConfig(scheme="int8", column_scales=False), _ctx())
+    assert on.encodings["fc.weight"]["column_scale"] is True and "fc.weight_column_scale" in on.tensors
+    assert "column_scale" not in off.encodings["fc.weight"] and set(off.tensors) == {"fc.weight", "fc.weight_scale", "fc.bias"}
+    dense_on, dense_off = (encodings.logical_tensors(c.tensors, c.encodings)["fc.weight"] for c in (on, off))
+    assert sqnr(ckpt.tensors["fc.weight"], dense_on) > sqnr(ckpt.tensors["fc.weight"], dense_off) + 3
+
+
+@pytest.mark.parametrize(("scheme", "method"), [("int8-dynamic", "rtn"), ("fp8", "rtn"), ("int8", "gptq")])
+def test_column_scales_only_with_weight_only_rtn(scheme: str, method: str) -> None:
+    with pytest.raises(UsageError, match="--column-scales applies to"):
+        QuantizeConfig(scheme=scheme, method=method, column_scales=True)
+
+
+def test_quantized_embedding_with_column_scales_gathers_decoded_rows() -> None:
+    w = _outlier_columns(8, rows=40, cols=32)
+    cs = schemes.column_scales(w)
+    qz = schemes.quantize_rtn(w, IntFormat(8), None, cs)
+    emb = runtime.QuantEmbedding(runtime.StoredWeight("int8", [40, 32], qz.q, qz.scale, None, True, cs), nn.Embedding(40, 32))
+    idx = torch.tensor([[3, 0, 39], [7, 7, 1]])
+    decoded = schemes.dequantize(qz.q, qz.scale, None, column_scale=cs)
+    assert torch.equal(emb(idx), decoded[idx])
 
 
 def test_int8_group_scales_beat_per_channel() -> None:
@@ -161,9 +214,11 @@ def test_load_back_runs_quantized(scheme: str, tmp_path: Path) -> None:
     assert torch.allclose(single, y[:1, :1], rtol=1e-3, atol=1e-3 if scheme != "int8-dynamic" else 5e-2)
 
 
-@pytest.mark.parametrize(("kind", "group_size"), [("int8", None), ("int8", 32), ("int4", 32), ("fp8", None)])
+@pytest.mark.parametrize(
+    ("kind", "group_size", "columns"), [("int8", None, False), ("int8", None, True), ("int8", 32, False), ("int4", 32, True), ("fp8", None, False)]
+)
 @pytest.mark.parametrize("rows", [1, 8])
-def test_large_linear_runs_what_was_stored(kind: str, group_size: int | None, rows: int) -> None:
+def test_large_linear_runs_what_was_stored(kind: str, group_size: int | None, columns: bool, rows: int) -> None:
     """Layers above runtime.SMALL_LAYER keep only the stored form: kernel (1 row) or per-call dequantization."""
     g = torch.Generator().manual_seed(2)
     w, b = torch.randn(512, 256, generator=g) * 0.05, torch.randn(512, generator=g)
@@ -171,28 +226,30 @@ def test_large_linear_runs_what_was_stored(kind: str, group_size: int | None, ro
         q, s = schemes.quantize_fp8(w)
         stored, z = runtime.StoredWeight("fp8", [512, 256], q, s, None, True), None
     else:
-        qz = schemes.quantize_rtn(w, IntFormat(8 if kind == "int8" else 4), group_size)
+        cs = schemes.column_scales(w) if columns else None
+        qz = schemes.quantize_rtn(w, IntFormat(8 if kind == "int8" else 4), group_size, cs)
         data = qz.q if kind == "int8" else schemes.pack_int4(qz.q, True)
-        stored, z = runtime.StoredWeight(kind, [512, 256], data, qz.scale, None, True), qz
+        stored, z = runtime.StoredWeight(kind, [512, 256], data, qz.scale, None, True, cs), qz
     mod = runtime.QuantLinear(stored, b)
     assert mod._dense is None
     x = torch.randn(rows, 256, generator=g)
-    decoded = schemes.dequantize_fp8(q, s) if z is None else schemes.dequantize(z.q, z.scale, None)
+    decoded = schemes.dequantize_fp8(q, s) if z is None else schemes.dequantize(z.q, z.scale, None, column_scale=z.column_scale)
     with torch.inference_mode():
         assert torch.allclose(mod(x), F.linear(x, decoded, b), rtol=1e-4, atol=1e-4)
 
 
-@pytest.mark.parametrize("skewed", [False, True])
-def test_large_dynamic_int8_linear_matches_decoded(skewed: bool) -> None:
+@pytest.mark.parametrize(("skewed", "columns"), [(False, False), (True, False), (True, True)])
+def test_large_dynamic_int8_linear_matches_decoded(skewed: bool, columns: bool) -> None:
     g = torch.Generator().manual_seed(4)
     w, b = torch.randn(384, 384, generator=g) * 0.05, torch.randn(384, generator=g)
-    qz = schemes.quantize_rtn(w, IntFormat(8), None)
-    mod = runtime.DynamicInt8Linear(runtime.StoredWeight("int8", [384, 384], qz.q, qz.scale, None, True), b)
+    cs = schemes.column_scales(w) if columns else None  # not written by int8-dynamic, but must run if present
+    qz = schemes.quantize_rtn(w, IntFormat(8), None, cs)
+    mod = runtime.DynamicInt8Linear(runtime.StoredWeight("int8", [384, 384], qz.q, qz.scale, None, True, cs), b)
     x = torch.randn(2, 64, 384, generator=g)
     if skewed:  # GELU-like rows: centred before rounding
         x = F.gelu(x * 3)
     with torch.inference_mode():
-        y, ref = mod(x), F.linear(x, schemes.dequantize(qz.q, qz.scale, None), b)
+        y, ref = mod(x), F.linear(x, schemes.dequantize(qz.q, qz.scale, None, column_scale=cs), b)
     assert y.shape == (2, 64, 384) and sqnr(ref, y) > 35
 
 
@@ -281,6 +338,7 @@ def _one_line_error(result, *needles: str) -> None:
     [
         (("--group-size", "7"), ("--group-size 7", "32, 64, 128")),
         (("--scheme", "int5"), ("--scheme 'int5'", "int8-dynamic")),
+        (("--scheme", "int8-dynamic", "--column-scales"), ("--column-scales applies to", "--method rtn")),
         (("--scheme", "int4", "--group-size", "128", "--include", "net.1"), ("'net.1.weight' has rows of 64", "--group-size 128")),
     ],
 )

@@ -32,6 +32,15 @@ def quantize(
     calib_samples: Annotated[
         int, typer.Option("--calib-samples", help="gptq: how many --data inputs to calibrate on (the first N).")
     ] = 128,
+    column_scales: Annotated[
+        bool | None,
+        typer.Option(
+            "--column-scales/--no-column-scales",
+            help="int8/int4 rtn: a scale per input column too, one byte each (default: on each tensor where it "
+            "lowers the rounding error); --no-column-scales keeps the plain compressed-tensors layout.",
+            show_default=False,
+        ),
+    ] = None,
     eval_data: Annotated[
         Path | None, typer.Option("--eval-data", help="Evaluate on this data file instead of --data (keep calibration and test apart).")
     ] = None,
@@ -72,7 +81,8 @@ def quantize(
     fp16, bf16    every float tensor cast to 16 bits.
 
     Stored as plain integer tensors + scales (compressed-tensors names: weight_packed, weight_scale,
-    weight_zero_point); infercomp.load() runs them quantized.
+    weight_zero_point, plus weight_column_scale where column scales are used); infercomp.load()
+    runs them quantized.
     """
     opts = c.Common.pick(locals())
     config = QuantizeConfig(
@@ -81,6 +91,7 @@ def quantize(
         asymmetric=asymmetric,
         method=method,
         calib_samples=calib_samples,
+        column_scales=column_scales,
         include=tuple(include or ()),
         exclude=tuple(exclude or ()),
     )

@@ -5,9 +5,9 @@ Schemes (``SCHEMES``) and how each is stored (compressed-tensors naming where it
 
 | scheme         | stored tensors of ``<m>.weight``                                      | runs as |
 |----------------|------------------------------------------------------------------------|---------|
-| int8           | ``<m>.weight`` int8, ``<m>.weight_scale`` (out, groups)                | weight-only int8 |
+| int8           | ``<m>.weight`` int8, ``<m>.weight_scale`` (out, groups) [, ``<m>.weight_column_scale`` (in,)] | weight-only int8 |
 | int8-dynamic   | same as int8 (per channel)                                             | int8 x int8 kernels, activations quantized per call |
-| int4           | ``<m>.weight_packed`` uint8 (two per byte), ``<m>.weight_scale``, ``<m>.weight_zero_point`` (asymmetric) | weight-only int4 |
+| int4           | ``<m>.weight_packed`` uint8 (two per byte), ``<m>.weight_scale``, ``<m>.weight_zero_point`` (asymmetric) [, ``<m>.weight_column_scale``] | weight-only int4 |
 | fp8            | ``<m>.weight`` float8_e4m3fn, ``<m>.weight_scale`` (out, 1)            | fp8 matmul on CUDA >= sm89, else dequantized |
 | fp16, bf16     | every float tensor cast                                                | float32 compute |
 """
@@ -51,6 +51,9 @@ class QuantizeConfig(TransformConfig):
         asymmetric: int4 only: a zero point per group (range [0, 15]) instead of symmetric [-8, 7].
         method: ``rtn`` (round to nearest) or ``gptq`` (error-compensating; needs calibration data).
         calib_samples: calibration inputs GPTQ uses (the first ones of ``--data``).
+        column_scales: int8 / int4 with RTN: None (default) gives a tensor column scales when they
+            lower its reconstruction error (``schemes.choose_column_scale``); True on every
+            tensor; False never (plain compressed-tensors layout).
         include / exclude: glob patterns on module names.
     """
 
@@ -60,6 +63,7 @@ class QuantizeConfig(TransformConfig):
     asymmetric: bool = False
     method: str = "rtn"
     calib_samples: int = 128
+    column_scales: bool | None = None
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
 
@@ -75,6 +79,10 @@ class QuantizeConfig(TransformConfig):
             raise UsageError(f"--asymmetric applies to --scheme int4 only, not {self.scheme}")
         if self.method == "gptq" and self.scheme not in ("int8", "int4"):
             raise UsageError(f"--method gptq applies to --scheme int8 and int4, not {self.scheme}")
+        if self.column_scales and (self.scheme not in ("int8", "int4") or self.method != "rtn"):
+            raise UsageError(
+                f"--column-scales applies to --scheme int8 and int4 with --method rtn, not --scheme {self.scheme} --method {self.method}"
+            )
         if self.calib_samples < 1:
             raise UsageError(f"--calib-samples must be >= 1, got {self.calib_samples}")
 
@@ -97,25 +105,33 @@ def _dtype(spec: dict[str, Any]) -> torch.dtype:
     return getattr(torch, spec.get("dtype", "float32"))
 
 
+def _column_scale(tensors: Tensors, name: str, spec: dict[str, Any]) -> torch.Tensor | None:
+    return tensors[f"{name}_column_scale"] if spec.get("column_scale") else None
+
+
 def _int8_keys(name: str, spec: dict[str, Any]) -> list[str]:
-    del spec
-    return [name, f"{name}_scale"]
+    keys = [name, f"{name}_scale"]
+    return [*keys, f"{name}_column_scale"] if spec.get("column_scale") else keys
 
 
 def _int8_decode(tensors: Tensors, name: str, spec: dict[str, Any]) -> torch.Tensor:
     q = tensors[name].reshape(spec["shape"][0], -1)
-    return schemes.dequantize(q, tensors[f"{name}_scale"], None).reshape(spec["shape"]).to(_dtype(spec))
+    w = schemes.dequantize(q, tensors[f"{name}_scale"], None, column_scale=_column_scale(tensors, name, spec))
+    return w.reshape(spec["shape"]).to(_dtype(spec))
 
 
 def _int4_keys(name: str, spec: dict[str, Any]) -> list[str]:
     keys = [f"{name}_packed", f"{name}_scale"]
-    return keys if spec.get("symmetric", True) else [*keys, f"{name}_zero_point"]
+    if not spec.get("symmetric", True):
+        keys.append(f"{name}_zero_point")
+    return [*keys, f"{name}_column_scale"] if spec.get("column_scale") else keys
 
 
 def _int4_decode(tensors: Tensors, name: str, spec: dict[str, Any]) -> torch.Tensor:
     sym = spec.get("symmetric", True)
     q = schemes.unpack_int4(tensors[f"{name}_packed"], sym)
-    w = schemes.dequantize(q, tensors[f"{name}_scale"], None if sym else tensors[f"{name}_zero_point"])
+    zp = None if sym else tensors[f"{name}_zero_point"]
+    w = schemes.dequantize(q, tensors[f"{name}_scale"], zp, column_scale=_column_scale(tensors, name, spec))
     return w.reshape(spec["shape"]).to(_dtype(spec))
 
 
@@ -171,8 +187,10 @@ def quantize(ckpt: Checkpoint, config: QuantizeConfig, ctx: Context) -> Checkpoi
                 out[name], out[f"{name}_scale"] = schemes.quantize_fp8(t)
                 spec["granularity"] = "channel"
             else:
-                qz = done.get(name) or schemes.quantize_rtn(t, config.format, config.groups)
+                qz = done.get(name) or _rtn(t, config)
                 spec.update(_int_spec(config, name in done))
+                if qz.column_scale is not None:
+                    spec["column_scale"] = True
                 out.update(_store(name, qz, config))
             encs[name] = spec
             task.advance()
@@ -184,6 +202,14 @@ def quantize(ckpt: Checkpoint, config: QuantizeConfig, ctx: Context) -> Checkpoi
         )
         ctx.progress.log(f"fp8: stored as float8_e4m3fn with per-channel scales; Linear layers on {ctx.device.type} run {how}")
     return Checkpoint(tensors=out, model=ckpt.model, encodings=encs, plan=ckpt.plan)
+
+
+def _rtn(t: torch.Tensor, config: QuantizeConfig) -> Quantized:
+    if config.scheme not in ("int8", "int4") or config.column_scales is False:
+        return schemes.quantize_rtn(t, config.format, config.groups)
+    if config.column_scales:
+        return schemes.quantize_rtn(t, config.format, config.groups, schemes.column_scales(t))
+    return schemes.choose_column_scale(t, config.format, config.groups)
 
 
 def _int_spec(config: QuantizeConfig, by_gptq: bool) -> dict[str, Any]:
@@ -200,10 +226,13 @@ def _int_spec(config: QuantizeConfig, by_gptq: bool) -> dict[str, Any]:
 def _store(name: str, qz: Quantized, config: QuantizeConfig) -> dict[str, torch.Tensor]:
     if config.scheme == "int4":
         out = {f"{name}_packed": schemes.pack_int4(qz.q, config.format.symmetric), f"{name}_scale": qz.scale}
-        if qz.zero_point is not None:
-            out[f"{name}_zero_point"] = qz.zero_point
-        return out
-    return {name: qz.q, f"{name}_scale": qz.scale}
+    else:
+        out = {name: qz.q, f"{name}_scale": qz.scale}
+    if qz.zero_point is not None:
+        out[f"{name}_zero_point"] = qz.zero_point
+    if qz.column_scale is not None:
+        out[f"{name}_column_scale"] = qz.column_scale
+    return out
 
 
 def _check_groups(ckpt: Checkpoint, chosen: dict[str, torch.Tensor], config: QuantizeConfig, ctx: Context) -> dict[str, torch.Tensor]:

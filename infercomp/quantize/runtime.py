@@ -40,16 +40,26 @@ SMALL_LAYER = 65536
 
 class StoredWeight(nn.Module):
     """A quantized weight in its stored form, as buffers: ``qdata`` (int8 values, packed int4 bytes
-    or fp8), ``scale`` (out, groups) and ``zero_point`` (out, groups) or None."""
+    or fp8), ``scale`` (out, groups), ``zero_point`` (out, groups) or None, and ``column_scale``
+    (in,) or None."""
 
     def __init__(
-        self, kind: str, shape: list[int], qdata: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, symmetric: bool
+        self,
+        kind: str,
+        shape: list[int],
+        qdata: torch.Tensor,
+        scale: torch.Tensor,
+        zero_point: torch.Tensor | None,
+        symmetric: bool,
+        column_scale: torch.Tensor | None = None,
     ):
         super().__init__()
         self.kind, self.shape, self.symmetric = kind, list(shape), symmetric
         self.register_buffer("qdata", qdata.contiguous())
         self.register_buffer("scale", scale.reshape(shape[0], -1).contiguous())
         self.register_buffer("zero_point", None if zero_point is None else zero_point.reshape(shape[0], -1).contiguous())
+        # Column scales are stored as float8 (one byte per column); kept as float32 here (4 bytes per column).
+        self.register_buffer("column_scale", None if column_scale is None else column_scale.reshape(-1).float())
 
     def rows(self, index: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Dequantized rows (out, in), or only the rows ``index`` (any shape) -> (*index.shape, in)."""
@@ -62,7 +72,7 @@ class StoredWeight(nn.Module):
             w = schemes.dequantize_fp8(q, s, dtype)
         else:
             ints = schemes.unpack_int4(q, self.symmetric) if self.kind == "int4" else q
-            w = schemes.dequantize(ints, s, z, dtype)
+            w = schemes.dequantize(ints, s, z, dtype, self.column_scale)
         return w if index is None else w.reshape(*index.shape, w.shape[-1])
 
     def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -119,7 +129,8 @@ class QuantLinear(_QuantLinearBase):
         ):
             y = _fp8_linear(x2, wq)
         elif self._int8_kernel and x2.shape[0] <= KERNEL_MAX_ROWS and x2.device.type == "cpu" and x2.dtype == torch.float32:
-            y = torch._weight_int8pack_mm(x2.contiguous(), wq.qdata, wq.scale.reshape(-1).to(x2.dtype))
+            xc = x2 if wq.column_scale is None else x2 * wq.column_scale  # W = diag(s) Q diag(c)
+            y = torch._weight_int8pack_mm(xc.contiguous(), wq.qdata, wq.scale.reshape(-1).to(x2.dtype))
         else:
             y = F.linear(x2, wq.rows(dtype=x2.dtype))
         if self.bias is not None:
@@ -159,7 +170,9 @@ class DynamicInt8Linear(_QuantLinearBase):
     def __init__(self, weight: StoredWeight, bias: torch.Tensor | None):
         super().__init__(weight, bias)
         # (2, N): row sums of the dequantized weight (adds the row centres back) and the bias.
-        shift = torch.stack([weight.rows().sum(dim=1), torch.zeros(self.out_features) if bias is None else bias.float()])
+        # (Without the column scales: those are applied to the inputs.)
+        rowsum = schemes.dequantize(weight.qdata, weight.scale, None).sum(dim=1)
+        shift = torch.stack([rowsum, torch.zeros(self.out_features) if bias is None else bias.float()])
         self.register_buffer("_shift", shift, persistent=False)
         self.register_buffer("_wscale", weight.scale.reshape(1, -1).float(), persistent=False)
 
@@ -174,6 +187,8 @@ class DynamicInt8Linear(_QuantLinearBase):
             y = F.linear(x2, self.weight_q.rows(dtype=x2.dtype), None if self.bias is None else self.bias.to(x2.dtype))
             return y.reshape(*x.shape[:-1], self.out_features)
         m, n = x2.shape[0], self.out_features
+        if self.weight_q.column_scale is not None:  # W = diag(s) Q diag(c): scale the inputs instead
+            x2 = x2 * self.weight_q.column_scale
         xq, step, mid = _quantize_rows(x2)
         acc = _scratch(2, torch.int32, m * n).view(m, n)
         torch._int_mm(xq, self.weight_q.qdata.t(), out=acc)  # (M, N) int32
@@ -250,11 +265,12 @@ class QuantEmbedding(nn.Module):
 def stored_weight(kind: str, tensors: Tensors, name: str, spec: dict[str, Any]) -> StoredWeight:
     """The stored parts of the encoded tensor ``name`` (see ``infercomp.quantize.CODECS``)."""
     shape = spec["shape"]
+    cs = tensors[f"{name}_column_scale"] if spec.get("column_scale") else None
     if kind == "int4":
         zp = tensors.get(f"{name}_zero_point")
-        return StoredWeight("int4", shape, tensors[f"{name}_packed"], tensors[f"{name}_scale"], zp, spec.get("symmetric", True))
+        return StoredWeight("int4", shape, tensors[f"{name}_packed"], tensors[f"{name}_scale"], zp, spec.get("symmetric", True), cs)
     qdata = tensors[name].reshape(shape[0], -1)
-    return StoredWeight(kind, shape, qdata, tensors[f"{name}_scale"], None, True)
+    return StoredWeight(kind, shape, qdata, tensors[f"{name}_scale"], None, True, cs)
 
 
 def build(kind: str, old: nn.Module, tensors: Tensors, name: str, spec: dict[str, Any]) -> nn.Module:

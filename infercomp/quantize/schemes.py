@@ -6,6 +6,13 @@ Every quantizer works on the weight viewed as rows ``(out, in)`` (a conv filter 
 consecutive columns, or one group per row (``group_size=None``: per output channel).
 Dequantized value = ``(q - zero_point) * scale`` for each group.
 
+Column scales (data-free equalization): weight-only RTN can also divide each input column by
+``c_j = sqrt(max_i |w_ij|)`` (normalised to mean 1) before choosing the row scales, and multiply it
+back when decoding: ``w_ij ~ (q_ij - z) * s_i * c_j``. One outlier column then no longer sets the
+step of every row it crosses. On all-MiniLM-L6-v2 (int8, per channel) this raised output SQNR from
+27.7 to 31.4 dB for one byte (float8 e4m3) per input column. A tensor gets column scales when they
+lower its reconstruction error (``choose_column_scale``).
+
 Scales are stored in float16 when every scale is a normal float16 (half the bytes of float32 and
 an error of 2**-11 relative, far below the quantization step), else float32. The quantizer rounds
 with the *stored* scale, so unpacking reproduces its values exactly.
@@ -13,6 +20,7 @@ with the *stored* scale, so unpacking reproduces its values exactly.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +28,7 @@ import torch
 FP16_NORMAL_MIN = 6.2e-5  # smallest normal float16 is 6.104e-5
 FP16_MAX = 6.0e4
 FP8_MAX = 448.0  # largest finite float8_e4m3fn
+COLUMN_SCALE_ALPHA = 0.5  # c_j = colmax_j ** alpha
 
 
 @dataclass(frozen=True)
@@ -47,11 +56,13 @@ class Quantized:
         q: (out, in) int8 (values on the format's grid, asymmetric int4 in [0, 15]).
         scale: (out, groups) float16/float32.
         zero_point: (out, groups) int8, or None for symmetric formats.
+        column_scale: (in,) float8 e4m3 scale of each input column, or None.
     """
 
     q: torch.Tensor
     scale: torch.Tensor
     zero_point: torch.Tensor | None = None
+    column_scale: torch.Tensor | None = None
 
 
 def rows(w: torch.Tensor) -> torch.Tensor:
@@ -89,25 +100,58 @@ def quantize_groups(w: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tens
     return torch.round(w / scale.float()[..., None] + zp).clamp(fmt.qmin, fmt.qmax).to(torch.int8)
 
 
-def quantize_rtn(w: torch.Tensor, fmt: IntFormat, group_size: int | None) -> Quantized:
-    """Round-to-nearest quantization of a weight, per output channel or per group of columns."""
+def quantize_rtn(w: torch.Tensor, fmt: IntFormat, group_size: int | None, column_scale: torch.Tensor | None = None) -> Quantized:
+    """Round-to-nearest quantization of a weight, per output channel or per group of columns,
+    optionally of ``w / column_scale`` (see ``column_scales``)."""
     w2 = rows(w)
+    if column_scale is not None:
+        w2 = w2 / column_scale.float()
     out, n = w2.shape
     g = n if group_size is None else group_size
     wg = w2.reshape(out, n // g, g)
     scale, zp = group_params(wg, fmt)  # (out, groups)
     q = quantize_groups(wg, scale, zp, fmt).reshape(out, n)
-    return Quantized(q=q, scale=scale, zero_point=zp)
+    return Quantized(q=q, scale=scale, zero_point=zp, column_scale=column_scale)
 
 
-def dequantize(q: torch.Tensor, scale: torch.Tensor, zero_point: torch.Tensor | None, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """(out, in) integers -> (out, in) floats, groups of ``in / scale.shape[1]`` columns."""
+def column_scales(w: torch.Tensor, alpha: float = COLUMN_SCALE_ALPHA) -> torch.Tensor:
+    """(in,) float8 e4m3 scales ``colmax ** alpha``, normalised to mean 1. Column maxima are floored
+    at 1e-4 of the largest, so the scales span at most 100x. One byte per column is enough: they
+    only reshape the grid, and the quantizer divides by the stored (rounded) values."""
+    colmax = rows(w).abs().amax(dim=0)
+    colmax = colmax.clamp(min=max(float(colmax.max()) * 1e-4, 1e-30))
+    c = colmax**alpha
+    return (c / c.mean()).clamp(2**-6, FP8_MAX).to(torch.float8_e4m3fn)
+
+
+def choose_column_scale(w: torch.Tensor, fmt: IntFormat, group_size: int | None) -> Quantized:
+    """RTN with column scales when they lower the reconstruction error of ``w``, else plain RTN."""
+    plain = quantize_rtn(w, fmt, group_size)
+    scaled = quantize_rtn(w, fmt, group_size, column_scales(w))
+    w2 = rows(w)
+
+    def err(z: Quantized) -> float:
+        return float((dequantize(z.q, z.scale, z.zero_point, column_scale=z.column_scale) - w2).square().sum())
+
+    return scaled if err(scaled) < err(plain) else plain
+
+
+def dequantize(
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    zero_point: torch.Tensor | None,
+    dtype: torch.dtype = torch.float32,
+    column_scale: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(out, in) integers -> (out, in) floats, groups of ``in / scale.shape[1]`` columns, times
+    ``column_scale`` (in,) when given."""
     out, n = q.shape
     groups = scale.shape[-1] if scale.dim() == 2 else 1
     qg = q.reshape(out, groups, n // groups).to(dtype)
     if zero_point is not None:
         qg = qg - zero_point.reshape(out, groups, 1).to(dtype)
-    return (qg * scale.reshape(out, groups, 1).to(dtype)).reshape(out, n)
+    w = (qg * scale.reshape(out, groups, 1).to(dtype)).reshape(out, n)
+    return w if column_scale is None else w.mul_(column_scale.to(dtype))
 
 
 # --------------------------------------------------------------------------------- int4 packing
