@@ -253,6 +253,26 @@ def test_large_dynamic_int8_linear_matches_decoded(skewed: bool, columns: bool) 
     assert y.shape == (2, 64, 384) and sqnr(ref, y) > 35
 
 
+@pytest.mark.parametrize("magic", [True, False])
+@pytest.mark.parametrize("skewed", [False, True])
+def test_activation_rows_round_to_nearest(monkeypatch, magic: bool, skewed: bool) -> None:
+    """The rounding trick (and its fallback) gives round-to-nearest of each row on its grid."""
+    monkeypatch.setattr(runtime, "_MAGIC_ROUND", magic and runtime._MAGIC_ROUND)
+    g = torch.Generator().manual_seed(9)
+    x = torch.randn(64, 384, generator=g) * torch.logspace(-3, 2, 64).unsqueeze(1)
+    if skewed:
+        x = F.gelu(x)
+        x[0], x[1] = 5.0, 1000 + torch.rand(384, generator=g) * 1e-3  # constant; tiny range far from 0
+    xq, step, centre = runtime._quantize_rows(x)
+    assert (centre is not None) == skewed
+    exact = x.double() / step.double() - (0 if centre is None else centre.double())
+    assert xq.abs().max() <= 127
+    near = (xq.double() - exact).abs() <= 0.5 + 1e-3  # nearest grid point (float slack at ties)
+    assert near[2:].all() and near[0].all()  # row 1 sits at 2**20 steps, where float32 holds 1/8 step
+    decoded = step * (xq.float() + (0 if centre is None else centre))
+    assert ((decoded - x).abs() <= 0.5 * step * (1 + 1e-3) + 1e-6 * x.abs()).all()
+
+
 def test_int8_dynamic_beats_per_tensor_7bit_activations() -> None:
     """Per-token 8-bit activations vs torch.ao's default (per-tensor, reduce_range) on rows with an outlier token."""
     g = torch.Generator().manual_seed(0)
