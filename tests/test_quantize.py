@@ -179,8 +179,9 @@ class _Net(nn.Module):
     def __init__(self) -> None:
         super().__init__()
         torch.manual_seed(0)
-        self.emb = nn.Embedding(50, 64)
-        self.fc1, self.fc2 = nn.Linear(64, 128), nn.Linear(128, 32)
+        self.emb = nn.Embedding(50, 256)
+        # fc1 is above runtime.SMALL_LAYER (runs the stored form), fc2 below it (decoded at load).
+        self.fc1, self.fc2 = nn.Linear(256, 512), nn.Linear(512, 32)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         return self.fc2(F.gelu(self.fc1(self.emb(ids))))
@@ -200,6 +201,7 @@ def test_load_back_runs_quantized(scheme: str, tmp_path: Path) -> None:
     m = infercomp.load(path, model="tests.test_quantize:net")
     assert isinstance(m.emb, runtime.QuantEmbedding)
     assert isinstance(m.fc1, runtime.DynamicInt8Linear if scheme == "int8-dynamic" else runtime.QuantLinear)
+    assert type(m.fc2) is (runtime.QuantLinear if scheme == "fp8" else nn.Linear)  # fp8 keeps its GPU matmul path
     ids = torch.randint(0, 50, (4, 16), generator=torch.Generator().manual_seed(1))
     with torch.inference_mode():
         y, y_ref = m(ids), ref(ids)
@@ -231,7 +233,6 @@ def test_large_linear_runs_what_was_stored(kind: str, group_size: int | None, co
         data = qz.q if kind == "int8" else schemes.pack_int4(qz.q, True)
         stored, z = runtime.StoredWeight(kind, [512, 256], data, qz.scale, None, True, cs), qz
     mod = runtime.QuantLinear(stored, b)
-    assert mod._dense is None
     x = torch.randn(rows, 256, generator=g)
     decoded = schemes.dequantize_fp8(q, s) if z is None else schemes.dequantize(z.q, z.scale, None, column_scale=z.column_scale)
     with torch.inference_mode():
@@ -403,7 +404,11 @@ def test_cli_subprocess_int8_dynamic(tmp_path: Path) -> None:
     q = json.loads(r.stdout)["models"][1]
     assert q["accuracy_drop"] <= 0.01 and q["fidelity"]["cosine_mean"] > 0.99
     m = infercomp.load(out)
-    assert isinstance(m.layers[0].fc1, runtime.DynamicInt8Linear)
+    # Layers this small run as plain float Linear layers holding the decoded int8 weights.
+    ck = checkpoint.load(out)
+    assert ck.encodings["layers.0.fc1.weight"]["codec"] == "int8-dynamic" and type(m.layers[0].fc1) is nn.Linear
+    decoded = encodings.logical_tensors(ck.tensors, ck.encodings)["layers.0.fc1.weight"]
+    assert torch.equal(m.layers[0].fc1.weight, decoded)
 
 
 def test_every_scheme_is_listed_in_help(runner) -> None:

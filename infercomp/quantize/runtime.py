@@ -13,7 +13,9 @@ What runs where (measured on CPU with torch 2.13; ``bench/bench_quantize.py`` re
   its cost grows with the batch and reached 30x the float32 matmul at 32 rows, which is what made
   int8 models slower than float32. ``_weight_int4pack_mm_for_cpu`` took 65x the float matmul at
   4096 rows, so int4 is not run through it.
-- Layers with at most ``SMALL_LAYER`` weights run from a float copy decoded at load.
+- Linear layers with at most ``SMALL_LAYER`` weights (not fp8) are decoded once at load and stay
+  plain ``nn.Linear``: at that size any per-call quantized work, even a Python wrapper around the
+  float matmul, costs more than the matmul itself.
 - ``fp8`` on CUDA GPUs with compute capability >= 8.9: ``torch._scaled_mm`` (activations cast to
   fp8 per call with a per-tensor scale).
 - Embedding tables: rows are gathered in their stored form, then dequantized (only the rows used).
@@ -35,9 +37,9 @@ Tensors = Any  # Mapping[str, torch.Tensor]
 
 # Rows of input up to which torch's weight-only CPU kernels beat dequantize + float matmul.
 KERNEL_MAX_ROWS = 1
-# Layers with at most this many weights also keep a float copy decoded at load (<= 256 KiB) and
-# run from it: at that size the per-call work of any quantized path (dequantizing, quantizing the
-# activations) costs more than the matmul itself (the digits models ran 2-3x slower without it).
+# Linear layers with at most this many weights are decoded to float at load (<= 256 KiB each): at
+# that size the per-call work of any quantized path (dequantizing, quantizing the activations)
+# costs more than the matmul itself (the digits models ran 2-3x slower without it).
 SMALL_LAYER = 65536
 
 
@@ -82,45 +84,33 @@ class StoredWeight(nn.Module):
         return self.rows(dtype=dtype).reshape(self.shape)
 
 
-def _small_copy(weight: StoredWeight) -> torch.Tensor | None:
-    n = weight.shape[0] * weight.shape[1]
-    return weight.rows() if n <= SMALL_LAYER else None
-
-
 class _QuantLinearBase(nn.Module):
     """What the quantized Linear layers share: the stored weight, a float bias, the dense view of
-    the weight, and the float copy small layers run from (see ``_small_copy``)."""
+    the weight."""
 
-    def __init__(self, weight: StoredWeight, bias: torch.Tensor | None, *, small_copy: bool = True):
+    def __init__(self, weight: StoredWeight, bias: torch.Tensor | None):
         super().__init__()
         self.out_features, self.in_features = weight.shape[0], weight.shape[1]
         self.weight_q = weight
         self.bias = None if bias is None else nn.Parameter(bias.float(), requires_grad=False)
-        self.register_buffer("_dense", _small_copy(weight) if small_copy else None, persistent=False)
 
     @property
     def weight(self) -> torch.Tensor:
         """The dense weight, for code that reads ``layer.weight`` (dtype checks, tied heads)."""
         return self.weight_q.dense()
 
-    def _run_small(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self._dense.to(x.dtype), None if self.bias is None else self.bias.to(x.dtype))
-
 
 class QuantLinear(_QuantLinearBase):
     """Linear with a weight-only quantized weight (int8, int4 or fp8)."""
 
     def __init__(self, weight: StoredWeight, bias: torch.Tensor | None):
-        # fp8 keeps no float copy: on GPUs its point is the fp8 matmul.
-        super().__init__(weight, bias, small_copy=weight.kind != "fp8")
+        super().__init__(weight, bias)
         self._int8_kernel = weight.kind == "int8" and weight.scale.shape[1] == 1
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, weight={self.weight_q.kind}"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._dense is not None:
-            return self._run_small(x)
         x2 = x.reshape(-1, self.in_features)
         wq = self.weight_q
         if (
@@ -181,8 +171,6 @@ class DynamicInt8Linear(_QuantLinearBase):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weights and activations"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self._dense is not None:
-            return self._run_small(x)
         x2 = x.reshape(-1, self.in_features)
         if x2.device.type != "cpu" or x2.dtype != torch.float32:
             y = F.linear(x2, self.weight_q.rows(dtype=x2.dtype), None if self.bias is None else self.bias.to(x2.dtype))
@@ -305,11 +293,13 @@ def build(kind: str, old: nn.Module, tensors: Tensors, name: str, spec: dict[str
     stored = "int8" if kind == "int8-dynamic" else kind  # same storage, different execution
     if type(old) is nn.Embedding and old.max_norm is None:  # max_norm renormalises rows in place
         return QuantEmbedding(stored_weight(stored, tensors, name, spec), old)
-    if type(old) is nn.Linear and kind == "int8-dynamic":
+    linear = type(old) in (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
+    small = linear and kind != "fp8" and old.in_features * old.out_features <= SMALL_LAYER  # fp8: for its GPU matmul
+    if linear and not small and kind == "int8-dynamic" and type(old) is nn.Linear:
         return DynamicInt8Linear(stored_weight(stored, tensors, name, spec), bias)
-    if type(old) in (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear):
+    if linear and not small:
         return QuantLinear(stored_weight(stored, tensors, name, spec), bias)
-    # Anything else (convolutions, custom layers): dequantize once, run in float.
+    # Small Linear layers, convolutions, custom layers: dequantize once, run the original in float.
     w = stored_weight(stored, tensors, name, spec)
     dtype = old.weight.dtype if isinstance(getattr(old, "weight", None), torch.Tensor) else torch.float32
     old.weight = nn.Parameter(w.dense(dtype), requires_grad=False)
