@@ -302,7 +302,7 @@ def _targets(results: dict[str, Any]) -> None:
     rows = []
     for label, value, op, target in checks:
         ok = value is not None and (value <= target if op == "<=" else value >= target)
-        rows.append([label, "-" if value is None else f"{value:.3f}", f"{op} {target}", "PASS" if ok else "MISS"])
+        rows.append([label, "-" if value is None else f"{value:.4f}", f"{op} {target}", "PASS" if ok else "MISS"])
     _print("targets (issue 3)", ["figure", "measured", "target", ""], rows)
 
 
