@@ -257,6 +257,32 @@ def test_channels_that_were_zero_are_removed_and_outputs_do_not_change() -> None
         torch.testing.assert_close(model(x), before)
 
 
+@pytest.mark.parametrize("groups", [1, 2])
+def test_transposed_conv_channels_are_scored_on_their_output_dim(groups: int) -> None:
+    """ConvTranspose weights are (in, out / groups, kh, kw): weak output channels live in dim 1."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.ConvTranspose2d(4, 8, 3, padding=1, groups=groups), nn.ReLU(), nn.Conv2d(8, 2, 1)).eval()
+    weak = [1, 3, 5, 7]
+    from infercomp.prune.structured import out_rows
+
+    with torch.no_grad():
+        rows = out_rows(model[2])
+        assert rows.shape == (8, 4 // groups * 9)
+        model[2].weight.mul_(100)  # make these channels stand out from the first conv's
+        for c in weak:  # output channel c of group c // (8 / groups), column c % (8 / groups)
+            g, j = divmod(c, 8 // groups)
+            model[2].weight[g * (4 // groups) : (g + 1) * (4 // groups), j] *= 1e-4
+        assert torch.equal(out_rows(model[2]).abs().sum(1) < 1.0, torch.tensor([c in weak for c in range(8)]))
+    if groups > 1:  # Torch-Pruning cannot slice grouped transposed convs: such groups are left whole
+        with pytest.raises(ModelError, match="found no layer to prune"):
+            prune_channels(model, torch.randn(2, 3, 6, 6), sparsity=0.5, include=("2",))
+        return
+    stage = prune_channels(model, torch.randn(2, 3, 6, 6), sparsity=0.5, include=("2",))
+    (group,) = stage["groups"]
+    assert group["root"] == "2" and group["kept"] == [0, 2, 4, 6]
+    assert model[2].out_channels == 4 and model[4].in_channels == 4
+
+
 def test_channel_checkpoint_shrinks_loads_back_and_replays(tmp_path: Path) -> None:
     ck = prune(sample("cnn"), PruneConfig(method="channel", sparsity=0.5), ctx())
     out = tmp_path / "ch.safetensors"

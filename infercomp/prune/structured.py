@@ -153,6 +153,25 @@ def _out_size(m: nn.Module) -> int:
     return m.out_features if isinstance(m, nn.Linear) else m.out_channels
 
 
+def out_rows(mod: nn.Module) -> torch.Tensor:
+    """The weight of a Linear / conv as one row per output channel, ``(out, fan_in)``. Transposed
+    convolutions store ``(in, out / groups, *kernel)``: their output channels are dim 1."""
+    w = mod.weight.detach().float()
+    if not getattr(mod, "transposed", False):
+        return w.reshape(w.shape[0], -1)
+    g = mod.groups
+    w = w.reshape(g, w.shape[0] // g, w.shape[1], -1)  # (groups, in/g, out/g, k)
+    return w.permute(0, 2, 1, 3).reshape(g * w.shape[2], -1)
+
+
+def _in_column_norms(mod: nn.Module) -> torch.Tensor:
+    """||W[:, j]||_2 for each input channel j of a Linear / conv (ungrouped), ``(in,)``."""
+    w = mod.weight.detach().float()
+    if getattr(mod, "transposed", False):  # (in, out, *kernel)
+        return w.reshape(w.shape[0], -1).pow(2).sum(1).sqrt()
+    return w.transpose(0, 1).reshape(w.shape[1], -1).pow(2).sum(1).sqrt()
+
+
 def _groups(model, graph, names, frozen, include, exclude, *, l2: bool) -> list[_Group]:
     out: list[_Group] = []
     for group in graph.get_all_groups(ignored_layers=list(frozen), root_module_types=_PRUNABLE):
@@ -173,9 +192,10 @@ def _groups(model, graph, names, frozen, include, exclude, *, l2: bool) -> list[
             layers.append(f"{mname}:{'out' if is_out else 'in'}")
             if is_out and (mod in frozen or not selected(mname, (), exclude)):
                 blocked = True
+            if getattr(mod, "transposed", False) and mod.groups > 1:
+                blocked = True  # Torch-Pruning 1.6 slices grouped transposed convs out of range: left whole
             if is_out and isinstance(mod, _PRUNABLE) and mod.weight is not None:
-                w = mod.weight.detach().float()
-                rows = w.reshape(w.shape[0], -1)[idxs]  # (len(idxs), fan_in)
+                rows = out_rows(mod)[idxs]  # (len(idxs), fan_in)
                 root_idxs = torch.tensor(item.root_idxs)
                 scores.index_add_(0, root_idxs, rows.pow(2).sum(1) if l2 else rows.abs().sum(1))
                 if isinstance(mod, nn.Linear):
@@ -215,8 +235,7 @@ def _activation_scores(model, graph, groups: list[_Group], names, calibration: t
     fresh = [torch.zeros(g.size) for g in groups]
     for name, entries in consumers.items():
         for gi, mod, idxs, root_idxs in entries:
-            w = mod.weight.detach().float()
-            cols = w.transpose(0, 1).reshape(w.shape[1], -1).pow(2).sum(1).sqrt()  # ||W[:, j]||, (in,)
+            cols = _in_column_norms(mod)
             fresh[gi].index_add_(0, torch.tensor(root_idxs), norms[name][idxs] * cols[idxs])
     for g, s in zip(groups, fresh):
         if s.any():
