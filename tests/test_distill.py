@@ -24,7 +24,7 @@ from infercomp.data import load_data
 from infercomp.distill import DistillConfig, kd_loss, kd_loss_per_sample, state_path
 from infercomp.distill import state as train_state
 from infercomp.distill.loss import FeatureMatch, parse_layer_pairs, soft_loss
-from infercomp.distill.trainer import epoch_order, lr_factor
+from infercomp.distill.trainer import epoch_order, lr_factor, rng_state, set_rng_state
 from infercomp.errors import ModelError, UsageError
 from infercomp.models import ModelLoader
 from infercomp.pipeline import MeasureOptions, run
@@ -364,6 +364,24 @@ def test_sigterm_saves_state_and_resume_gives_the_same_bytes(tmp_path: Path) -> 
     assert p.returncode == 0, p.stderr
     assert "resuming from" in p.stderr and str(out) in p.stdout
     assert _sha(out) == _sha(ref) and not state_path(out).exists()
+
+
+@pytest.mark.parametrize(
+    "device",
+    ["cpu", pytest.param("cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")])],
+)
+def test_rng_state_round_trip(device: str) -> None:
+    """--resume restores the generators dropout draws from: CPU, and the GPU's when training there."""
+    dev = torch.device(device)
+    saved = rng_state(dev)
+    first = torch.rand(4), torch.rand(4, device=dev)
+    set_rng_state(saved, dev)
+    again = torch.rand(4), torch.rand(4, device=dev)
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    if device == "cpu":  # a state written on a GPU restores its CPU part on CPU
+        longer = torch.cat([saved, torch.zeros(16, dtype=torch.uint8)])
+        set_rng_state(longer, dev)
+        assert torch.equal(torch.rand(4), first[0])
 
 
 @pytest.mark.gpu

@@ -261,7 +261,9 @@ def test_channels_that_were_zero_are_removed_and_outputs_do_not_change() -> None
 def test_transposed_conv_channels_are_scored_on_their_output_dim(groups: int) -> None:
     """ConvTranspose weights are (in, out / groups, kh, kw): weak output channels live in dim 1."""
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.ConvTranspose2d(4, 8, 3, padding=1, groups=groups), nn.ReLU(), nn.Conv2d(8, 2, 1)).eval()
+    model = nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.ConvTranspose2d(4, 8, 3, padding=1, groups=groups), nn.ReLU(), nn.Conv2d(8, 2, 1)
+    ).eval()
     weak = [1, 3, 5, 7]
     from infercomp.prune.structured import out_rows
 

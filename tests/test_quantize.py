@@ -217,7 +217,8 @@ def test_load_back_runs_quantized(scheme: str, tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(
-    ("kind", "group_size", "columns"), [("int8", None, False), ("int8", None, True), ("int8", 32, False), ("int4", 32, True), ("fp8", None, False)]
+    ("kind", "group_size", "columns"),
+    [("int8", None, False), ("int8", None, True), ("int8", 32, False), ("int4", 32, True), ("fp8", None, False)],
 )
 @pytest.mark.parametrize("rows", [1, 8])
 def test_large_linear_runs_what_was_stored(kind: str, group_size: int | None, columns: bool, rows: int) -> None:

@@ -143,7 +143,7 @@ def train(teacher: nn.Module, trainable: Trainable, config: Any, job: Job, d: dd
 
     def checkpoint_state(finished: bool) -> None:
         # Collective: every rank contributes its RNG state; rank 0 writes.
-        rng = [t.cpu() for t in ddp.gather(torch.get_rng_state().to(device if device.type == "cuda" else "cpu"), d)]
+        rng = [t.cpu() for t in ddp.gather(rng_state(device).to(device if device.type == "cuda" else "cpu"), d)]
         if d.main and job.state_file is not None:
             info = {**fingerprint, "log": log, "finished": finished}
             st = state.TrainState(epoch, step, global_step, trainable.state_dict(), state.flatten_optimizer(opt), rng, best, info)
@@ -273,5 +273,20 @@ def _resume(
         )
     trainable.load_state_dict(st.model)
     state.restore_optimizer(opt, st.optimizer)
-    torch.set_rng_state(st.rng[d.rank])
+    set_rng_state(st.rng[d.rank], job.device)
     return st
+
+
+def rng_state(device: torch.device) -> torch.Tensor:
+    """This process's RNG state as one byte tensor: torch's CPU generator, then the CUDA generator of
+    ``device`` when training on a GPU (dropout there draws from it)."""
+    cpu = torch.get_rng_state()
+    return torch.cat([cpu, torch.cuda.get_rng_state(device)]) if device.type == "cuda" else cpu
+
+
+def set_rng_state(t: torch.Tensor, device: torch.device) -> None:
+    """Inverse of ``rng_state`` (a state saved on a GPU restores only its CPU part on CPU)."""
+    n = torch.get_rng_state().numel()
+    torch.set_rng_state(t[:n].contiguous())
+    if device.type == "cuda" and t.numel() > n:
+        torch.cuda.set_rng_state(t[n:].contiguous(), device)

@@ -20,7 +20,6 @@ with the *stored* scale, so unpacking reproduces its values exactly.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
