@@ -19,7 +19,8 @@ def load(
     path: str | os.PathLike[str], *, model: str | None = None, model_config: dict[str, Any] | None = None, trust_model_code: bool = False
 ) -> nn.Module:
     """Load a checkpoint written by infercomp (or any safetensors / weights-only state dict) as a
-    runnable module in eval mode; quantized weights run quantized."""
+    runnable module in eval mode; quantized weights run quantized (Linear layers of at most
+    ``quantize.runtime.SMALL_LAYER`` weights are decoded to float at load, where that is faster)."""
     loader = ModelLoader(ref=model, config=model_config, trust_model_code=trust_model_code)
     return loader.build(checkpoint.load(path))
 

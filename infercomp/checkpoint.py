@@ -24,7 +24,10 @@ from safetensors import SafetensorError, safe_open
 
 from infercomp.errors import CheckpointError
 
-FORMAT_VERSION = 1
+# The newest format this version reads. Files are written with the oldest version that describes
+# them, so older readers keep reading what they understand: 2 adds column scales
+# (``"column_scale": true`` in an encoding), which a version-1 reader would silently ignore.
+FORMAT_VERSION = 2
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 
 # torch dtype <-> safetensors dtype code.
@@ -81,7 +84,7 @@ class Checkpoint:
     def metadata(self) -> dict[str, str]:
         """The safetensors ``__metadata__`` map that describes this checkpoint."""
         info: dict[str, Any] = {
-            "format_version": FORMAT_VERSION,
+            "format_version": 2 if any(spec.get("column_scale") for spec in self.encodings.values()) else 1,
             "model": self.model,
             "history": self.history,
             "encodings": self.encodings,

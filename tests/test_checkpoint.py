@@ -71,7 +71,7 @@ def test_metadata_describes_the_file(tmp_path: Path) -> None:
     out = checkpoint.save(ck, tmp_path / "m.safetensors")
     with safe_open(str(out), framework="pt") as f:
         info = json.loads(f.metadata()["infercomp"])
-    assert info["format_version"] == checkpoint.FORMAT_VERSION
+    assert info["format_version"] == 1  # nothing newer in it: older readers can read it
     assert info["model"]["ref"] == "digits-cnn" and info["history"][0]["transform"] == "quantize"
     assert "time" not in json.dumps(info)  # no wall-clock time: reproducible bytes
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from torch import nn
 
 import infercomp
@@ -127,6 +128,19 @@ def test_no_column_scales_gives_the_plain_layout() -> None:
     assert "column_scale" not in off.encodings["fc.weight"] and set(off.tensors) == {"fc.weight", "fc.weight_scale", "fc.bias"}
     dense_on, dense_off = (encodings.logical_tensors(c.tensors, c.encodings)["fc.weight"] for c in (on, off))
     assert sqnr(ckpt.tensors["fc.weight"], dense_on) > sqnr(ckpt.tensors["fc.weight"], dense_off) + 3
+
+
+def test_column_scales_need_format_version_2(tmp_path: Path) -> None:
+    """A reader that predates column scales would decode w / c without noticing: such files say
+    format 2 (which version-1 readers refuse); files without them stay readable as format 1."""
+    ckpt = Checkpoint(tensors={"fc.weight": _outlier_columns(7), "fc.bias": torch.zeros(64)})
+    for flag, version in ((None, 2), (False, 1)):
+        path = checkpoint.save(
+            quantize(ckpt, QuantizeConfig(scheme="int8", column_scales=flag), _ctx()), tmp_path / f"{version}.safetensors"
+        )
+        with safe_open(str(path), framework="pt") as f:
+            assert json.loads(f.metadata()["infercomp"])["format_version"] == version
+        assert checkpoint.load(path).encodings["fc.weight"].get("column_scale", False) == (version == 2)
 
 
 @pytest.mark.parametrize(("scheme", "method"), [("int8-dynamic", "rtn"), ("fp8", "rtn"), ("int8", "gptq")])
@@ -328,6 +342,7 @@ def test_gptq_needs_data() -> None:
         ({"scheme": "int8", "asymmetric": True}, "--asymmetric applies to --scheme int4"),
         ({"scheme": "fp8", "method": "gptq"}, "--method gptq applies to"),
         ({"calib_samples": 0}, "--calib-samples"),
+        ({"column_scales": 0}, "column_scales must be true, false or unset"),
     ],
 )
 def test_config_rejects(kwargs: dict, message: str) -> None:

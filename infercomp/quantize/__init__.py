@@ -79,6 +79,8 @@ class QuantizeConfig(TransformConfig):
             raise UsageError(f"--asymmetric applies to --scheme int4 only, not {self.scheme}")
         if self.method == "gptq" and self.scheme not in ("int8", "int4"):
             raise UsageError(f"--method gptq applies to --scheme int8 and int4, not {self.scheme}")
+        if self.column_scales is not None and not isinstance(self.column_scales, bool):
+            raise UsageError(f"column_scales must be true, false or unset, got {self.column_scales!r}")
         if self.column_scales and (self.scheme not in ("int8", "int4") or self.method != "rtn"):
             raise UsageError(
                 f"--column-scales applies to --scheme int8 and int4 with --method rtn, not --scheme {self.scheme} --method {self.method}"

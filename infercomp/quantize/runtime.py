@@ -198,8 +198,8 @@ _ROUND_MAGIC = 12582912.0
 
 def _magic_round_works() -> bool:
     """Whether this torch converts int32 -> int8 by keeping the low byte (checked once, at import)."""
-    probe = torch.tensor([_ROUND_MAGIC - 127, _ROUND_MAGIC - 1, _ROUND_MAGIC + 5, _ROUND_MAGIC + 127]).view(torch.int32)
-    return probe.to(torch.int8).tolist() == [-127, -1, 5, 127]
+    values = torch.arange(-127, 128, dtype=torch.float32).repeat(8)  # long enough for the vectorised path
+    return torch.equal((values + _ROUND_MAGIC).view(torch.int32).to(torch.int8), values.to(torch.int8))
 
 
 _MAGIC_ROUND = _magic_round_works()

@@ -55,7 +55,7 @@ class Quantized:
         q: (out, in) int8 (values on the format's grid, asymmetric int4 in [0, 15]).
         scale: (out, groups) float16/float32.
         zero_point: (out, groups) int8, or None for symmetric formats.
-        column_scale: (in,) float8 e4m3 scale of each input column, or None.
+        column_scale: (in,) float8 e4m3 scale of each column of the rows view, or None.
     """
 
     q: torch.Tensor
