@@ -53,6 +53,7 @@ CPU = torch.device("cpu")
 OURS = {
     "int8": QuantizeConfig(scheme="int8"),
     "int8 g128": QuantizeConfig(scheme="int8", group_size=128),
+    "int8 no column scales": QuantizeConfig(scheme="int8", column_scales=False),
     "int8-dynamic": QuantizeConfig(scheme="int8-dynamic"),
     "int4 g32 rtn": QuantizeConfig(scheme="int4", group_size=32),
     "int4 g32 gptq": QuantizeConfig(scheme="int4", group_size=32, method="gptq", calib_samples=256),
@@ -86,6 +87,16 @@ def _ours(ckpt: Checkpoint, cfg: QuantizeConfig, out: Path, data: Path | None = 
 def _torch_ao(model: nn.Module) -> nn.Module:
     """torch.ao's default dynamic quantization: per-tensor weights, 7-bit per-tensor activations."""
     return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8)
+
+
+def _torch_ao_per_channel(model: nn.Module) -> nn.Module:
+    """torch.ao dynamic quantization at its best settings: per-channel weights, full 8-bit
+    (asymmetric, per-tensor) activations."""
+    from torch.ao.quantization import PlaceholderObserver, QConfig, per_channel_weight_observer_range_neg_127_to_127
+
+    act = PlaceholderObserver.with_args(dtype=torch.quint8, quant_min=0, quant_max=255, is_dynamic=True)
+    qconfig = QConfig(activation=act, weight=per_channel_weight_observer_range_neg_127_to_127)
+    return torch.ao.quantization.quantize_dynamic(copy.deepcopy(model), {nn.Linear: qconfig})
 
 
 def _torchao(model: nn.Module, config_name: str) -> nn.Module | str:
@@ -127,7 +138,7 @@ def bench_digits(tmp: Path, results: dict[str, Any]) -> None:
         base_acc = measure.accuracy(ref, test.labels)
         cands: list[tuple[str, nn.Module, Path | None]] = []
         for label, cfg in OURS.items():
-            if label == "int8 g128":
+            if label in ("int8 g128", "int8 no column scales"):
                 continue
             path = _ours(base_ckpt, cfg, tmp / f"{name}_{label.replace(' ', '_')}.safetensors", TRAIN if cfg.method == "gptq" else None)
             cands.append((f"ours {label}", infercomp.load(path), path))
@@ -246,10 +257,11 @@ def bench_encoder(tmp: Path, results: dict[str, Any]) -> None:
     loader = ModelLoader(ref=None if base_ckpt.model["ref"] == "hf-auto" else "bench_quantize:RandomEncoder")
     ref = _hidden(fp, ids)
     cands: list[tuple[str, Any, float | None]] = []
-    for label in ("int8", "int8 g128", "int8-dynamic", "int4 g32 rtn"):
+    for label in ("int8", "int8 no column scales", "int8 g128", "int8-dynamic", "int4 g32 rtn"):
         path = _ours(base_ckpt, OURS[label], tmp / f"enc_{label.replace(' ', '_')}.safetensors")
         cands.append((f"ours {label}", loader.build(checkpoint.load(path)), path.stat().st_size / base_size))
     cands.append(("torch.ao quantize_dynamic (default)", _torch_ao(fp), None))
+    cands.append(("torch.ao quantize_dynamic (per-channel, 8-bit)", _torch_ao_per_channel(fp), None))
     for cfg in ("Int8DynamicActivationInt8WeightConfig", "Int4WeightOnlyConfig"):
         cands.append((f"torchao {cfg}", _torchao(fp, cfg), None))
     runnable = [(label, m, size) for label, m, size in cands if isinstance(m, nn.Module)]

@@ -2,10 +2,10 @@
 
 What runs where (measured on CPU with torch 2.13; ``bench/bench_quantize.py`` repeats it):
 - ``int8-dynamic`` Linear: per-channel int8 weights, activations quantized per call with one
-  scale per row (token), int8 x int8 matmul with int32 accumulation (``torch._int_mm``, about 5x
-  the float32 matmul's speed at 4096 x 384 x 1536). torch's fused ``quantized.linear_dynamic``
-  (fbgemm) is faster still but quantizes activations per tensor: output SQNR 10 dB on MiniLM
-  even with per-channel 8-bit settings, against 25 dB here.
+  scale per row (token), int8 x int8 matmul with int32 accumulation (``torch._int_mm``). torch's
+  fused ``quantized.linear_dynamic`` (fbgemm) is faster still but quantizes activations per
+  tensor, which loses most of the output's precision on MiniLM even with per-channel 8-bit
+  settings (``bench/bench_quantize.py`` prints both side by side).
 - Weight-only layers may carry column scales (``weight_column_scale``): ``W = diag(s) Q diag(c)``.
 - ``int8`` / ``int4`` / ``fp8`` weight-only Linear: weights stay compact in memory and are
   dequantized per call into one float matrix, then a float matmul. torch's int8 weight-only CPU
