@@ -25,8 +25,8 @@ from safetensors import SafetensorError, safe_open
 from infercomp.errors import CheckpointError
 
 # The newest format this version reads. Files are written with the oldest version that describes
-# them, so older readers keep reading what they understand: 2 adds column scales
-# (``"column_scale": true`` in an encoding), which a version-1 reader would silently ignore.
+# them (``encodings.format_version``), so older readers keep reading what they understand: 2 adds
+# column scales of int8/int4 weights, which a version-1 reader would silently ignore.
 FORMAT_VERSION = 2
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
 
@@ -83,8 +83,10 @@ class Checkpoint:
 
     def metadata(self) -> dict[str, str]:
         """The safetensors ``__metadata__`` map that describes this checkpoint."""
+        from infercomp import encodings as codecs  # the codec registry imports this module
+
         info: dict[str, Any] = {
-            "format_version": 2 if any(spec.get("column_scale") for spec in self.encodings.values()) else 1,
+            "format_version": codecs.format_version(self.encodings, self.name),
             "model": self.model,
             "history": self.history,
             "encodings": self.encodings,

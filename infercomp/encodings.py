@@ -33,11 +33,14 @@ class Codec:
         decode: (stored tensors, logical name, spec) -> the dense tensor (logical shape, float).
         runtime: optional (parent module, attribute name, stored tensors, logical name, spec) ->
             replacement module that runs the encoded weight directly; None means "decode and load".
+        format_version: optional spec -> the oldest checkpoint format that describes this tensor
+            (None: 1). A codec raises it when a spec gains a field older readers would ignore.
     """
 
     keys: Callable[[str, dict[str, Any]], list[str]]
     decode: Callable[[Tensors, str, dict[str, Any]], torch.Tensor]
     runtime: Callable[[nn.Module, Tensors, str, dict[str, Any]], nn.Module] | None = None
+    format_version: Callable[[dict[str, Any]], int] | None = None
 
 
 def registry() -> dict[str, Codec]:
@@ -54,6 +57,16 @@ def codec_for(name: str, spec: dict[str, Any], where: str) -> Codec:
     if key not in codecs:
         raise CheckpointError(f"{where}: tensor {name!r} uses unknown encoding {key!r}; upgrade infercomp")
     return codecs[key]
+
+
+def format_version(encodings: Mapping[str, dict[str, Any]], where: str = "checkpoint") -> int:
+    """The oldest checkpoint format that describes every encoded tensor (1 for none)."""
+    versions = [1]
+    for name, spec in encodings.items():
+        codec = codec_for(name, spec, where)
+        if codec.format_version is not None:
+            versions.append(codec.format_version(spec))
+    return max(versions)
 
 
 def stored_keys(encodings: Mapping[str, dict[str, Any]], where: str = "checkpoint") -> dict[str, list[str]]:

@@ -107,10 +107,6 @@ def _dtype(spec: dict[str, Any]) -> torch.dtype:
     return getattr(torch, spec.get("dtype", "float32"))
 
 
-def _column_scale(tensors: Tensors, name: str, spec: dict[str, Any]) -> torch.Tensor | None:
-    return tensors[f"{name}_column_scale"] if spec.get("column_scale") else None
-
-
 def _int8_keys(name: str, spec: dict[str, Any]) -> list[str]:
     keys = [name, f"{name}_scale"]
     return [*keys, f"{name}_column_scale"] if spec.get("column_scale") else keys
@@ -118,7 +114,7 @@ def _int8_keys(name: str, spec: dict[str, Any]) -> list[str]:
 
 def _int8_decode(tensors: Tensors, name: str, spec: dict[str, Any]) -> torch.Tensor:
     q = tensors[name].reshape(spec["shape"][0], -1)
-    w = schemes.dequantize(q, tensors[f"{name}_scale"], None, column_scale=_column_scale(tensors, name, spec))
+    w = schemes.dequantize(q, tensors[f"{name}_scale"], None, column_scale=runtime.column_scale_of(tensors, name, spec))
     return w.reshape(spec["shape"]).to(_dtype(spec))
 
 
@@ -133,7 +129,7 @@ def _int4_decode(tensors: Tensors, name: str, spec: dict[str, Any]) -> torch.Ten
     sym = spec.get("symmetric", True)
     q = schemes.unpack_int4(tensors[f"{name}_packed"], sym)
     zp = None if sym else tensors[f"{name}_zero_point"]
-    w = schemes.dequantize(q, tensors[f"{name}_scale"], zp, column_scale=_column_scale(tensors, name, spec))
+    w = schemes.dequantize(q, tensors[f"{name}_scale"], zp, column_scale=runtime.column_scale_of(tensors, name, spec))
     return w.reshape(spec["shape"]).to(_dtype(spec))
 
 
@@ -149,10 +145,14 @@ def _runtime(kind: str):
     return build
 
 
+def _format_version(spec: dict[str, Any]) -> int:
+    return 2 if spec.get("column_scale") else 1  # format 2 added column scales
+
+
 CODECS: dict[str, Codec] = {
-    "int8": Codec(keys=_int8_keys, decode=_int8_decode, runtime=_runtime("int8")),
+    "int8": Codec(keys=_int8_keys, decode=_int8_decode, runtime=_runtime("int8"), format_version=_format_version),
     "int8-dynamic": Codec(keys=_int8_keys, decode=_int8_decode, runtime=_runtime("int8-dynamic")),
-    "int4": Codec(keys=_int4_keys, decode=_int4_decode, runtime=_runtime("int4")),
+    "int4": Codec(keys=_int4_keys, decode=_int4_decode, runtime=_runtime("int4"), format_version=_format_version),
     "fp8": Codec(keys=_int8_keys, decode=_fp8_decode, runtime=_runtime("fp8")),
 }
 

@@ -276,10 +276,15 @@ class QuantEmbedding(nn.Module):
         return self.weight_q.rows(index, dtype=self.dtype)
 
 
+def column_scale_of(tensors: Tensors, name: str, spec: dict[str, Any]) -> torch.Tensor | None:
+    """The stored column scales of the encoded tensor ``name``, or None."""
+    return tensors[f"{name}_column_scale"] if spec.get("column_scale") else None
+
+
 def stored_weight(kind: str, tensors: Tensors, name: str, spec: dict[str, Any]) -> StoredWeight:
     """The stored parts of the encoded tensor ``name`` (see ``infercomp.quantize.CODECS``)."""
     shape = spec["shape"]
-    cs = tensors[f"{name}_column_scale"] if spec.get("column_scale") else None
+    cs = column_scale_of(tensors, name, spec)
     if kind == "int4":
         zp = tensors.get(f"{name}_zero_point")
         return StoredWeight("int4", shape, tensors[f"{name}_packed"], tensors[f"{name}_scale"], zp, spec.get("symmetric", True), cs)
