@@ -158,10 +158,34 @@ def bench_digits(tmp: Path, results: dict[str, Any]) -> None:
                 bits = measure.static_stats(checkpoint.load(path))["bits_per_weight"]
             s = sqnr(ref, y)
             _row(rows, f"{name}: {label}", size, bits, drop, s, _cos(y, ref), t / lat[0])
-            results[(name, label)] = {"size": size, "drop": drop, "sqnr": s}
+            results[(name, label)] = {"size": size, "drop": drop, "sqnr": s, "path": path}
         if isinstance(ta, str):
             rows.append([f"{name}: torchao int8 dyn act+weight", "-", "-", "-", "-", "-", ta])
     _print(f"digits models (batch {BATCH}, {THREADS} threads, accuracy on digits_test)", header, rows)
+    _file_breakdown(SAMPLES / "digits_transformer.safetensors", results[("transformer", "ours int8")]["path"])
+
+
+def _file_breakdown(src: Path, path: Path) -> None:
+    """Where the bytes of a quantized file go: the header, and the tensors by role."""
+    import json
+    import struct
+
+    raw = path.read_bytes()
+    n = struct.unpack("<Q", raw[:8])[0]
+    entries = {k: v for k, v in json.loads(raw[8 : 8 + n]).items() if k != "__metadata__"}
+    parts = {"header (JSON, one entry per tensor + encodings)": 8 + n}
+    for key, e in entries.items():
+        kind = (
+            "column scales" if key.endswith("_column_scale")
+            else "row scales" if key.endswith("_scale")
+            else "int8 weights" if e["dtype"] == "I8"
+            else "float tensors left as they were (biases, norms, tables)"
+        )  # fmt: skip
+        parts[kind] = parts.get(kind, 0) + e["data_offsets"][1] - e["data_offsets"][0]
+    base = src.stat().st_size
+    rows = [[k, f"{v:,}", f"{v / base:.4f}"] for k, v in parts.items()]
+    rows.append(["total", f"{len(raw):,}", f"{len(raw) / base:.4f}"])
+    _print(f"where the bytes of the digits-transformer int8 file go (fp32 file: {base:,} bytes)", ["part", "bytes", "x fp32"], rows)
 
 
 # ----------------------------------------------------------------------------------- encoder
