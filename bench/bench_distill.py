@@ -26,8 +26,9 @@ from infercomp import checkpoint, measure  # noqa: E402
 from infercomp.checkpoint import Checkpoint  # noqa: E402
 from infercomp.data import load_data  # noqa: E402
 from infercomp.distill import DistillConfig  # noqa: E402
+from infercomp.measure import MeasureOptions  # noqa: E402
 from infercomp.models import ModelLoader  # noqa: E402
-from infercomp.pipeline import MeasureOptions, run  # noqa: E402
+from infercomp.pipeline import run  # noqa: E402
 
 SAMPLES = ROOT / "sample_models"
 TRAIN, TEST = SAMPLES / "digits_train.safetensors", SAMPLES / "digits_test.safetensors"

@@ -30,10 +30,11 @@ from torch import nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from infercomp import checkpoint, measure, pipeline  # noqa: E402
+from infercomp import checkpoint, measure  # noqa: E402
 from infercomp.data import load_data  # noqa: E402
 from infercomp.models import ModelLoader  # noqa: E402
 from infercomp.prune import PruneConfig, prune  # noqa: E402
+from infercomp.transform import Context  # noqa: E402
 
 SAMPLES = ROOT / "sample_models"
 THREADS, BATCH, MIN_TIME, PASSES = 2, 256, 1.0, 7
@@ -42,7 +43,7 @@ THREADS, BATCH, MIN_TIME, PASSES = 2, 256, 1.0, 7
 def ours(model: str, config: PruneConfig, tmp: Path, calib: Path | None = None) -> tuple[nn.Module, Path]:
     """Prune with infercomp, write the checkpoint, and load it back from disk."""
     src = checkpoint.load(SAMPLES / f"digits_{model}.safetensors")
-    ctx = pipeline.Context(loader=ModelLoader(), data=load_data(calib) if calib else None, device=torch.device("cpu"))
+    ctx = Context(loader=ModelLoader(), data=load_data(calib) if calib else None, device=torch.device("cpu"))
     out = tmp / f"{model}_{config.method.replace(':', '')}_{config.scope}_{config.sparsity}.safetensors"
     checkpoint.save(prune(src, config, ctx), out, force=True)
     return ModelLoader().build(checkpoint.load(out)), out

@@ -41,9 +41,10 @@ import infercomp  # noqa: E402
 from infercomp import checkpoint, measure  # noqa: E402
 from infercomp.checkpoint import Checkpoint  # noqa: E402
 from infercomp.data import load_data  # noqa: E402
+from infercomp.measure import sqnr  # noqa: E402
 from infercomp.models import ModelLoader  # noqa: E402
-from infercomp.pipeline import Context, sqnr  # noqa: E402
 from infercomp.quantize import QuantizeConfig, quantize  # noqa: E402
+from infercomp.transform import Context  # noqa: E402
 
 SAMPLES = ROOT / "sample_models"
 TRAIN, TEST = SAMPLES / "digits_train.safetensors", SAMPLES / "digits_test.safetensors"

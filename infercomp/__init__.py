@@ -1,9 +1,13 @@
-"""infercomp: make saved PyTorch models cheaper to run — prune, quantize, distill, report."""
+"""infercomp: make saved PyTorch models cheaper to run — prune, quantize, distill, report.
+
+The Python API mirrors the command line: ``infercomp.prune``, ``infercomp.quantize``,
+``infercomp.distill``, ``infercomp.report`` and ``infercomp.load`` (see ``infercomp.api``).
+"""
 
 from __future__ import annotations
 
-__version__ = "0.1.0"
+from infercomp.api import distill, load, prune, quantize, report
+from infercomp.measure import Comparison, MeasureOptions, ModelReport
+from infercomp.version import __version__
 
-from infercomp.api import compare_files, load  # noqa: E402
-
-__all__ = ["__version__", "compare_files", "load"]
+__all__ = ["Comparison", "MeasureOptions", "ModelReport", "__version__", "distill", "load", "prune", "quantize", "report"]

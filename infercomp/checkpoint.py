@@ -15,17 +15,19 @@ import json
 import os
 import pickle
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import torch
 from safetensors import SafetensorError, safe_open
 
 from infercomp.errors import CheckpointError
+from infercomp.formats import format_version
 
 # The newest format this version reads. Files are written with the oldest version that describes
-# them (``encodings.format_version``), so older readers keep reading what they understand: 2 adds
+# them (``formats.format_version``), so older readers keep reading what they understand: 2 adds
 # column scales of int8/int4 weights, which a version-1 reader would silently ignore.
 FORMAT_VERSION = 2
 TORCH_SUFFIXES = (".pt", ".pth", ".bin")
@@ -83,10 +85,8 @@ class Checkpoint:
 
     def metadata(self) -> dict[str, str]:
         """The safetensors ``__metadata__`` map that describes this checkpoint."""
-        from infercomp import encodings as codecs  # the codec registry imports this module
-
         info: dict[str, Any] = {
-            "format_version": codecs.format_version(self.encodings, self.name),
+            "format_version": format_version(self.encodings, self.name),
             "model": self.model,
             "history": self.history,
             "encodings": self.encodings,
@@ -230,29 +230,57 @@ def _from_parts(tensors: dict[str, torch.Tensor], meta: dict[str, str], p: Path)
 
 
 def save(ckpt: Checkpoint, path: str | os.PathLike[str], *, force: bool = False, source: Path | None = None) -> Path:
-    """Write ``ckpt`` to ``path`` as safetensors, atomically (temp file in the same folder, fsync,
-    rename). Refuses to overwrite ``source`` (the input) and, without ``force``, any existing file.
-    The same tensors and metadata always give the same bytes."""
+    """Write ``ckpt`` to ``path`` as safetensors, atomically (see ``write_atomic``). Refuses to
+    overwrite ``source`` (the input) and, without ``force``, any existing file. The same tensors
+    and metadata always give the same bytes."""
     out = Path(path)
     check_output(out, force=force, source=source)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    header, blobs = _serialise(ckpt.tensors, ckpt.metadata())
-    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(struct.pack("<Q", len(header)))
-            f.write(header)
-            for blob in blobs:
-                f.write(blob)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, out)
-    except BaseException:  # Ctrl-C included: never leave a partial file behind
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(out.parent)
+    write_safetensors(out, ckpt.tensors, ckpt.metadata())
     ckpt.path = out
     return out
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, what: str = "the checkpoint") -> None:
+    """Write ``tensors`` and ``metadata`` as one safetensors file, atomically, with a
+    deterministic byte layout (tensors sorted by name, metadata keys sorted)."""
+    header, blobs = _serialise(tensors, metadata)
+
+    def write(f: IO[bytes]) -> None:
+        f.write(struct.pack("<Q", len(header)))
+        f.write(header)
+        for blob in blobs:
+            f.write(blob)
+
+    write_atomic(path, write, what=what)
+
+
+def write_atomic(path: Path, write: Callable[[IO[bytes]], None], *, what: str = "the output") -> None:
+    """The one atomic writer: ``write`` fills a temp file in the same folder, which is fsynced and
+    renamed over ``path``; a reader never sees half a file, and an error or Ctrl-C leaves no temp
+    file behind. An OSError (read-only folder, full disk, no permission) becomes a one-line
+    CheckpointError naming ``path``."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        _remove_quietly(tmp)
+        raise CheckpointError(f"{path}: cannot write {what} ({e.strerror or e})") from e
+    except BaseException:  # Ctrl-C included: never leave a partial file behind
+        _remove_quietly(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def _remove_quietly(p: Path) -> None:
+    try:
+        p.unlink(missing_ok=True)
+    except OSError:
+        pass
 
 
 def check_output(out: Path, *, force: bool, source: Path | None, inputs: tuple[Path, ...] = ()) -> None:

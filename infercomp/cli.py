@@ -6,11 +6,11 @@ from typing import Annotated
 
 import typer
 
-from infercomp import __version__
 from infercomp.commands.distill import distill
 from infercomp.commands.prune import prune
 from infercomp.commands.quantize import quantize
 from infercomp.commands.report import report
+from infercomp.version import __version__
 
 app = typer.Typer(
     name="infercomp",

@@ -11,6 +11,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from infercomp.errors import DataError
+from infercomp.hf import tokenize
 
 
 @dataclass(frozen=True)
@@ -30,23 +31,22 @@ class Dataset:
             yield self.inputs[i : i + batch_size], None if self.labels is None else self.labels[i : i + batch_size]
 
 
-def load_data(path: str | Path, *, tokenizer: str | Path | None = None) -> Dataset:
+def load_data(path: str | Path, *, model: str | Path | None = None) -> Dataset:
     """Read a data file; errors name the file and what is wrong with it.
 
     Args:
         path: ``.safetensors`` / ``.npz`` with ``inputs`` (and ``labels``), or text (``.txt``,
             ``.jsonl``) for Hugging Face models.
-        tokenizer: directory holding the model's tokenizer (needed for text data).
+        model: the checkpoint the data feeds: a Hugging Face directory supplies the tokenizer
+            that text data needs (the one place that choice is made).
     """
     p = Path(path)
     if not p.is_file():
         raise DataError(f"{p}: no such data file")
     if p.suffix in (".txt", ".jsonl"):
-        if tokenizer is None:
+        if model is None or not Path(model).is_dir():
             raise DataError(f"{p}: text data needs the model's tokenizer; use a Hugging Face model directory as the (first) input")
-        from infercomp.hf import tokenize
-
-        ids, labels = tokenize(p, Path(tokenizer))
+        ids, labels = tokenize(p, Path(model))
         return Dataset(inputs=ids, labels=labels, path=p)
     if p.suffix == ".npz":
         try:

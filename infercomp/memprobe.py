@@ -55,9 +55,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
 
+    # Imported here, after the arguments are read, on purpose: the probe measures what loading
+    # adds on top of the imports, so it marks the memory in use once they are done.
     import torch
 
-    from infercomp import checkpoint
+    import infercomp.checkpoint as checkpoint
     from infercomp.models import ModelLoader
 
     spec = json.loads(args.spec)

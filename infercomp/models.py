@@ -22,8 +22,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from infercomp import encodings, hf, zoo
+import infercomp.formats as formats
+import infercomp.hf as hf
+import infercomp.zoo as zoo
 from infercomp.checkpoint import Checkpoint
+from infercomp.data import Dataset
 from infercomp.errors import ModelError, UsageError
 
 ENTRY_POINT_GROUP = "infercomp.models"
@@ -178,7 +181,7 @@ def _instantiate(ref: str, config: dict[str, Any], where: str) -> nn.Module:
 def load_weights(module: nn.Module, ckpt: Checkpoint, *, runtime: bool = True) -> None:
     """Load a checkpoint into ``module``: adapt standard layers to smaller stored shapes
     (structured pruning), swap in runtime modules for encoded weights, load the rest strictly."""
-    shapes = encodings.logical_shapes(ckpt.tensors, ckpt.encodings, ckpt.name)
+    shapes = formats.logical_shapes(ckpt.tensors, ckpt.encodings, ckpt.name)
     adapt_shapes(module, shapes, where=ckpt.name)
     swapped = _attach_runtime(module, ckpt) if runtime else set()
 
@@ -186,9 +189,9 @@ def load_weights(module: nn.Module, ckpt: Checkpoint, *, runtime: bool = True) -
         return not any(key.startswith(m + ".") for m in swapped)
 
     kept = {k: v for k, v in ckpt.encodings.items() if outside(k)}
-    owned = encodings.stored_keys(kept, ckpt.name)
+    owned = formats.stored_keys(kept, ckpt.name)
     plain = {k: v for k, v in ckpt.tensors.items() if outside(k) or any(k in ks for ks in owned.values())}
-    dense = encodings.logical_tensors(plain, kept, ckpt.name)
+    dense = formats.logical_tensors(plain, kept, ckpt.name)
     expected = {k for k in module.state_dict() if outside(k)}
     # Buffers the module does not persist (e.g. transformers' position_ids) may still be stored.
     transient = {k for k, _ in module.named_buffers()} - set(module.state_dict())
@@ -212,13 +215,13 @@ def load_weights(module: nn.Module, ckpt: Checkpoint, *, runtime: bool = True) -
 
 
 def _attach_runtime(module: nn.Module, ckpt: Checkpoint) -> set[str]:
-    """Replace each module whose ``weight`` is encoded by its codec's runtime module, where the
-    codec has one (int8 kernels, ...). Returns the names of the replaced modules."""
+    """Replace each module whose ``weight`` is encoded by the module its format runs it with,
+    where the format has one for that layer (int8 kernels, ...). Returns the replaced names."""
     swapped: set[str] = set()
     for name, spec in ckpt.encodings.items():
-        codec = encodings.codec_for(name, spec, ckpt.name)
+        fmt = formats.format_for(name, spec, ckpt.name)
         mod_name, _, attr = name.rpartition(".")
-        if codec.runtime is None or attr != "weight" or not mod_name:
+        if attr != "weight" or not mod_name:
             continue
         parent_name, _, child = mod_name.rpartition(".")
         try:
@@ -226,8 +229,10 @@ def _attach_runtime(module: nn.Module, ckpt: Checkpoint) -> set[str]:
             old = module.get_submodule(mod_name)
         except AttributeError as e:
             raise ModelError(f"{ckpt.name}: encoded tensor {name!r} names no module of the model") from e
-        setattr(parent, child, codec.runtime(old, ckpt.tensors, name, spec))
-        swapped.add(mod_name)
+        new = fmt.runtime(old, ckpt.tensors, name, spec)
+        if new is not None:
+            setattr(parent, child, new)
+            swapped.add(mod_name)
     return swapped
 
 
@@ -318,3 +323,34 @@ def input_shape(ckpt: Checkpoint, loader: ModelLoader, module: nn.Module) -> tup
         return zoo.MODELS[spec["ref"]].input_shape
     shape = getattr(module, "example_input_shape", None)
     return tuple(shape) if shape else None
+
+
+def example_batch(ckpt: Checkpoint, loader: ModelLoader, module: nn.Module, batch: int, data: Dataset | None = None) -> torch.Tensor | None:
+    """One input batch of ``batch`` samples: the first ones of ``data`` (repeated if fewer), else
+    seeded noise of the model's known input shape; None when neither is available."""
+    if data is not None:
+        reps = -(-batch // len(data))
+        return data.inputs.repeat(reps, *([1] * (data.inputs.dim() - 1)))[:batch]
+    shape = input_shape(ckpt, loader, module)
+    if shape is None:
+        return None
+    return torch.rand((batch, *shape), generator=torch.Generator().manual_seed(0))
+
+
+def first_output(y: Any) -> torch.Tensor:
+    """Logits (or embeddings) from whatever a model returns: a tensor, a tuple, or a dict /
+    ModelOutput (``logits`` if present, else its first value)."""
+    if isinstance(y, (tuple, list)):
+        return y[0]
+    if isinstance(y, dict):
+        return y.get("logits", next(iter(y.values())))
+    return y
+
+
+@torch.inference_mode()
+def predict(module: nn.Module, data: Dataset, *, batch_size: int, device: torch.device) -> torch.Tensor:
+    """Outputs for every input, in order, as float32 on the CPU: shape (N, ...)."""
+    outs = []
+    for x, _ in data.batches(batch_size):
+        outs.append(first_output(module(x.to(device))).float().cpu())
+    return torch.cat(outs)

@@ -9,13 +9,10 @@ from typing import Any
 
 
 class Task:
-    """One bar: ``advance`` by steps, ``update`` extra fields (loss, ...) shown beside it."""
+    """One bar: ``advance`` by steps, with extra fields (loss, ...) shown beside it."""
 
     def advance(self, n: float = 1, **fields: Any) -> None:
         del n, fields
-
-    def update(self, **fields: Any) -> None:
-        del fields
 
 
 class Progress:

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
-from typing import Any
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -110,7 +109,6 @@ class ZooEntry:
 
     factory: Callable[..., nn.Module]
     input_shape: tuple[int, ...]  # one sample, without the batch dimension
-    config: dict[str, Any] = field(default_factory=dict)
 
 
 MODELS: dict[str, ZooEntry] = {

@@ -19,15 +19,17 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from infercomp import checkpoint, encodings, measure
+import infercomp.formats as formats
+from infercomp import checkpoint, measure
 from infercomp.data import load_data
 from infercomp.distill import DistillConfig, kd_loss, kd_loss_per_sample, state_path
 from infercomp.distill import state as train_state
 from infercomp.distill.loss import FeatureMatch, parse_layer_pairs, soft_loss
 from infercomp.distill.trainer import epoch_order, lr_factor, rng_state, set_rng_state
 from infercomp.errors import ModelError, UsageError
+from infercomp.measure import MeasureOptions
 from infercomp.models import ModelLoader
-from infercomp.pipeline import MeasureOptions, run
+from infercomp.pipeline import run
 from infercomp.progress import Progress, Task
 from infercomp.zoo import DigitsCNN
 from tests.conftest import DIGITS_TEST, DIGITS_TRAIN, SAMPLE, invoke, run_cli
@@ -228,7 +230,7 @@ def test_magnitude_pruned_student_keeps_its_zeros(runner, tmp_path: Path) -> Non
     r = invoke(runner, "distill", SAMPLE["mlp"], "-o", out, "--data", DIGITS_TEST, "--student", pruned, "--epochs", "2", NO_LAT)
     assert r.exit_code == 0, r.stderr
     assert "pruned weights stay zero" in r.stderr
-    before, after = (encodings.logical_tensors(ck.tensors, ck.encodings) for ck in (checkpoint.load(pruned), checkpoint.load(out)))
+    before, after = (formats.logical_tensors(ck.tensors, ck.encodings) for ck in (checkpoint.load(pruned), checkpoint.load(out)))
     for name, w in before.items():
         if w.dim() == 2:
             assert torch.equal(after[name] == 0, w == 0), name  # same zeros, nothing regrown

@@ -47,7 +47,7 @@ def test_same_input_and_options_give_identical_bytes(runner, tmp_path: Path) -> 
 def test_report_on_written_files_matches_direct_evaluation(runner, tmp_path: Path) -> None:
     out = tmp_path / "mlp_int8.safetensors"
     invoke(runner, "quantize", SAMPLE["mlp"], "-o", out, NO_LAT)
-    c = api.compare_files([SAMPLE["mlp"], out], data=DIGITS_TEST, min_time=0.05, warmup=1)
+    c = api.report([SAMPLE["mlp"], out], data=DIGITS_TEST, min_time=0.05, warmup=1)
     data = load_data(DIGITS_TEST)
     with torch.inference_mode():
         direct = float((api.load(out)(data.inputs).argmax(1) == data.labels).float().mean())

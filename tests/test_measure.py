@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from infercomp import measure, pipeline
+from infercomp import gates, measure
 from infercomp.checkpoint import Checkpoint
 from infercomp.errors import GateFailed, UsageError
 from infercomp.measure import Comparison, ModelReport
@@ -65,8 +65,8 @@ def test_time_interleaved_shuffles_and_respects_minimums() -> None:
 
 def test_sqnr() -> None:
     ref = torch.ones(100)
-    assert pipeline.sqnr(ref, ref) is None
-    assert pipeline.sqnr(ref, ref * 1.1) == pytest.approx(20.0)
+    assert measure.sqnr(ref, ref) is None
+    assert measure.sqnr(ref, ref * 1.1) == pytest.approx(20.0)
 
 
 def _cmp(**after) -> Comparison:
@@ -75,24 +75,24 @@ def _cmp(**after) -> Comparison:
 
 
 def test_gates() -> None:
-    pipeline.check_gates(_cmp(accuracy_drop=0.001, ratios={"size": 0.3}), ["accuracy_drop>0.01", "size_ratio>0.5"])
+    gates.check_gates(_cmp(accuracy_drop=0.001, ratios={"size": 0.3}), ["accuracy_drop>0.01", "size_ratio>0.5"])
     with pytest.raises(GateFailed, match=r"b: accuracy_drop = 0.02 \(accuracy_drop>0.01\)") as e:
-        pipeline.check_gates(_cmp(accuracy_drop=0.02), ["accuracy_drop>0.01"])
+        gates.check_gates(_cmp(accuracy_drop=0.02), ["accuracy_drop>0.01"])
     assert e.value.exit_code == 1
     with pytest.raises(GateFailed, match="latency_ratio was not measured"):
-        pipeline.check_gates(_cmp(ratios={"latency": None}), ["latency_ratio>0.9"])
+        gates.check_gates(_cmp(ratios={"latency": None}), ["latency_ratio>0.9"])
     with pytest.raises(UsageError, match="KEY OP NUMBER"):
-        pipeline.parse_gate("speed is good")
+        gates.parse_gate("speed is good")
 
 
 def test_measure_options_validate() -> None:
     with pytest.raises(UsageError, match="--batch-size"):
-        pipeline.MeasureOptions(batch_size=0)
+        measure.MeasureOptions(batch_size=0)
     with pytest.raises(UsageError, match="--device 'tpu'"):
-        pipeline.MeasureOptions(device="tpu")
+        measure.MeasureOptions(device="tpu")
     if not torch.cuda.is_available():
         with pytest.raises(UsageError, match="no CUDA GPU"):
-            pipeline.MeasureOptions(device="cuda").torch_device()
+            measure.MeasureOptions(device="cuda").torch_device()
 
 
 def test_accuracy_ignores_unlabelled_samples() -> None:

@@ -12,14 +12,19 @@ from safetensors import safe_open
 from torch import nn
 
 import infercomp
-from infercomp import checkpoint, encodings
+import infercomp.formats as formats
+import infercomp.formats.grid as schemes
+import infercomp.formats.qmodules as runtime
+from infercomp import checkpoint
 from infercomp.checkpoint import Checkpoint
 from infercomp.data import load_data
 from infercomp.errors import UsageError
+from infercomp.formats import FORMATS
+from infercomp.formats.grid import IntFormat
+from infercomp.measure import sqnr
 from infercomp.models import ModelLoader
-from infercomp.pipeline import Context, sqnr
-from infercomp.quantize import CODECS, SCHEMES, QuantizeConfig, quantize, runtime, schemes
-from infercomp.quantize.schemes import IntFormat
+from infercomp.quantize import SCHEMES, QuantizeConfig, quantize
+from infercomp.transform import Context
 from tests.conftest import DIGITS_TEST, DIGITS_TRAIN, KNOWN_ACCURACY, SAMPLE, invoke, run_cli
 
 NO_LAT = ("--min-time", "0.05", "--warmup", "1")
@@ -75,7 +80,7 @@ def test_stored_form_decodes_to_the_quantizer_values(scheme: str, group_size: in
     out = quantize(ckpt, cfg, _ctx())
     assert set(out.encodings) == {"fc.weight", "conv.weight", "emb.weight"}  # embeddings too; norms/biases kept
     assert out.tensors["norm.weight"].dtype == torch.float32 and torch.equal(out.tensors["fc.bias"], ckpt.tensors["fc.bias"])
-    dense = encodings.logical_tensors(out.tensors, out.encodings)
+    dense = formats.logical_tensors(out.tensors, out.encodings)
     for name in out.encodings:
         w = ckpt.tensors[name]
         if scheme == "fp8":
@@ -88,7 +93,7 @@ def test_stored_form_decodes_to_the_quantizer_values(scheme: str, group_size: in
             assert out.encodings[name].get("column_scale", False) == (qz.column_scale is not None)
         assert torch.equal(dense[name], expected), name
         assert sqnr(w, dense[name]) >= MIN_SQNR[scheme], (name, sqnr(w, dense[name]))
-        keys = CODECS[scheme].keys(name, out.encodings[name])
+        keys = FORMATS[scheme].keys(name, out.encodings[name])
         assert all(k in out.tensors for k in keys)
     if scheme == "int4":  # compressed-tensors naming, packed bytes
         assert out.tensors["fc.weight_packed"].dtype == torch.uint8 and out.tensors["fc.weight_packed"].shape == (48, 64)
@@ -126,7 +131,7 @@ def test_no_column_scales_gives_the_plain_layout() -> None:
     off = quantize(ckpt, QuantizeConfig(scheme="int8", column_scales=False), _ctx())
     assert on.encodings["fc.weight"]["column_scale"] is True and "fc.weight_column_scale" in on.tensors
     assert "column_scale" not in off.encodings["fc.weight"] and set(off.tensors) == {"fc.weight", "fc.weight_scale", "fc.bias"}
-    dense_on, dense_off = (encodings.logical_tensors(c.tensors, c.encodings)["fc.weight"] for c in (on, off))
+    dense_on, dense_off = (formats.logical_tensors(c.tensors, c.encodings)["fc.weight"] for c in (on, off))
     assert sqnr(ckpt.tensors["fc.weight"], dense_on) > sqnr(ckpt.tensors["fc.weight"], dense_off) + 3
 
 
@@ -423,7 +428,7 @@ def test_cli_subprocess_int8_dynamic(tmp_path: Path) -> None:
     # Layers this small run as plain float Linear layers holding the decoded int8 weights.
     ck = checkpoint.load(out)
     assert ck.encodings["layers.0.fc1.weight"]["codec"] == "int8-dynamic" and type(m.layers[0].fc1) is nn.Linear
-    decoded = encodings.logical_tensors(ck.tensors, ck.encodings)["layers.0.fc1.weight"]
+    decoded = formats.logical_tensors(ck.tensors, ck.encodings)["layers.0.fc1.weight"]
     assert torch.equal(m.layers[0].fc1.weight, decoded)
 
 
@@ -495,7 +500,7 @@ def test_half_precision_cast_keeps_sparse_storage(runner, tmp_path: Path) -> Non
     assert ck.encodings and all(e["codec"] == "sparse-bitmask" for e in ck.encodings.values())
     assert half.stat().st_size < 0.75 * pruned.stat().st_size  # half the bytes per value, same bitmasks
     assert half.stat().st_size < 0.5 * 2 * SAMPLE["mlp"].stat().st_size / 4  # far below a dense fp16 file
-    before = encodings.logical_tensors(checkpoint.load(pruned).tensors, checkpoint.load(pruned).encodings)
-    after = encodings.logical_tensors(ck.tensors, ck.encodings)
+    before = formats.logical_tensors(checkpoint.load(pruned).tensors, checkpoint.load(pruned).encodings)
+    after = formats.logical_tensors(ck.tensors, ck.encodings)
     for name, w in before.items():
         assert torch.equal(after[name] == 0, w == 0) or not w.is_floating_point(), name

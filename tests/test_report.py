@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from infercomp import api, pipeline, render
+from infercomp import api, measure, pipeline, render
 from infercomp.models import ModelLoader
 from infercomp.prune import PruneConfig
 from tests.conftest import DIGITS_TEST, KNOWN_ACCURACY, SAMPLE, invoke, run_cli
@@ -19,7 +19,7 @@ FAST = ("--min-time", "0.05", "--warmup", "1")
 
 @pytest.mark.parametrize("name", ["mlp", "cnn", "transformer"])
 def test_untouched_sample_reports_its_known_accuracy_and_real_size(name: str) -> None:
-    c = api.compare_files([SAMPLE[name]], data=DIGITS_TEST, min_time=0.05, warmup=1)
+    c = api.report([SAMPLE[name]], data=DIGITS_TEST, min_time=0.05, warmup=1)
     m = c.models[0]
     assert m.accuracy == pytest.approx(KNOWN_ACCURACY[name], abs=6e-4)
     assert m.size_bytes == SAMPLE[name].stat().st_size
@@ -32,7 +32,7 @@ def test_untouched_sample_reports_its_known_accuracy_and_real_size(name: str) ->
 
 def test_parameters_match_the_module() -> None:
     module = api.load(SAMPLE["cnn"])
-    c = api.compare_files([SAMPLE["cnn"]], latency=False)
+    c = api.report([SAMPLE["cnn"]], latency=False)
     assert c.models[0].parameters == sum(p.numel() for p in module.parameters())
 
 
@@ -43,7 +43,7 @@ def test_json_schema_and_ratios_of_two_models(tmp_path: Path, runner) -> None:
         out,
         PruneConfig(sparsity=0.5),
         loader=ModelLoader(),
-        options=pipeline.MeasureOptions(latency=False),
+        options=measure.MeasureOptions(latency=False),
         data=DIGITS_TEST,
     )
     r = invoke(runner, "report", SAMPLE["mlp"], out, "--data", DIGITS_TEST, "--format", "json", *FAST)
@@ -147,7 +147,7 @@ def test_report_subprocess_json_is_clean_stdout() -> None:
 
 
 def test_render_handles_missing_numbers() -> None:
-    c = api.compare_files([SAMPLE["mlp"]], latency=False)
+    c = api.report([SAMPLE["mlp"]], latency=False)
     row = render.to_markdown(c).splitlines()[2].split(" | ")
     latency_col = render.COLUMNS.index("latency ms (p50 / p90)")
     assert row[latency_col] == "-"  # not measured: shown as a dash, not a number

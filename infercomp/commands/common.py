@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import os
@@ -21,11 +20,12 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.progress import Progress as RichBar
 
-from infercomp import pipeline, render
-from infercomp.checkpoint import TORCH_SUFFIXES
+import infercomp.render as render
+from infercomp.checkpoint import TORCH_SUFFIXES, write_atomic
 from infercomp.errors import InfercompError, UsageError
+from infercomp.gates import check_gates, parse_gate
 from infercomp.measure import Comparison
-from infercomp.models import ModelLoader, parse_config
+from infercomp.models import parse_config
 from infercomp.progress import Progress, Task
 
 # ---------------------------------------------------------------------------- shared option types
@@ -112,22 +112,23 @@ class Common:
         if self.fmt not in render.FORMATS:
             raise UsageError(f"--format {self.fmt!r} is not supported; choose one of: {', '.join(render.FORMATS)}")
         for gate in self.fail_if:
-            pipeline.parse_gate(gate)
+            parse_gate(gate)
 
-    def loader(self) -> ModelLoader:
-        return ModelLoader(ref=self.model, config=parse_config(self.model_config), trust_model_code=self.trust_model_code)
-
-    def options(self) -> pipeline.MeasureOptions:
-        return pipeline.MeasureOptions(
-            device=self.device,
-            threads=self.threads,
-            batch_size=self.batch_size,
-            warmup=self.warmup,
-            min_time=self.min_time,
-            latency=not self.no_latency,
-            memory=self.memory,
-            layers=self.layers,
-        )
+    def verb_options(self) -> dict[str, Any]:
+        """The keyword options of an ``infercomp.api`` verb that these flags set."""
+        return {
+            "model": self.model,
+            "model_config": parse_config(self.model_config),
+            "trust_model_code": self.trust_model_code,
+            "device": self.device,
+            "threads": self.threads,
+            "batch_size": self.batch_size,
+            "warmup": self.warmup,
+            "min_time": self.min_time,
+            "latency": not self.no_latency,
+            "memory": self.memory,
+            "layers": self.layers,
+        }
 
     @contextmanager
     def progress(self) -> Iterator[Progress]:
@@ -203,14 +204,13 @@ class RichProgress(Progress):
         self.bar.console.print(f"infercomp: {message}", markup=False, highlight=False)
 
 
-def transform(common: Common, source: Path, output: Path, config: Any, *, loader: ModelLoader | None = None, **run_options: Any) -> None:
-    """The body every transform command shares: run the pipeline with progress on stderr, then
-    print / save / gate the comparison. ``run_options`` go to ``pipeline.run`` (data, force...)."""
+def run(common: Common, verb: Callable[..., Comparison | None], *args: Any, **options: Any) -> None:
+    """The body every command shares: call the API ``verb`` with the shared options and progress
+    on stderr, then print / save / gate the comparison it returns."""
     with common.progress() as progress:
-        result = pipeline.run(
-            source, output, config, loader=loader or common.loader(), options=common.options(), progress=progress, **run_options
-        )
-    emit(result, common)
+        result = verb(*args, progress=progress, **{**common.verb_options(), **options})
+    if result is not None:  # None: a torchrun rank other than 0, which prints nothing
+        emit(result, common)
 
 
 def emit(comparison: Comparison, common: Common) -> None:
@@ -225,27 +225,9 @@ def emit(comparison: Comparison, common: Common) -> None:
         if any(Path(m.path).exists() and os.path.samefile(out, m.path) for m in comparison.models if out.exists()):
             raise UsageError(f"--report-out {out}: is one of the compared checkpoints; choose another path")
         fmt = {".md": "markdown", ".csv": "csv"}.get(out.suffix, "json")
-        write_text_atomic(out, render.render_text(comparison, fmt))
-    pipeline.check_gates(comparison, common.fail_if)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Temp file in the same folder, fsync, rename: a reader never sees half a report."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except OSError as e:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)
-        raise UsageError(f"--report-out {path}: cannot write the report ({e.strerror or e})") from e
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+        text = render.render_text(comparison, fmt).encode()
+        write_atomic(out, lambda f: f.write(text), what="the report")
+    check_gates(comparison, common.fail_if)
 
 
 F = TypeVar("F", bound=Callable[..., Any])

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import dataclasses
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from infercomp.commands import common as c
-from infercomp.distill import DistillConfig, ddp, run_rank, state_path
+import infercomp.api as api
+import infercomp.commands.common as c
 from infercomp.models import parse_config
 
 
@@ -85,40 +84,26 @@ def distill(
     DistributedDataParallel (gloo on CPU, NCCL on GPU); rank 0 alone writes and prints.
     """
     opts = c.Common.pick(locals())
-    config = DistillConfig(
-        student=None if student is None else str(student),
+    c.run(
+        opts,
+        api.distill,
+        teacher,
+        output,
+        data=data,
+        student=student,
         student_model=student_model,
-        student_config=parse_config(student_config) or {},
+        student_config=parse_config(student_config),
         temperature=temperature,
         alpha=alpha,
         epochs=epochs,
         lr=lr,
-        batch_size=batch_size,
         weight_decay=weight_decay,
         seed=seed,
-        val_data=None if val_data is None else str(val_data),
+        val_data=val_data,
         output_loss=output_loss,
         feature_loss=feature_loss,
-        feature_layers=tuple(feature_layers or ()),
+        feature_layers=feature_layers or (),
         feature_weight=feature_weight,
         resume=resume,
-    )
-    # The student's model code was named on the command line: trusted, and used for the output.
-    loader = dataclasses.replace(opts.loader(), trusted=frozenset({student_model} if student_model else ()))
-    if not ddp.from_env().main:  # torchrun rank > 0: train alongside rank 0, write and print nothing
-        try:
-            run_rank(teacher, output, config, loader=loader, data=data, device=opts.options().torch_device())
-        except KeyboardInterrupt:  # rank 0 reports the interruption; the state is saved
-            raise typer.Exit(130) from None
-        return
-    c.transform(
-        opts,
-        teacher,
-        output,
-        config,
-        loader=loader,
-        data=data,
-        eval_data=val_data,
         force=force,
-        on_saved=lambda out: state_path(out).unlink(missing_ok=True),  # written: nothing to resume
     )

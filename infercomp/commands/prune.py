@@ -7,8 +7,9 @@ from typing import Annotated
 
 import typer
 
-from infercomp.commands import common as c
-from infercomp.prune import METHODS, PruneConfig
+import infercomp.api as api
+import infercomp.commands.common as c
+from infercomp.prune import METHODS
 from infercomp.prune.structured import IMPORTANCES
 
 
@@ -75,14 +76,20 @@ def prune(
     Zeroed weights are stored as a bitmask plus the non-zero values when that is smaller.
     """
     opts = c.Common.pick(locals())
-    config = PruneConfig(
+    c.run(
+        opts,
+        api.prune,
+        source,
+        output,
         method=method,
         sparsity=sparsity,
         scope=scope,
-        include=tuple(include or ()),
-        exclude=tuple(exclude or ()),
         n=n,
         m=m,
         importance=importance,
+        include=include or (),
+        exclude=exclude or (),
+        data=data,
+        eval_data=eval_data,
+        force=force,
     )
-    c.transform(opts, source, output, config, data=data, eval_data=eval_data, force=force)

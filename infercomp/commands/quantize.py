@@ -7,8 +7,9 @@ from typing import Annotated
 
 import typer
 
-from infercomp.commands import common as c
-from infercomp.quantize import GROUP_SIZES, METHODS, SCHEMES, QuantizeConfig
+import infercomp.api as api
+import infercomp.commands.common as c
+from infercomp.quantize import GROUP_SIZES, METHODS, SCHEMES
 
 
 @c.handle_errors
@@ -85,14 +86,20 @@ def quantize(
     runs them quantized.
     """
     opts = c.Common.pick(locals())
-    config = QuantizeConfig(
+    c.run(
+        opts,
+        api.quantize,
+        source,
+        output,
         scheme=scheme,
         group_size=group_size,
         asymmetric=asymmetric,
         method=method,
         calib_samples=calib_samples,
         column_scales=column_scales,
-        include=tuple(include or ()),
-        exclude=tuple(exclude or ()),
+        include=include or (),
+        exclude=exclude or (),
+        data=data,
+        eval_data=eval_data,
+        force=force,
     )
-    c.transform(opts, source, output, config, data=data, eval_data=eval_data, force=force)

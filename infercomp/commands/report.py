@@ -7,10 +7,8 @@ from typing import Annotated
 
 import typer
 
-from infercomp import checkpoint
-from infercomp.commands import common as c
-from infercomp.data import load_data
-from infercomp.pipeline import compare
+import infercomp.api as api
+import infercomp.commands.common as c
 
 
 @c.handle_errors
@@ -41,9 +39,4 @@ def report(
     (labels) or fidelity against the first checkpoint (top-1 agreement, output cosine).
     """
     opts = c.Common.pick(locals())
-    ckpts = [checkpoint.load(p) for p in checkpoints]
-    tokenizer = checkpoints[0] if checkpoints[0].is_dir() else None  # a Hugging Face directory carries its tokenizer
-    dataset = load_data(data, tokenizer=tokenizer) if data is not None else None
-    with opts.progress() as progress:
-        result = compare(ckpts, loader=opts.loader(), options=opts.options(), data=dataset, progress=progress)
-    c.emit(result, opts)
+    c.run(opts, api.report, checkpoints, data=data)

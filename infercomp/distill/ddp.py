@@ -91,8 +91,3 @@ def gather(t: torch.Tensor, d: Dist) -> list[torch.Tensor]:
     out = [torch.empty_like(t) for _ in range(d.world)]
     dist.all_gather(out, t.contiguous())
     return out
-
-
-def barrier(d: Dist) -> None:
-    if d.active:
-        dist.barrier()

@@ -82,8 +82,6 @@ def kd_loss(
 
 # ----------------------------------------------------------------------------------- feature loss
 
-LAST_LINEAR = "<input of the last Linear>"
-
 
 def _last_linear(model: nn.Module, which: str) -> str:
     names = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]

@@ -3,22 +3,21 @@
 Tensors (student and projection weights, optimizer moments, every rank's RNG state, the best
 student so far) go into one safetensors file; everything else (epoch, step, scores, the options
 that produced it) is JSON in its metadata. No pickle: the optimizer state is flattened to
-``optim.<param index>.<key>`` tensors. Written atomically (temp file, fsync, rename), so an
+``optim.<param index>.<key>`` tensors. Written atomically by the checkpoint writer, so an
 interrupted save leaves the previous state intact.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
+from infercomp.checkpoint import write_safetensors
 from infercomp.errors import CheckpointError
 
 STATE_FORMAT = 1
@@ -103,17 +102,7 @@ def save(path: Path, st: TrainState) -> None:
         "has_best": st.best is not None,
         **st.info,
     }
-    meta = {_META_KEY: json.dumps(info, sort_keys=True)}
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        save_file(tensors, str(tmp), metadata=meta)
-        with open(tmp, "rb+") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:  # Ctrl-C included: never leave a partial file behind
-        tmp.unlink(missing_ok=True)
-        raise
+    write_safetensors(path, tensors, {_META_KEY: json.dumps(info, sort_keys=True)}, what="the training state")
 
 
 def load(path: Path) -> TrainState:

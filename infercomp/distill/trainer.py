@@ -14,13 +14,17 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
-from infercomp import measure
 from infercomp.data import Dataset
-from infercomp.distill import ddp, state
+from infercomp.distill.ddp import Dist, any_rank, gather, local_slice
 from infercomp.distill.loss import FeatureMatch, kd_loss_per_sample
+from infercomp.distill.state import TrainState, flatten_optimizer, restore_optimizer
+from infercomp.distill.state import load as load_state
+from infercomp.distill.state import save as save_state
 from infercomp.errors import UsageError
-from infercomp.measure import first_output
+from infercomp.metrics import accuracy
+from infercomp.models import first_output, predict
 from infercomp.progress import NULL, Progress
 
 
@@ -102,121 +106,154 @@ class Job:
     masks: dict[str, torch.Tensor] | None = None
 
 
-def train(teacher: nn.Module, trainable: Trainable, config: Any, job: Job, d: ddp.Dist) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Train ``trainable.student`` against ``teacher``; returns (the student's state dict — the
-    best by validation score when ``job.val`` is given, else the last — and a summary)."""
-    device, data, progress = job.device, job.data, job.progress
-    teacher.to(device).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    trainable.to(device)
-    masks = {name: m.to(device) for name, m in (job.masks or {}).items()}
-    params = dict(trainable.named_parameters())
-    opt = torch.optim.AdamW(trainable.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-    n, world = len(data), d.world
-    global_batch = config.batch_size * world
-    if n < world:
-        raise UsageError(f"{data.path}: {n} samples cannot be shared among {world} ranks")
-    steps_per_epoch = math.ceil(n / global_batch)
-    if 0 < n % global_batch < world:  # a last batch too small to give every rank a sample is dropped
-        steps_per_epoch -= 1
-    total = steps_per_epoch * config.epochs
-    labels = data.labels
-    need_teacher = config.alpha > 0 or trainable.features is not None or labels is None or bool((labels < 0).any())
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else nullcontext()
-    fingerprint = {"config": job.fingerprint, "world_size": world, "samples": n}
+class Trainer:
+    """One training run of ``trainable.student`` against ``teacher``: ``run()`` loops over epochs
+    calling ``step()`` per batch and ``end_epoch()`` after each epoch, which validates and saves
+    the resumable state (``save_state()``, also on an interrupt).
 
-    epoch, step, global_step = 0, 0, 0
-    best: dict[str, torch.Tensor] | None = None
-    log: list[dict[str, Any]] = []
-    resumed = _resume(job, d, fingerprint, trainable, opt)
-    if resumed is not None:
-        epoch, step, global_step = resumed.epoch, resumed.step, resumed.global_step
-        best, log = resumed.best, list(resumed.info.get("log", []))
-        progress.log(f"resuming from {job.state_file} at epoch {epoch + 1}, step {step + 1} of {steps_per_epoch}")
-    best_score = max((e["val"] for e in log if e.get("val") is not None), default=None)
-    model: nn.Module = trainable
-    if d.active:
-        from torch.nn.parallel import DistributedDataParallel
+    Attributes (the run's position; restored on resume):
+        epoch / step: the next step to run is ``step`` of epoch ``epoch`` (0-based).
+        global_step: steps run so far (drives the learning-rate schedule).
+        best / best_score: the best student so far by validation score (None without --val-data).
+        log: one entry per finished epoch (loss, validation score).
+    """
 
-        model = DistributedDataParallel(trainable, device_ids=[device.index] if device.type == "cuda" else None)
+    def __init__(self, teacher: nn.Module, trainable: Trainable, config: Any, job: Job, d: Dist):
+        self.teacher, self.trainable, self.config, self.job, self.d = teacher, trainable, config, job, d
+        self.device = job.device
+        teacher.to(self.device).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        trainable.to(self.device)
+        self.masks = {name: m.to(self.device) for name, m in (job.masks or {}).items()}
+        self.params = dict(trainable.named_parameters())
+        self.opt = torch.optim.AdamW(trainable.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+        n = len(job.data)
+        self.global_batch = config.batch_size * d.world
+        if n < d.world:
+            raise UsageError(f"{job.data.path}: {n} samples cannot be shared among {d.world} ranks")
+        self.steps_per_epoch = math.ceil(n / self.global_batch)
+        if 0 < n % self.global_batch < d.world:  # a last batch too small to give every rank a sample is dropped
+            self.steps_per_epoch -= 1
+        self.total = self.steps_per_epoch * config.epochs
+        labels = job.data.labels
+        self.need_teacher = config.alpha > 0 or trainable.features is not None or labels is None or bool((labels < 0).any())
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16) if self.device.type == "cuda" else nullcontext()
+        self.fingerprint = {"config": job.fingerprint, "world_size": d.world, "samples": n}
+        self.epoch, self.step_in_epoch, self.global_step = 0, 0, 0
+        self.best: dict[str, torch.Tensor] | None = None
+        self.log: list[dict[str, Any]] = []
+        resumed = _resume(job, d, self.fingerprint, trainable, self.opt)
+        if resumed is not None:
+            self.epoch, self.step_in_epoch, self.global_step = resumed.epoch, resumed.step, resumed.global_step
+            self.best, self.log = resumed.best, list(resumed.info.get("log", []))
+            job.progress.log(
+                f"resuming from {job.state_file} at epoch {self.epoch + 1}, step {self.step_in_epoch + 1} of {self.steps_per_epoch}"
+            )
+        self.best_score = max((e["val"] for e in self.log if e.get("val") is not None), default=None)
+        self.model: nn.Module = trainable
+        if d.active:
+            self.model = DistributedDataParallel(trainable, device_ids=[self.device.index] if self.device.type == "cuda" else None)
 
-    def checkpoint_state(finished: bool) -> None:
-        # Collective: every rank contributes its RNG state; rank 0 writes.
-        rng = [t.cpu() for t in ddp.gather(rng_state(device).to(device if device.type == "cuda" else "cpu"), d)]
-        if d.main and job.state_file is not None:
-            info = {**fingerprint, "log": log, "finished": finished}
-            st = state.TrainState(epoch, step, global_step, trainable.state_dict(), state.flatten_optimizer(opt), rng, best, info)
-            state.save(job.state_file, st)
+    def run(self) -> dict[str, torch.Tensor]:
+        """Train to the last epoch; returns the student's state dict (the best by validation score
+        when ``job.val`` is given, else the last). Ctrl-C / SIGTERM saves the state and raises
+        KeyboardInterrupt."""
+        config, progress = self.config, self.job.progress
+        with _Interrupts() as intr, progress.task("distilling", total=self.total) as task:
+            task.advance(self.global_step)
+            start, seen = time.perf_counter(), 0
+            while self.epoch < config.epochs:
+                order = epoch_order(len(self.job.data), config.seed, self.epoch)
+                self.trainable.train()
+                loss_sum, loss_n = 0.0, 0
+                while self.step_in_epoch < self.steps_per_epoch:
+                    if any_rank(intr.requested, self.d, self.device):
+                        self.save_state(finished=False)
+                        if self.job.state_file is not None:
+                            progress.log(f"interrupted: training state saved to {self.job.state_file}; rerun with --resume to continue")
+                        raise KeyboardInterrupt
+                    s = self.step_in_epoch
+                    batch = order[s * self.global_batch : (s + 1) * self.global_batch]
+                    total_loss, count = self.step(batch)
+                    loss_sum += total_loss
+                    loss_n += count
+                    seen += len(batch)
+                    rate = seen / max(time.perf_counter() - start, 1e-9)
+                    task.advance(1, epoch=f"{self.epoch + 1}/{config.epochs}", loss=loss_sum / max(loss_n, 1), **{"samples/s": round(rate)})
+                self.end_epoch(loss_sum / max(loss_n, 1))
+            if intr.requested:  # a signal during the last validation: the finished state is saved
+                raise KeyboardInterrupt
+        self.trainable.eval()
+        if self.best is not None:
+            return self.best
+        return {k: v.detach().cpu() for k, v in self.trainable.student.state_dict().items()}
 
-    summary: dict[str, Any] = {"steps": total, "resumed_at": None if resumed is None else global_step}
-    with _Interrupts() as intr, progress.task("distilling", total=total) as task:
-        task.advance(global_step)
-        start = time.perf_counter()
-        seen = 0
-        while epoch < config.epochs:
-            order = epoch_order(n, config.seed, epoch)
-            trainable.train()
-            loss_sum, loss_n = 0.0, 0
-            while step < steps_per_epoch:
-                if ddp.any_rank(intr.requested, d, device):
-                    checkpoint_state(finished=False)
-                    if job.state_file is not None:
-                        progress.log(f"interrupted: training state saved to {job.state_file}; rerun with --resume to continue")
-                    raise KeyboardInterrupt
-                batch = order[step * global_batch : (step + 1) * global_batch]
-                idx = ddp.local_slice(batch, d)
-                x = data.inputs[idx].to(device)
-                y = None if labels is None else labels[idx].to(device)
-                for group in opt.param_groups:
-                    group["lr"] = config.lr * lr_factor(global_step, total)
-                with autocast:
-                    t_out = None
-                    if need_teacher:
-                        with torch.no_grad():
-                            t_out = first_output(teacher(x))
-                    s_out, feat = model(x)
-                per_sample = kd_loss_per_sample(
-                    s_out, t_out, y, temperature=config.temperature, alpha=config.alpha, kind=config.output_loss
-                )
-                if feat is not None:
-                    per_sample = per_sample + config.feature_weight * feat
-                # Sum / global batch size, times world (DDP averages gradients over ranks): the same
-                # gradient as a single process taking the whole global batch, even when uneven.
-                loss = per_sample.sum() * (world / len(batch))
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
+    def step(self, batch: torch.Tensor) -> tuple[float, int]:
+        """One optimiser step on this rank's share of the global ``batch`` (sample indices).
+        Returns (sum of this rank's per-sample losses, its sample count)."""
+        config, data = self.config, self.job.data
+        idx = local_slice(batch, self.d)
+        x = data.inputs[idx].to(self.device)
+        y = None if data.labels is None else data.labels[idx].to(self.device)
+        for group in self.opt.param_groups:
+            group["lr"] = config.lr * lr_factor(self.global_step, self.total)
+        with self.autocast:
+            t_out = None
+            if self.need_teacher:
                 with torch.no_grad():
-                    for name, m in masks.items():
-                        params[name].mul_(m)
-                step += 1
-                global_step += 1
-                seen += len(batch)
-                loss_sum += float(per_sample.detach().sum())
-                loss_n += len(idx)
-                rate = seen / max(time.perf_counter() - start, 1e-9)
-                task.advance(1, epoch=f"{epoch + 1}/{config.epochs}", loss=loss_sum / max(loss_n, 1), **{"samples/s": round(rate)})
-            entry: dict[str, Any] = {"epoch": epoch + 1, "loss": round(loss_sum / max(loss_n, 1), 6), "val": None}
-            note = ""
-            if job.val is not None and d.main:
-                entry["val"] = score = _validate(trainable.student, teacher, job.val, config.batch_size, device)
-                if best_score is None or score >= best_score:  # ties go to the later (lower learning rate) epoch
-                    best_score = score
-                    best = {k: v.detach().cpu().clone() for k, v in trainable.student.state_dict().items()}
-                    note = " (best so far)"
-            log.append(entry)
-            metric = "" if entry["val"] is None else f", validation {_metric_name(job.val)} {entry['val']:.4f}{note}"
-            progress.log(f"epoch {epoch + 1}/{config.epochs}: loss {entry['loss']:.4f}{metric}")
-            epoch, step = epoch + 1, 0
-            checkpoint_state(finished=epoch == config.epochs)
-        if intr.requested:  # a signal during the last validation: the finished state is saved
-            raise KeyboardInterrupt
-    trainable.eval()
-    summary.update(log=log, best_score=best_score)
-    if best is not None:
-        return best, summary
-    return {k: v.detach().cpu() for k, v in trainable.student.state_dict().items()}, summary
+                    t_out = first_output(self.teacher(x))
+            s_out, feat = self.model(x)
+        per_sample = kd_loss_per_sample(s_out, t_out, y, temperature=config.temperature, alpha=config.alpha, kind=config.output_loss)
+        if feat is not None:
+            per_sample = per_sample + config.feature_weight * feat
+        # Sum / global batch size, times world (DDP averages gradients over ranks): the same
+        # gradient as a single process taking the whole global batch, even when uneven.
+        loss = per_sample.sum() * (self.d.world / len(batch))
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        with torch.no_grad():
+            for name, m in self.masks.items():
+                self.params[name].mul_(m)
+        self.step_in_epoch += 1
+        self.global_step += 1
+        return float(per_sample.detach().sum()), len(idx)
+
+    def end_epoch(self, loss: float) -> None:
+        """Validate (rank 0), keep the best student, log the epoch, save the state."""
+        config, val = self.config, self.job.val
+        entry: dict[str, Any] = {"epoch": self.epoch + 1, "loss": round(loss, 6), "val": None}
+        note = ""
+        if val is not None and self.d.main:
+            entry["val"] = score = _validate(self.trainable.student, self.teacher, val, config.batch_size, self.device)
+            if self.best_score is None or score >= self.best_score:  # ties go to the later (lower learning rate) epoch
+                self.best_score = score
+                self.best = {k: v.detach().cpu().clone() for k, v in self.trainable.student.state_dict().items()}
+                note = " (best so far)"
+        self.log.append(entry)
+        metric = "" if entry["val"] is None else f", validation {_metric_name(val)} {entry['val']:.4f}{note}"
+        self.job.progress.log(f"epoch {self.epoch + 1}/{config.epochs}: loss {entry['loss']:.4f}{metric}")
+        self.epoch, self.step_in_epoch = self.epoch + 1, 0
+        self.save_state(finished=self.epoch == config.epochs)
+
+    def save_state(self, finished: bool) -> None:
+        """Collective: every rank contributes its RNG state; rank 0 writes the resumable state."""
+        device = self.device
+        rng = [t.cpu() for t in gather(rng_state(device).to(device if device.type == "cuda" else "cpu"), self.d)]
+        if self.d.main and self.job.state_file is not None:
+            info = {**self.fingerprint, "log": self.log, "finished": finished}
+            st = TrainState(
+                self.epoch,
+                self.step_in_epoch,
+                self.global_step,
+                self.trainable.state_dict(),
+                flatten_optimizer(self.opt),
+                rng,
+                self.best,
+                info,
+            )
+            save_state(self.job.state_file, st)
 
 
 def _metric_name(val: Dataset | None) -> str:
@@ -228,27 +265,25 @@ def _validate(student: nn.Module, teacher: nn.Module, val: Dataset, batch_size: 
     was = student.training
     student.eval()
     with torch.no_grad():
-        out = measure.predict(student, val, batch_size=batch_size, device=device)
-        labelled = None if val.labels is None else measure.accuracy(out, val.labels)
+        out = predict(student, val, batch_size=batch_size, device=device)
+        labelled = None if val.labels is None else accuracy(out, val.labels)
         if labelled is not None:
             score = labelled
         else:
-            ref = measure.predict(teacher, val, batch_size=batch_size, device=device)
+            ref = predict(teacher, val, batch_size=batch_size, device=device)
             score = float((out.argmax(-1) == ref.argmax(-1)).float().mean())
     student.train(was)
     return round(score, 6)
 
 
-def _resume(
-    job: Job, d: ddp.Dist, fingerprint: dict[str, Any], trainable: Trainable, opt: torch.optim.Optimizer
-) -> state.TrainState | None:
+def _resume(job: Job, d: Dist, fingerprint: dict[str, Any], trainable: Trainable, opt: torch.optim.Optimizer) -> TrainState | None:
     path = job.state_file
     if path is None:
         if job.resume:
             raise UsageError("--resume needs an output path: the training state is kept next to it")
         return None
     exists = path.exists()
-    everywhere = [bool(t.item()) for t in ddp.gather(torch.tensor([int(exists)], device=job.device), d)]
+    everywhere = [bool(t.item()) for t in gather(torch.tensor([int(exists)], device=job.device), d)]
     if any(everywhere) and not all(everywhere):
         raise UsageError(f"{path}: visible on some ranks only; --resume across machines needs the output folder on a shared filesystem")
     if not job.resume:
@@ -258,7 +293,7 @@ def _resume(
     if not exists:
         job.progress.log(f"--resume: no saved state at {path}; starting from the beginning")
         return None
-    st = state.load(path)
+    st = load_state(path)
     saved = {k: st.info.get(k) for k in fingerprint}
     if saved != fingerprint:
         diff = [k for k in fingerprint if saved[k] != fingerprint[k]]
@@ -272,7 +307,7 @@ def _resume(
             "rerun with the same options, or without --resume to start over"
         )
     trainable.load_state_dict(st.model)
-    state.restore_optimizer(opt, st.optimizer)
+    restore_optimizer(opt, st.optimizer)
     set_rng_state(st.rng[d.rank], job.device)
     return st
 

@@ -6,32 +6,28 @@ Methods (``METHODS``):
   removed with everything that depends on them, so the tensors really shrink (``structured``);
 - ``2:4``: N:M semi-structured (``--n 2 --m 4``), the smallest |w| of every M consecutive inputs;
 - ``wanda``: |w| · ||x|| from calibration activations (``--data``), per output row or N:M.
-Zeroed weights are stored as a bitmask plus the non-zero values where that is smaller (``storage``).
+Zeroed weights are stored as a bitmask plus the non-zero values where that is smaller
+(``infercomp.formats.sparse``).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 
-from infercomp import encodings
+import infercomp.formats as formats
 from infercomp.checkpoint import Checkpoint
-from infercomp.config import TransformConfig, choice
-from infercomp.encodings import Codec
 from infercomp.errors import DataError, UsageError
-from infercomp.glob import selected
-from infercomp.measure import first_output
-from infercomp.prune import storage
+from infercomp.formats.sparse import BITMASK, BITMASK_24
+from infercomp.models import example_batch, first_output
+from infercomp.patterns import selected_weight
 from infercomp.prune.magnitude import magnitude_masks, score_masks
 from infercomp.prune.nm import is_nm, nm_fits, nm_mask
-from infercomp.prune.structured import IMPORTANCES, prune_channels, replay
+from infercomp.prune.structured import IMPORTANCES, prune_channels
 from infercomp.prune.wanda import input_norms, wanda_scores
-
-if TYPE_CHECKING:
-    from infercomp.pipeline import Context
+from infercomp.transform import Context, Transform, TransformConfig, choice
 
 SCOPES = ("layer", "global")
 
@@ -94,12 +90,6 @@ class PruneConfig(TransformConfig):
         return (2, 4) if self.method == "2:4" else None
 
 
-def prunable(name: str, t: torch.Tensor, config: PruneConfig) -> bool:
-    """Weight matrices / filters (2-D and up) of the selected modules."""
-    module, _, attr = name.rpartition(".")
-    return attr == "weight" and t.dim() >= 2 and t.is_floating_point() and selected(module, config.include, config.exclude)
-
-
 def prune(ckpt: Checkpoint, config: PruneConfig, ctx: Context) -> Checkpoint:
     """Apply ``config`` to ``ckpt`` and return the pruned checkpoint, zeros stored as bitmasks
     where that is smaller."""
@@ -110,7 +100,7 @@ def prune(ckpt: Checkpoint, config: PruneConfig, ctx: Context) -> Checkpoint:
 
 
 def _targets(ckpt: Checkpoint, dense: dict[str, torch.Tensor], config: PruneConfig) -> dict[str, torch.Tensor]:
-    targets = {n: t for n, t in dense.items() if prunable(n, t, config)}
+    targets = {n: t for n, t in dense.items() if selected_weight(n, t, config.include, config.exclude)}
     if not targets:
         raise UsageError(f"{ckpt.name}: no weight matches --include/--exclude; nothing to prune")
     return targets
@@ -134,7 +124,7 @@ def _nm_targets(ckpt: Checkpoint, targets: dict[str, torch.Tensor], m: int, ctx:
 
 
 def _magnitude(ckpt: Checkpoint, config: PruneConfig, ctx: Context) -> Checkpoint:
-    dense = encodings.logical_tensors(ckpt.tensors, ckpt.encodings, ckpt.name)
+    dense = formats.logical_tensors(ckpt.tensors, ckpt.encodings, ckpt.name)
     targets = _targets(ckpt, dense, config)
     pattern = config.pattern()
     if pattern is not None:
@@ -148,7 +138,7 @@ def _magnitude(ckpt: Checkpoint, config: PruneConfig, ctx: Context) -> Checkpoin
 def _wanda(ckpt: Checkpoint, config: PruneConfig, ctx: Context) -> Checkpoint:
     if ctx.data is None:
         raise DataError("--method wanda needs --data: calibration inputs whose activations weight |w| (a few hundred samples)")
-    dense = encodings.logical_tensors(ckpt.tensors, ckpt.encodings, ckpt.name)
+    dense = formats.logical_tensors(ckpt.tensors, ckpt.encodings, ckpt.name)
     targets = _targets(ckpt, dense, config)
     pattern = config.pattern()
     if pattern is not None:
@@ -187,25 +177,14 @@ def _masked(
     """Zero the masked weights; store them sparse; keep every other tensor as it was stored."""
     if pattern == (2, 4) and ctx.device.type != "cuda":
         ctx.progress.log("2:4 weights run dense on CPU (torch's semi-structured kernels are CUDA-only): expect no speed-up here")
-    tensors: dict[str, torch.Tensor] = {}
-    encs: dict[str, dict[str, Any]] = {}
-    owned = encodings.stored_keys(ckpt.encodings, ckpt.name)
-    taken = {k for keys in owned.values() for k in keys}
-    for name, t in ckpt.tensors.items():  # untouched tensors keep their stored form
-        if name not in taken and name not in masks:
-            tensors[name] = t
-    for name, spec in ckpt.encodings.items():
-        if name not in masks:
-            tensors.update({k: ckpt.tensors[k] for k in owned[name]})
-            encs[name] = spec
-    codec = storage.BITMASK_24 if pattern == (2, 4) else storage.BITMASK
+    # Untouched tensors keep their stored form (quantized ones stay quantized).
+    tensors, encs = formats.stored_form(ckpt.tensors, ckpt.encodings, masks, ckpt.name)
+    fmt = BITMASK_24 if pattern == (2, 4) else BITMASK
+    extra = None if pattern is None else {"pattern": f"{pattern[0]}:{pattern[1]}"}
     for name, mask in masks.items():
-        w = dense[name] * mask
-        stored, spec = storage.encode(name, w, codec=codec, force=codec == storage.BITMASK_24)
+        stored, spec = fmt.encode(name, dense[name] * mask, extra=extra)
         tensors.update(stored)
         if spec is not None:
-            if pattern is not None:
-                spec["pattern"] = f"{pattern[0]}:{pattern[1]}"
             encs[name] = spec
     return Checkpoint(tensors=tensors, model=ckpt.model, encodings=encs, plan=ckpt.plan)
 
@@ -213,21 +192,12 @@ def _masked(
 # ------------------------------------------------------------------------------------- structured
 
 
-def example_input(ckpt: Checkpoint, ctx: Context, model: torch.nn.Module) -> torch.Tensor:
-    """Two samples to trace the model with: from ``--data``, else noise of the model's known input shape."""
-    from infercomp.models import input_shape
-
-    if ctx.data is not None:
-        return ctx.data.inputs[:2]
-    shape = input_shape(ckpt, ctx.loader, model)
-    if shape is None:
-        raise UsageError(f"{ckpt.name}: channel pruning traces the model and needs an example input; pass --data")
-    return torch.rand((2, *shape), generator=torch.Generator().manual_seed(0))
-
-
 def _channel(ckpt: Checkpoint, config: PruneConfig, ctx: Context) -> Checkpoint:
     model = ctx.loader.build(ckpt, runtime=False).cpu().eval()
-    example = example_input(ckpt, ctx, model)
+    # Two samples to trace the model with: from --data, else noise of the model's known input shape.
+    example = example_batch(ckpt, ctx.loader, model, 2, ctx.data)
+    if example is None:
+        raise UsageError(f"{ckpt.name}: channel pruning traces the model and needs an example input; pass --data")
     with torch.no_grad():
         before = first_output(model(example))
     calibration = None
@@ -254,9 +224,8 @@ def _channel(ckpt: Checkpoint, config: PruneConfig, ctx: Context) -> Checkpoint:
     tensors: dict[str, torch.Tensor] = {}
     encs: dict[str, dict[str, Any]] = {}
     for name, t in dense.items():  # weights that still hold zeros (pruned before) stay compressed
-        module, _, attr = name.rpartition(".")
-        if attr == "weight" and t.dim() >= 2 and t.is_floating_point():
-            stored, spec = storage.encode(name, t)
+        if selected_weight(name, t, (), ()):
+            stored, spec = BITMASK.encode(name, t)
             tensors.update(stored)
             if spec is not None:
                 encs[name] = spec
@@ -266,22 +235,10 @@ def _channel(ckpt: Checkpoint, config: PruneConfig, ctx: Context) -> Checkpoint:
     return Checkpoint(tensors=tensors, model=ckpt.model, encodings=encs, plan={**(ckpt.plan or {}), "prune": [*stages, stage]})
 
 
-METHODS: dict[str, Callable[[Checkpoint, PruneConfig, Any], Checkpoint]] = {
+METHODS: dict[str, Transform] = {
     "magnitude": _magnitude,
     "channel": _channel,
     "2:4": _magnitude,
     "wanda": _wanda,
 }
-CODECS: dict[str, Codec] = dict(storage.CODECS)
-__all__ = [
-    "CODECS",
-    "METHODS",
-    "PruneConfig",
-    "example_input",
-    "is_nm",
-    "magnitude_masks",
-    "nm_mask",
-    "prune",
-    "prune_channels",
-    "replay",
-]
+__all__ = ["METHODS", "PruneConfig", "is_nm", "magnitude_masks", "nm_mask", "prune", "prune_channels"]

@@ -4,8 +4,9 @@ Removing output channel c of a layer also removes everything coupled to it: the 
 input channels, BatchNorm / LayerNorm entries, residual-coupled layers and parameters, flattened
 features. ``torch_pruning.DependencyGraph`` finds those groups by tracing one forward pass; this
 module ranks each group's channels, keeps the best ``1 - sparsity`` of them, prunes the module in
-place, and returns a *plan* (root layer, dim, kept indices) that :func:`replay` applies to a fresh
-module.
+place, and returns a *plan* (root layer, dim, kept indices) that the output checkpoint records, so
+it says which channels of the input survived. (Loading needs no replay: the loader adapts standard
+layers to the stored shapes.)
 
 Importance of channel c of a group (``--importance``):
 - ``l1`` (default): R_c = Σ_j |w_cj| over the output rows of the group's Conv/Linear layers;
@@ -28,8 +29,8 @@ import torch_pruning as tp
 from torch import nn
 
 from infercomp.errors import ModelError
-from infercomp.glob import selected
-from infercomp.measure import first_output
+from infercomp.models import first_output
+from infercomp.patterns import selected
 from infercomp.progress import NULL, Progress
 from infercomp.prune.magnitude import keep_largest
 from infercomp.prune.wanda import input_norms
@@ -126,12 +127,6 @@ def prune_channels(
     if skipped:
         progress.log(f"channel pruning kept the output size of {', '.join(sorted(names[m] for m in frozen))}")
     return {"method": "channel", "groups": plan}
-
-
-def replay(model: nn.Module, stage: dict[str, Any], example: torch.Tensor) -> None:
-    """Apply a recorded plan (from :func:`prune_channels`) to a freshly built ``model``, in place."""
-    graph = build_graph(model, example)
-    _apply(model, graph, stage["groups"])
 
 
 def _apply(model: nn.Module, graph: tp.DependencyGraph, plan: Sequence[dict[str, Any]]) -> None:

@@ -1,36 +1,30 @@
 """Quantization: store and run weights in fewer bits.
 ``quantize(ckpt, QuantizeConfig(...), ctx) -> Checkpoint``.
 
-Schemes (``SCHEMES``) and how each is stored (compressed-tensors naming where it fits):
-
-| scheme         | stored tensors of ``<m>.weight``                                      | runs as |
-|----------------|------------------------------------------------------------------------|---------|
-| int8           | ``<m>.weight`` int8, ``<m>.weight_scale`` (out, groups) [, ``<m>.weight_column_scale`` (in,)] | weight-only int8 |
-| int8-dynamic   | same as int8 (per channel)                                             | int8 x int8 kernels, activations quantized per call |
-| int4           | ``<m>.weight_packed`` uint8 (two per byte), ``<m>.weight_scale``, ``<m>.weight_zero_point`` (asymmetric) [, ``<m>.weight_column_scale``] | weight-only int4 |
-| fp8            | ``<m>.weight`` float8_e4m3fn, ``<m>.weight_scale`` (out, 1)            | fp8 matmul on CUDA >= sm89, else dequantized |
-| fp16, bf16     | every float tensor cast                                                | float32 compute |
+Schemes (``SCHEMES``): ``int8``, ``int8-dynamic``, ``int4``, ``fp8`` (stored as the formats of
+``infercomp.formats.quantized``, which documents each layout and how it runs) and ``fp16`` /
+``bf16`` (every float tensor cast). This package chooses the integers (round to nearest, with
+optional column scales, or GPTQ); the formats store them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
-from torch import nn
 
-from infercomp import encodings
+import infercomp.formats as formats
+import infercomp.formats.grid as grid
 from infercomp.checkpoint import Checkpoint
-from infercomp.config import TransformConfig, choice
-from infercomp.encodings import Codec, Tensors
 from infercomp.errors import UsageError
-from infercomp.glob import selected
-from infercomp.quantize import gptq, runtime, schemes
-from infercomp.quantize.schemes import IntFormat, Quantized
-
-if TYPE_CHECKING:
-    from infercomp.pipeline import Context
+from infercomp.formats.grid import IntFormat, Quantized
+from infercomp.formats.qmodules import fp8_matmul_supported
+from infercomp.formats.quantized import FP8, INT4, INT8, INT8_DYNAMIC
+from infercomp.formats.sparse import BITMASK, BITMASK_24
+from infercomp.patterns import selected, selected_weight
+from infercomp.quantize import gptq
+from infercomp.transform import Context, TransformConfig, choice
 
 SCHEMES = ("int8", "int8-dynamic", "int4", "fp8", "fp16", "bf16")
 METHODS = ("rtn", "gptq")
@@ -52,7 +46,7 @@ class QuantizeConfig(TransformConfig):
         method: ``rtn`` (round to nearest) or ``gptq`` (error-compensating; needs calibration data).
         calib_samples: calibration inputs GPTQ uses (the first ones of ``--data``).
         column_scales: int8 / int4 with RTN: None (default) gives a tensor column scales when they
-            lower its reconstruction error (``schemes.choose_column_scale``); True on every
+            lower its reconstruction error (``grid.choose_column_scale``); True on every
             tensor; False never (plain compressed-tensors layout).
         include / exclude: glob patterns on module names.
     """
@@ -100,79 +94,16 @@ class QuantizeConfig(TransformConfig):
         return IntFormat(_INT_BITS[self.scheme], symmetric=not self.asymmetric)
 
 
-# -------------------------------------------------------------------------------------- codecs
-
-
-def _dtype(spec: dict[str, Any]) -> torch.dtype:
-    return getattr(torch, spec.get("dtype", "float32"))
-
-
-def _int8_keys(name: str, spec: dict[str, Any]) -> list[str]:
-    keys = [name, f"{name}_scale"]
-    return [*keys, f"{name}_column_scale"] if spec.get("column_scale") else keys
-
-
-def _int8_decode(tensors: Tensors, name: str, spec: dict[str, Any]) -> torch.Tensor:
-    q = tensors[name].reshape(spec["shape"][0], -1)
-    w = schemes.dequantize(q, tensors[f"{name}_scale"], None, column_scale=runtime.column_scale_of(tensors, name, spec))
-    return w.reshape(spec["shape"]).to(_dtype(spec))
-
-
-def _int4_keys(name: str, spec: dict[str, Any]) -> list[str]:
-    keys = [f"{name}_packed", f"{name}_scale"]
-    if not spec.get("symmetric", True):
-        keys.append(f"{name}_zero_point")
-    return [*keys, f"{name}_column_scale"] if spec.get("column_scale") else keys
-
-
-def _int4_decode(tensors: Tensors, name: str, spec: dict[str, Any]) -> torch.Tensor:
-    sym = spec.get("symmetric", True)
-    q = schemes.unpack_int4(tensors[f"{name}_packed"], sym)
-    zp = None if sym else tensors[f"{name}_zero_point"]
-    w = schemes.dequantize(q, tensors[f"{name}_scale"], zp, column_scale=runtime.column_scale_of(tensors, name, spec))
-    return w.reshape(spec["shape"]).to(_dtype(spec))
-
-
-def _fp8_decode(tensors: Tensors, name: str, spec: dict[str, Any]) -> torch.Tensor:
-    w = schemes.dequantize_fp8(tensors[name].reshape(spec["shape"][0], -1), tensors[f"{name}_scale"])
-    return w.reshape(spec["shape"]).to(_dtype(spec))
-
-
-def _runtime(kind: str):
-    def build(old: nn.Module, tensors: Tensors, name: str, spec: dict[str, Any]) -> nn.Module:
-        return runtime.build(kind, old, tensors, name, spec)
-
-    return build
-
-
-def _format_version(spec: dict[str, Any]) -> int:
-    return 2 if spec.get("column_scale") else 1  # format 2 added column scales
-
-
-CODECS: dict[str, Codec] = {
-    "int8": Codec(keys=_int8_keys, decode=_int8_decode, runtime=_runtime("int8"), format_version=_format_version),
-    "int8-dynamic": Codec(keys=_int8_keys, decode=_int8_decode, runtime=_runtime("int8-dynamic")),
-    "int4": Codec(keys=_int4_keys, decode=_int4_decode, runtime=_runtime("int4"), format_version=_format_version),
-    "fp8": Codec(keys=_int8_keys, decode=_fp8_decode, runtime=_runtime("fp8")),
-}
-
-
 # ----------------------------------------------------------------------------------- transform
-
-
-def quantizable(name: str, t: torch.Tensor, config: QuantizeConfig) -> bool:
-    """Weight matrices, filters and embedding tables (2-D and up) of the selected modules."""
-    module, _, attr = name.rpartition(".")
-    return attr == "weight" and t.dim() >= 2 and t.is_floating_point() and selected(module, config.include, config.exclude)
 
 
 def quantize(ckpt: Checkpoint, config: QuantizeConfig, ctx: Context) -> Checkpoint:
     """Apply ``config`` to ``ckpt`` and return the quantized checkpoint (encoded tensors described
     in ``encodings``; everything not selected is kept as it was, decoded if it was encoded)."""
-    dense = encodings.logical_tensors(ckpt.tensors, ckpt.encodings, ckpt.name)
+    dense = formats.logical_tensors(ckpt.tensors, ckpt.encodings, ckpt.name)
     if config.scheme in _CASTS:
         return _cast(ckpt, dense, config)
-    chosen = {n: t for n, t in dense.items() if quantizable(n, t, config)}
+    chosen = {n: t for n, t in dense.items() if selected_weight(n, t, config.include, config.exclude)}
     chosen = _check_groups(ckpt, chosen, config, ctx)
     done: dict[str, Quantized] = {}
     if config.method == "gptq":
@@ -184,22 +115,20 @@ def quantize(ckpt: Checkpoint, config: QuantizeConfig, ctx: Context) -> Checkpoi
             if name not in chosen:
                 out[name] = t
                 continue
-            spec = {"codec": config.scheme, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch.")}
             if config.scheme == "fp8":
-                out[name], out[f"{name}_scale"] = schemes.quantize_fp8(t)
-                spec["granularity"] = "channel"
+                stored, encs[name] = FP8.encode(name, t)
             else:
                 qz = done.get(name) or _rtn(t, config)
-                spec.update(_int_spec(config, name in done))
-                if qz.column_scale is not None:
-                    spec["column_scale"] = True
-                out.update(_store(name, qz, config))
-            encs[name] = spec
+                method = "gptq" if name in done else "rtn"
+                stored, encs[name] = _INT_FORMATS[config.scheme].encode(
+                    name, qz, shape=t.shape, dtype=t.dtype, group_size=config.groups, method=method
+                )
+            out.update(stored)
             task.advance()
     if config.scheme == "fp8":
         how = (
             "torch._scaled_mm"
-            if runtime.fp8_matmul_supported(ctx.device)
+            if fp8_matmul_supported(ctx.device)
             else "dequantized to float on the fly (fp8 matmul needs a CUDA GPU of compute capability >= 8.9)"
         )
         ctx.progress.log(f"fp8: stored as float8_e4m3fn with per-channel scales; Linear layers on {ctx.device.type} run {how}")
@@ -208,33 +137,10 @@ def quantize(ckpt: Checkpoint, config: QuantizeConfig, ctx: Context) -> Checkpoi
 
 def _rtn(t: torch.Tensor, config: QuantizeConfig) -> Quantized:
     if config.scheme not in ("int8", "int4") or config.column_scales is False:
-        return schemes.quantize_rtn(t, config.format, config.groups)
+        return grid.quantize_rtn(t, config.format, config.groups)
     if config.column_scales:
-        return schemes.quantize_rtn(t, config.format, config.groups, schemes.column_scales(t))
-    return schemes.choose_column_scale(t, config.format, config.groups)
-
-
-def _int_spec(config: QuantizeConfig, by_gptq: bool) -> dict[str, Any]:
-    g = config.groups
-    return {
-        "bits": config.format.bits,
-        "symmetric": config.format.symmetric,
-        "granularity": "channel" if g is None else "group",
-        "group_size": g,
-        "method": "gptq" if by_gptq else "rtn",
-    }
-
-
-def _store(name: str, qz: Quantized, config: QuantizeConfig) -> dict[str, torch.Tensor]:
-    if config.scheme == "int4":
-        out = {f"{name}_packed": schemes.pack_int4(qz.q, config.format.symmetric), f"{name}_scale": qz.scale}
-    else:
-        out = {name: qz.q, f"{name}_scale": qz.scale}
-    if qz.zero_point is not None:
-        out[f"{name}_zero_point"] = qz.zero_point
-    if qz.column_scale is not None:
-        out[f"{name}_column_scale"] = qz.column_scale
-    return out
+        return grid.quantize_rtn(t, config.format, config.groups, grid.column_scales(t))
+    return grid.choose_column_scale(t, config.format, config.groups)
 
 
 def _check_groups(ckpt: Checkpoint, chosen: dict[str, torch.Tensor], config: QuantizeConfig, ctx: Context) -> dict[str, torch.Tensor]:
@@ -286,7 +192,7 @@ def _gptq(
             qz = gptq.gptq(m.weight.detach(), h, config.format, config.groups)
             done[f"{n}.weight"] = qz
             # Later layers calibrate against this layer's quantized output.
-            deq = schemes.dequantize(qz.q, qz.scale, qz.zero_point).reshape(m.weight.shape)
+            deq = grid.dequantize(qz.q, qz.scale, qz.zero_point).reshape(m.weight.shape)
             with torch.no_grad():
                 m.weight.copy_(deq)
             task.advance()
@@ -294,9 +200,8 @@ def _gptq(
 
 
 def _cast(ckpt: Checkpoint, dense: dict[str, torch.Tensor], config: QuantizeConfig) -> Checkpoint:
-    """fp16 / bf16: every floating-point tensor of the selected modules, cast."""
-    from infercomp.prune import storage  # sparse weights stay stored sparse after the cast
-
+    """fp16 / bf16: every floating-point tensor of the selected modules, cast (sparse weights
+    stay stored sparse)."""
     dtype = _CASTS[config.scheme]
     out: dict[str, torch.Tensor] = {}
     encs: dict[str, dict[str, Any]] = {}
@@ -307,8 +212,9 @@ def _cast(ckpt: Checkpoint, dense: dict[str, torch.Tensor], config: QuantizeConf
             t = t.to(dtype)
             cast += 1
         old = ckpt.encodings.get(name)
-        if old is not None and old["codec"] in (storage.BITMASK, storage.BITMASK_24):
-            stored, spec = storage.encode(name, t, codec=old["codec"], force=old["codec"] == storage.BITMASK_24)
+        sparse = {BITMASK.name: BITMASK, BITMASK_24.name: BITMASK_24}
+        if old is not None and old["codec"] in sparse:
+            stored, spec = sparse[old["codec"]].encode(name, t)
             out.update(stored)
             if spec is not None:
                 encs[name] = {**old, **spec}
@@ -319,4 +225,6 @@ def _cast(ckpt: Checkpoint, dense: dict[str, torch.Tensor], config: QuantizeConf
     return Checkpoint(tensors=out, model=ckpt.model, encodings=encs, plan=ckpt.plan)
 
 
-__all__ = ["CODECS", "GROUP_SIZES", "METHODS", "SCHEMES", "QuantizeConfig", "quantize"]
+_INT_FORMATS = {"int8": INT8, "int8-dynamic": INT8_DYNAMIC, "int4": INT4}
+
+__all__ = ["GROUP_SIZES", "METHODS", "SCHEMES", "QuantizeConfig", "quantize"]

@@ -16,8 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from infercomp.quantize import schemes
-from infercomp.quantize.schemes import IntFormat, Quantized
+import infercomp.formats.grid as grid
+from infercomp.formats.grid import IntFormat, Quantized
 
 DAMP = 0.01  # fraction of the mean Hessian diagonal added to it (numerical stability)
 BLOCK = 128  # columns updated together before the lazy batch update of the rest
@@ -77,7 +77,7 @@ def gptq(w: torch.Tensor, h: torch.Tensor, fmt: IntFormat, group_size: int | Non
 
     Group scales (and zero points) are set when the sweep reaches each group, from the weights as
     updated so far; per-channel scales come from the original rows."""
-    wr = schemes.rows(w).clone()
+    wr = grid.rows(w).clone()
     out, n = wr.shape
     h = h.clone()
     # Inputs that were always zero in calibration (e.g. blank border pixels): no information, so
@@ -101,13 +101,13 @@ def gptq(w: torch.Tensor, h: torch.Tensor, fmt: IntFormat, group_size: int | Non
             if col % g == 0:  # entering a new group: its scale from the current weights
                 gi = col // g
                 grp = torch.cat([wb[:, j:], wr[:, b1:]], dim=1)[:, :g] if col + g > b1 else wb[:, j : j + g]
-                s, z = schemes.group_params(grp, fmt)
+                s, z = grid.group_params(grp, fmt)
                 scales[:, gi] = s.float()
                 if zps is not None and z is not None:
                     zps[:, gi] = z
             gi = col // g
             wcol = wb[:, j]
-            qcol = schemes.quantize_groups(wcol[:, None], scales[:, gi], None if zps is None else zps[:, gi], fmt)[:, 0]
+            qcol = grid.quantize_groups(wcol[:, None], scales[:, gi], None if zps is None else zps[:, gi], fmt)[:, 0]
             q_all[:, col] = qcol
             zp = 0.0 if zps is None else zps[:, gi].float()
             deq = (qcol.float() - zp) * scales[:, gi]
@@ -115,9 +115,9 @@ def gptq(w: torch.Tensor, h: torch.Tensor, fmt: IntFormat, group_size: int | Non
             wb[:, j:] -= e[:, None] * hb[j, j:][None, :]
             err[:, j] = e
         wr[:, b1:] -= err @ hinv[b0:b1, b1:]
-    # Each group's scale was rounded to float16 when it fits there (see schemes.storable_scale).
+    # Each group's scale was rounded to float16 when it fits there (see grid.storable_scale).
     return Quantized(q=q_all, scale=scales.half() if _all_fp16(scales) else scales, zero_point=zps)
 
 
 def _all_fp16(scales: torch.Tensor) -> bool:
-    return bool(((scales >= schemes.FP16_NORMAL_MIN) & (scales <= schemes.FP16_MAX)).all())
+    return bool(((scales >= grid.FP16_NORMAL_MIN) & (scales <= grid.FP16_MAX)).all())

@@ -10,23 +10,19 @@ alone were a tenth of the file, so they are left out.
 Decoding scatters the values back, so the dense tensor is restored bit for bit (-0.0 is stored as a
 zero). ``encode`` keeps a tensor dense when the bitmask form would not be smaller.
 
-Two codecs share this layout: ``sparse-bitmask`` (decoded to dense when loaded) and
+Two formats share this layout: ``sparse-bitmask`` (decoded to dense when loaded) and
 ``sparse-24-bitmask`` (2:4 weights; on CUDA a Linear runs torch's semi-structured sparse kernels).
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from infercomp.encodings import Codec, Tensors
+from infercomp.formats.base import Format, Spec, Tensors, dtype_name
 
-BITMASK = "sparse-bitmask"
-BITMASK_24 = "sparse-24-bitmask"
 PARTS = ("bitmask", "compressed")
 
 
@@ -35,40 +31,6 @@ def encoded_bytes(t: torch.Tensor) -> int:
     rows = t.shape[0]
     cols = t.numel() // max(rows, 1)
     return rows * -(-cols // 8) + int(torch.count_nonzero(t)) * t.element_size()
-
-
-def encode(
-    name: str, t: torch.Tensor, *, codec: str = BITMASK, force: bool = False
-) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    """Stored tensors and the encoding spec for ``t``; ``({name: t}, None)`` (dense) when the
-    bitmask form is not smaller, unless ``force``."""
-    if not force and encoded_bytes(t) >= t.numel() * t.element_size():
-        return {name: t}, None
-    w = t.detach().cpu().contiguous().reshape(t.shape[0], -1)  # (rows, cols)
-    nz = w != 0
-    bits = np.packbits(nz.numpy(), axis=1, bitorder="little")
-    values = w[nz].clone()
-    stored = {f"{name}.bitmask": torch.from_numpy(bits), f"{name}.compressed": values}
-    spec = {"codec": codec, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."), "nnz": values.numel()}
-    return stored, spec
-
-
-def _keys(name: str, spec: dict[str, Any]) -> list[str]:
-    del spec
-    return [f"{name}.{p}" for p in PARTS]
-
-
-def decode(tensors: Tensors, name: str, spec: dict[str, Any]) -> torch.Tensor:
-    """The dense tensor (logical shape and dtype) from its bitmask parts."""
-    shape = [int(s) for s in spec["shape"]]
-    rows = shape[0]
-    cols = int(np.prod(shape[1:])) if len(shape) > 1 else 1
-    bits = tensors[f"{name}.bitmask"].numpy()
-    mask = torch.from_numpy(np.unpackbits(bits, axis=1, count=cols, bitorder="little").astype(bool))  # (rows, cols)
-    values = tensors[f"{name}.compressed"]
-    out = torch.zeros(rows, cols, dtype=values.dtype)
-    out[mask] = values
-    return out.reshape(shape)
 
 
 class SemiSparseLinear(nn.Module):
@@ -121,19 +83,61 @@ def _to_semi_structured(w: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
-def _runtime_24(old: nn.Module, tensors: Tensors, name: str, spec: dict[str, Any]) -> nn.Module:
-    weight = decode(tensors, name, spec)
-    bias = tensors.get(name.removesuffix("weight") + "bias")
-    if isinstance(old, nn.Linear):
-        return SemiSparseLinear(weight, None if bias is None else bias.clone())
-    # Not a Linear (a conv): load its dense weight and bias here, since the loader skips this module.
-    old.weight = nn.Parameter(weight, requires_grad=False)
-    if bias is not None and getattr(old, "bias", None) is not None:
-        old.bias = nn.Parameter(bias.clone(), requires_grad=False)
-    return old
+class Bitmask(Format):
+    """``sparse-bitmask``: any tensor with zeros; decoded to dense when loaded."""
+
+    name = "sparse-bitmask"
+
+    def keys(self, name: str, spec: Spec) -> list[str]:
+        del spec
+        return [f"{name}.{p}" for p in PARTS]
+
+    def encode(
+        self, name: str, t: torch.Tensor, *, force: bool = False, extra: Spec | None = None
+    ) -> tuple[dict[str, torch.Tensor], Spec | None]:
+        """Stored tensors and the spec for ``t`` (``extra`` fields are added to the spec);
+        ``({name: t}, None)`` (stored dense) when the bitmask form is not smaller, unless ``force``."""
+        if not force and encoded_bytes(t) >= t.numel() * t.element_size():
+            return {name: t}, None
+        w = t.detach().cpu().contiguous().reshape(t.shape[0], -1)  # (rows, cols)
+        nz = w != 0
+        bits = np.packbits(nz.numpy(), axis=1, bitorder="little")
+        values = w[nz].clone()
+        stored = {f"{name}.bitmask": torch.from_numpy(bits), f"{name}.compressed": values}
+        spec = {**(extra or {}), "codec": self.name, "shape": list(t.shape), "dtype": dtype_name(t.dtype), "nnz": values.numel()}
+        return stored, spec
+
+    def decode(self, tensors: Tensors, name: str, spec: Spec) -> torch.Tensor:
+        """The dense tensor (logical shape and dtype) from its bitmask parts."""
+        shape = [int(s) for s in spec["shape"]]
+        rows = shape[0]
+        cols = int(np.prod(shape[1:])) if len(shape) > 1 else 1
+        bits = tensors[f"{name}.bitmask"].numpy()
+        mask = torch.from_numpy(np.unpackbits(bits, axis=1, count=cols, bitorder="little").astype(bool))  # (rows, cols)
+        values = tensors[f"{name}.compressed"]
+        out = torch.zeros(rows, cols, dtype=values.dtype)
+        out[mask] = values
+        return out.reshape(shape)
 
 
-CODECS: dict[str, Codec] = {
-    BITMASK: Codec(keys=_keys, decode=decode),
-    BITMASK_24: Codec(keys=_keys, decode=decode, runtime=_runtime_24),
-}
+class Bitmask24(Bitmask):
+    """``sparse-24-bitmask``: 2:4 weights (always stored sparse); on CUDA a Linear runs torch's
+    semi-structured sparse kernels."""
+
+    name = "sparse-24-bitmask"
+
+    def encode(
+        self, name: str, t: torch.Tensor, *, force: bool = True, extra: Spec | None = None
+    ) -> tuple[dict[str, torch.Tensor], Spec | None]:
+        return super().encode(name, t, force=force, extra=extra)
+
+    def runtime(self, old: nn.Module, tensors: Tensors, name: str, spec: Spec) -> nn.Module | None:
+        weight = self.decode(tensors, name, spec)
+        bias = tensors.get(name.removesuffix("weight") + "bias")
+        if isinstance(old, nn.Linear):
+            return SemiSparseLinear(weight, None if bias is None else bias.clone())
+        return None  # a conv: decoded and loaded like any dense weight
+
+
+BITMASK = Bitmask()
+BITMASK_24 = Bitmask24()

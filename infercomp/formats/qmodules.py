@@ -1,4 +1,5 @@
-"""Modules that run quantized weights directly, swapped in when a quantized checkpoint is loaded.
+"""Modules that run quantized weights directly, swapped in when a quantized checkpoint is loaded
+(``infercomp.formats.quantized`` decides which one replaces which layer).
 
 What runs where (measured on CPU with torch 2.13; ``bench/bench_quantize.py`` repeats it):
 - ``int8-dynamic`` Linear: per-channel int8 weights, activations quantized per call with one
@@ -25,15 +26,13 @@ What runs where (measured on CPU with torch 2.13; ``bench/bench_quantize.py`` re
 from __future__ import annotations
 
 import threading
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from infercomp.quantize import schemes
-
-Tensors = Any  # Mapping[str, torch.Tensor]
+import infercomp.formats.grid as grid
+from infercomp.formats.base import Spec, Tensors
 
 # Rows of input up to which torch's weight-only CPU kernels beat dequantize + float matmul.
 KERNEL_MAX_ROWS = 1
@@ -74,10 +73,10 @@ class StoredWeight(nn.Module):
             q, s = q[flat], s[flat]
             z = None if z is None else z[flat]
         if self.kind == "fp8":
-            w = schemes.dequantize_fp8(q, s, dtype)
+            w = grid.dequantize_fp8(q, s, dtype)
         else:
-            ints = schemes.unpack_int4(q, self.symmetric) if self.kind == "int4" else q
-            w = schemes.dequantize(ints, s, z, dtype, self.column_scale)
+            ints = grid.unpack_int4(q, self.symmetric) if self.kind == "int4" else q
+            w = grid.dequantize(ints, s, z, dtype, self.column_scale)
         return w if index is None else w.reshape(*index.shape, w.shape[-1])
 
     def dense(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -139,8 +138,8 @@ def fp8_matmul_supported(device: torch.device) -> bool:
 def _fp8_linear(x2: torch.Tensor, wq: StoredWeight) -> torch.Tensor:
     # (M, K) activations -> fp8 with one scale; (N, K) fp8 weights with per-row scales, applied after.
     out_dtype = x2.dtype if x2.dtype in (torch.float16, torch.bfloat16) else torch.bfloat16
-    xs = (x2.abs().amax().float() / schemes.FP8_MAX).clamp(min=1e-12)
-    xq = (x2.float() / xs).clamp(-schemes.FP8_MAX, schemes.FP8_MAX).to(torch.float8_e4m3fn)
+    xs = (x2.abs().amax().float() / grid.FP8_MAX).clamp(min=1e-12)
+    xq = (x2.float() / xs).clamp(-grid.FP8_MAX, grid.FP8_MAX).to(torch.float8_e4m3fn)
     m = xq.shape[0]
     pad = (-m) % 16  # _scaled_mm wants dimensions divisible by 16
     if pad:
@@ -276,13 +275,13 @@ class QuantEmbedding(nn.Module):
         return self.weight_q.rows(index, dtype=self.dtype)
 
 
-def column_scale_of(tensors: Tensors, name: str, spec: dict[str, Any]) -> torch.Tensor | None:
+def column_scale_of(tensors: Tensors, name: str, spec: Spec) -> torch.Tensor | None:
     """The stored column scales of the encoded tensor ``name``, or None."""
     return tensors[f"{name}_column_scale"] if spec.get("column_scale") else None
 
 
-def stored_weight(kind: str, tensors: Tensors, name: str, spec: dict[str, Any]) -> StoredWeight:
-    """The stored parts of the encoded tensor ``name`` (see ``infercomp.quantize.CODECS``)."""
+def stored_weight(kind: str, tensors: Tensors, name: str, spec: Spec) -> StoredWeight:
+    """The stored parts of the encoded tensor ``name`` (see ``infercomp.formats.quantized``)."""
     shape = spec["shape"]
     cs = column_scale_of(tensors, name, spec)
     if kind == "int4":
@@ -290,24 +289,3 @@ def stored_weight(kind: str, tensors: Tensors, name: str, spec: dict[str, Any]) 
         return StoredWeight("int4", shape, tensors[f"{name}_packed"], tensors[f"{name}_scale"], zp, spec.get("symmetric", True), cs)
     qdata = tensors[name].reshape(shape[0], -1)
     return StoredWeight(kind, shape, qdata, tensors[f"{name}_scale"], None, True, cs)
-
-
-def build(kind: str, old: nn.Module, tensors: Tensors, name: str, spec: dict[str, Any]) -> nn.Module:
-    """Runtime module replacing ``old`` whose ``weight`` is stored as ``kind``."""
-    bias = tensors.get(name.removesuffix("weight") + "bias")
-    stored = "int8" if kind == "int8-dynamic" else kind  # same storage, different execution
-    if type(old) is nn.Embedding and old.max_norm is None:  # max_norm renormalises rows in place
-        return QuantEmbedding(stored_weight(stored, tensors, name, spec), old)
-    linear = type(old) in (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
-    small = linear and kind != "fp8" and old.in_features * old.out_features <= SMALL_LAYER  # fp8: for its GPU matmul
-    if linear and not small and kind == "int8-dynamic" and type(old) is nn.Linear:
-        return DynamicInt8Linear(stored_weight(stored, tensors, name, spec), bias)
-    if linear and not small:
-        return QuantLinear(stored_weight(stored, tensors, name, spec), bias)
-    # Small Linear layers, convolutions, custom layers: dequantize once, run the original in float.
-    w = stored_weight(stored, tensors, name, spec)
-    dtype = old.weight.dtype if isinstance(getattr(old, "weight", None), torch.Tensor) else torch.float32
-    old.weight = nn.Parameter(w.dense(dtype), requires_grad=False)
-    if bias is not None and getattr(old, "bias", None) is not None:
-        old.bias = nn.Parameter(bias.to(dtype), requires_grad=False)
-    return old

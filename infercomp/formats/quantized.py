@@ -1,0 +1,159 @@
+"""Quantized weight formats: ``int8``, ``int8-dynamic``, ``int4`` and ``fp8``.
+
+| format        | stored tensors of ``<m>.weight``                                            | runs as |
+|---------------|------------------------------------------------------------------------------|---------|
+| int8          | ``<m>.weight`` int8 (out, in), ``<m>.weight_scale`` (out, groups) [, ``<m>.weight_column_scale`` (in,)] | weight-only int8 |
+| int8-dynamic  | same as int8 (per channel)                                                   | int8 x int8 kernels, activations quantized per call |
+| int4          | ``<m>.weight_packed`` uint8 (two per byte), ``<m>.weight_scale``, ``<m>.weight_zero_point`` (asymmetric) [, ``<m>.weight_column_scale``] | weight-only int4 |
+| fp8           | ``<m>.weight`` float8_e4m3fn, ``<m>.weight_scale`` (out, 1)                  | fp8 matmul on CUDA >= sm89, else dequantized |
+
+Names follow the compressed-tensors format where it has an equivalent. The integer formats are
+encoded from a ``grid.Quantized`` (the quantizer — RTN or GPTQ — chooses the integers; this module
+only stores them), fp8 from the dense weight.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+import infercomp.formats.grid as grid
+from infercomp.formats.base import Format, Spec, Tensors, dtype_name, spec_dtype
+from infercomp.formats.qmodules import SMALL_LAYER, DynamicInt8Linear, QuantEmbedding, QuantLinear, column_scale_of, stored_weight
+
+
+def _base_spec(codec: str, shape: torch.Size | list[int], dtype: torch.dtype) -> Spec:
+    return {"codec": codec, "shape": list(shape), "dtype": dtype_name(dtype)}
+
+
+class _Quantized(Format):
+    """Shared by the quantized formats: the runtime module that replaces a layer."""
+
+    stored_as = ""  # the storage kind of the runtime weight (int8-dynamic is stored as int8)
+
+    def runtime(self, old: nn.Module, tensors: Tensors, name: str, spec: Spec) -> nn.Module | None:
+        bias = tensors.get(name.removesuffix("weight") + "bias")
+        if type(old) is nn.Embedding and old.max_norm is None:  # max_norm renormalises rows in place
+            return QuantEmbedding(stored_weight(self.stored_as, tensors, name, spec), old)
+        linear = type(old) in (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
+        if not linear or (self.name != "fp8" and old.in_features * old.out_features <= SMALL_LAYER):  # fp8: for its GPU matmul
+            return None  # small Linear layers, convolutions, custom layers: decoded once, run in float
+        if self.name == "int8-dynamic" and type(old) is nn.Linear:
+            return DynamicInt8Linear(stored_weight(self.stored_as, tensors, name, spec), bias)
+        return QuantLinear(stored_weight(self.stored_as, tensors, name, spec), bias)
+
+
+class Int8(_Quantized):
+    """Symmetric int8 weights, a scale per output channel or per group of columns."""
+
+    name = "int8"
+    stored_as = "int8"
+
+    def keys(self, name: str, spec: Spec) -> list[str]:
+        keys = [name, f"{name}_scale"]
+        return [*keys, f"{name}_column_scale"] if spec.get("column_scale") else keys
+
+    def encode(
+        self, name: str, qz: grid.Quantized, *, shape: torch.Size, dtype: torch.dtype, group_size: int | None, method: str = "rtn"
+    ) -> tuple[dict[str, torch.Tensor], Spec]:
+        """Store integers ``qz.q`` (out, in) with their scales; ``shape`` / ``dtype`` are the
+        logical weight's, ``group_size`` the columns per scale (None: per channel), ``method`` the
+        quantizer that chose the integers (recorded)."""
+        stored = {self._data_key(name): self._data(qz), f"{name}_scale": qz.scale}
+        if qz.zero_point is not None:
+            stored[f"{name}_zero_point"] = qz.zero_point
+        if qz.column_scale is not None:
+            stored[f"{name}_column_scale"] = qz.column_scale
+        spec = _base_spec(self.name, shape, dtype)
+        spec.update(
+            bits=self.bits,
+            symmetric=qz.zero_point is None,
+            granularity="channel" if group_size is None else "group",
+            group_size=group_size,
+            method=method,
+        )
+        if qz.column_scale is not None:
+            spec["column_scale"] = True
+        return stored, spec
+
+    bits = 8
+
+    def _data_key(self, name: str) -> str:
+        return name
+
+    def _data(self, qz: grid.Quantized) -> torch.Tensor:
+        return qz.q
+
+    def _ints(self, tensors: Tensors, name: str, spec: Spec) -> torch.Tensor:
+        return tensors[name].reshape(spec["shape"][0], -1)
+
+    def decode(self, tensors: Tensors, name: str, spec: Spec) -> torch.Tensor:
+        zp = None if spec.get("symmetric", True) else tensors[f"{name}_zero_point"]
+        w = grid.dequantize(
+            self._ints(tensors, name, spec), tensors[f"{name}_scale"], zp, column_scale=column_scale_of(tensors, name, spec)
+        )
+        return w.reshape(spec["shape"]).to(spec_dtype(spec))
+
+    def version(self, spec: Spec) -> int:
+        return 2 if spec.get("column_scale") else 1  # format 2 added column scales
+
+
+class Int8Dynamic(Int8):
+    """Stored exactly as ``int8`` per channel; Linear layers run int8 x int8 with activations
+    quantized per call."""
+
+    name = "int8-dynamic"
+
+    def version(self, spec: Spec) -> int:
+        del spec
+        return 1
+
+
+class Int4(Int8):
+    """4-bit weights, two per byte (column 2j in the low nibble), per group of columns; symmetric
+    values [-8, 7] are stored offset by 8."""
+
+    name = "int4"
+    stored_as = "int4"
+    bits = 4
+
+    def keys(self, name: str, spec: Spec) -> list[str]:
+        keys = [f"{name}_packed", f"{name}_scale"]
+        if not spec.get("symmetric", True):
+            keys.append(f"{name}_zero_point")
+        return [*keys, f"{name}_column_scale"] if spec.get("column_scale") else keys
+
+    def _data_key(self, name: str) -> str:
+        return f"{name}_packed"
+
+    def _data(self, qz: grid.Quantized) -> torch.Tensor:
+        return grid.pack_int4(qz.q, qz.zero_point is None)
+
+    def _ints(self, tensors: Tensors, name: str, spec: Spec) -> torch.Tensor:
+        return grid.unpack_int4(tensors[f"{name}_packed"], spec.get("symmetric", True))
+
+
+class Fp8(_Quantized):
+    """float8 e4m3 weights with one float32 scale per output channel."""
+
+    name = "fp8"
+    stored_as = "fp8"
+
+    def keys(self, name: str, spec: Spec) -> list[str]:
+        del spec
+        return [name, f"{name}_scale"]
+
+    def encode(self, name: str, w: torch.Tensor) -> tuple[dict[str, torch.Tensor], Spec]:
+        q, scale = grid.quantize_fp8(w)
+        spec = {**_base_spec(self.name, w.shape, w.dtype), "granularity": "channel"}
+        return {name: q, f"{name}_scale": scale}, spec
+
+    def decode(self, tensors: Tensors, name: str, spec: Spec) -> torch.Tensor:
+        w = grid.dequantize_fp8(tensors[name].reshape(spec["shape"][0], -1), tensors[f"{name}_scale"])
+        return w.reshape(spec["shape"]).to(spec_dtype(spec))
+
+
+INT8 = Int8()
+INT8_DYNAMIC = Int8Dynamic()
+INT4 = Int4()
+FP8 = Fp8()

@@ -1,0 +1,60 @@
+"""``--fail-if`` gates: conditions on a comparison that make a CI step fail (exit 1)."""
+
+from __future__ import annotations
+
+import operator
+import re
+from collections.abc import Sequence
+
+from infercomp.errors import GateFailed, UsageError
+from infercomp.measure import Comparison, ModelReport
+
+_OPS = {"<=": operator.le, ">=": operator.ge, "<": operator.lt, ">": operator.gt, "==": operator.eq}
+_GATE = re.compile(r"^\s*([a-z_0-9.]+)\s*(<=|>=|<|>|==)\s*(-?[0-9.]+(?:e-?[0-9]+)?)\s*$")
+GATE_KEYS = (
+    "accuracy",
+    "accuracy_drop",
+    "sparsity",
+    "bits_per_weight",
+    "size_ratio",
+    "parameters_ratio",
+    "latency_ratio",
+    "top1_agreement",
+    "cosine_mean",
+    "cosine_min",
+)
+
+
+def parse_gate(text: str) -> tuple[str, str, float]:
+    """``--fail-if 'accuracy_drop>0.01'`` -> (key, op, value)."""
+    m = _GATE.match(text)
+    try:
+        if m and m.group(1) in GATE_KEYS:
+            return m.group(1), m.group(2), float(m.group(3))
+    except ValueError:  # '1.2.3' passes the pattern but is no number
+        pass
+    raise UsageError(f"--fail-if {text!r}: expected KEY OP NUMBER with KEY one of {', '.join(GATE_KEYS)} and OP one of <, <=, >, >=, ==")
+
+
+def _gate_value(r: ModelReport, key: str) -> float | None:
+    if key.endswith("_ratio"):
+        return r.ratios.get(key.removesuffix("_ratio"))
+    if key in ("top1_agreement", "cosine_mean", "cosine_min"):
+        return None if r.fidelity is None else r.fidelity[key]
+    return getattr(r, key)
+
+
+def check_gates(comparison: Comparison, gates: Sequence[str]) -> None:
+    """Raise GateFailed (exit 1) naming every gate that held true for a non-baseline model.
+    A gate on a figure that was not measured fails too: a CI gate must not pass silently."""
+    failures = []
+    for text in gates:
+        key, op, value = parse_gate(text)
+        for r in comparison.models[1:]:
+            got = _gate_value(r, key)
+            if got is None:
+                failures.append(f"{r.path}: {key} was not measured (gate {text!r})")
+            elif _OPS[op](got, value):
+                failures.append(f"{r.path}: {key} = {got:.4g} ({text})")
+    if failures:
+        raise GateFailed("gate failed: " + "; ".join(failures))
