@@ -5,9 +5,10 @@
     print(result.models[1].ratios["size"])
 
 Each transform verb writes its output atomically and returns the same ``Comparison`` the CLI
-renders (``measure=False`` skips running the models: static figures only). Measurement options
+renders (``measure=False`` skips running the models: static figures only; a checkpoint holding
+NaN or infinity is refused unless ``allow_nonfinite=True``). Measurement options
 (``device``, ``threads``, ``batch_size``, ``min_time``, ``warmup``, ``latency``, ``layers``,
-``memory``) are passed as keywords too. The CLI commands call these verbs and nothing deeper.
+``memory``, ``compute``) are passed as keywords too. The CLI commands call these verbs and nothing deeper.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from infercomp.data import load_data
 from infercomp.distill import DistillConfig, ddp, run_rank, state_path
 from infercomp.errors import UsageError
 from infercomp.measure import Comparison, MeasureOptions, compare
-from infercomp.models import ModelLoader
+from infercomp.models import ModelLoader, example_batch
 from infercomp.pipeline import run
 from infercomp.progress import NULL, Progress
 from infercomp.prune import PruneConfig
@@ -48,18 +49,35 @@ def _loader(model: str | None, model_config: dict[str, Any] | None, trust_model_
 
 
 def load(
-    path: PathLike, *, model: str | None = None, model_config: dict[str, Any] | None = None, trust_model_code: bool = False
+    path: PathLike,
+    *,
+    compute: str = "auto",
+    example: Any = None,
+    device: str = "cpu",
+    model: str | None = None,
+    model_config: dict[str, Any] | None = None,
+    trust_model_code: bool = False,
 ) -> nn.Module:
     """Load a checkpoint written by infercomp (or any safetensors / weights-only state dict) as a
-    runnable module in eval mode; quantized weights run quantized (small Linear layers are decoded
-    to float at load, where that is faster).
+    runnable module in eval mode, running as ``compute`` says.
 
     Args:
         path: ``.safetensors`` file, Hugging Face directory, or ``.pt/.pth/.bin`` state dict.
+        compute: ``auto`` (time the modes the storage allows on ``example``, keep the fastest;
+            cached per machine), ``fp32``, ``bf16`` or ``int8`` (see ``infercomp.compute``).
+        example: an input batch to choose on (default: 32 samples of the model's known input
+            shape, or 128 random tokens for a Hugging Face text model).
+        device: ``cpu`` or ``cuda``.
         model / model_config: model code when the checkpoint names none (or to override it).
         trust_model_code: import model code named inside the checkpoint even if not built in.
     """
-    return _loader(model, model_config, trust_model_code).build(checkpoint.load(path))
+    ckpt = checkpoint.load(path)
+    loader = _loader(model, model_config, trust_model_code)
+    options = MeasureOptions(device=device, compute=compute)
+    if example is None:
+        example = lambda m: example_batch(ckpt, loader, m, 32)  # noqa: E731 (built from the float module)
+    module, _ = loader.build_for_inference(ckpt, compute=compute, device=options.torch_device(), example=example)
+    return module
 
 
 def _transform(config: TransformConfig, args: dict[str, Any], *, loader: ModelLoader | None = None, on_saved: Any = None) -> Comparison:
@@ -77,6 +95,7 @@ def _transform(config: TransformConfig, args: dict[str, Any], *, loader: ModelLo
         eval_data=args.get("eval_data", args.get("val_data")),
         force=args["force"],
         measure=args["measure"],
+        allow_nonfinite=args["allow_nonfinite"],
         progress=args["progress"],
         on_saved=on_saved,
     )
@@ -98,6 +117,7 @@ def prune(
     eval_data: PathLike | None = None,
     force: bool = False,
     measure: bool = True,
+    allow_nonfinite: bool = False,
     model: str | None = None,
     model_config: dict[str, Any] | None = None,
     trust_model_code: bool = False,
@@ -128,6 +148,7 @@ def quantize(
     eval_data: PathLike | None = None,
     force: bool = False,
     measure: bool = True,
+    allow_nonfinite: bool = False,
     model: str | None = None,
     model_config: dict[str, Any] | None = None,
     trust_model_code: bool = False,
@@ -172,6 +193,7 @@ def distill(
     resume: bool = False,
     force: bool = False,
     measure: bool = True,
+    allow_nonfinite: bool = False,
     model: str | None = None,
     model_config: dict[str, Any] | None = None,
     trust_model_code: bool = False,
@@ -214,6 +236,7 @@ def report(
     paths: Sequence[PathLike],
     *,
     data: PathLike | None = None,
+    allow_nonfinite: bool = False,
     model: str | None = None,
     model_config: dict[str, Any] | None = None,
     trust_model_code: bool = False,
@@ -225,6 +248,9 @@ def report(
     if not paths:
         raise UsageError("report needs at least one checkpoint")
     ckpts = [checkpoint.load(p) for p in paths]
+    if not allow_nonfinite:
+        for c in ckpts:
+            checkpoint.check_finite(c)
     dataset = load_data(data, model=paths[0]) if data is not None else None
     loader = _loader(model, model_config, trust_model_code)
     return compare(ckpts, loader=loader, options=_measure_options(measure_options), data=dataset, progress=progress)

@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
-import pickle
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -147,7 +147,7 @@ def _read_safetensors(p: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]
 def _read_torch(p: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as e:
+    except Exception as e:  # untrusted bytes: whatever torch's reader trips on, it is not a state dict we can read
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(
             f"{p}: cannot be read as a weights-only torch state dict ({first}); "
@@ -209,13 +209,16 @@ def _from_parts(tensors: dict[str, torch.Tensor], meta: dict[str, str], p: Path)
         return Checkpoint(tensors=tensors, path=p)
     try:
         info = json.loads(raw)
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:
         raise CheckpointError(f"{p}: the 'infercomp' metadata is not valid JSON") from e
     version = info.get("format_version", 0) if isinstance(info, dict) else None
-    if not isinstance(version, int):
+    if not isinstance(version, int) or isinstance(version, bool):
         raise CheckpointError(f"{p}: the 'infercomp' metadata is malformed (expected an object with an integer format_version)")
     if version > FORMAT_VERSION:
         raise CheckpointError(f"{p}: written by a newer infercomp (format {version}, this one reads {FORMAT_VERSION}); upgrade infercomp")
+    problem = _metadata_problem(info, tensors)
+    if problem:
+        raise CheckpointError(f"{p}: the 'infercomp' metadata is malformed: {problem}")
     return Checkpoint(
         tensors=tensors,
         model=info.get("model"),
@@ -224,6 +227,54 @@ def _from_parts(tensors: dict[str, torch.Tensor], meta: dict[str, str], p: Path)
         plan=info.get("plan"),
         path=p,
     )
+
+
+# Bounds on what a checkpoint's metadata may describe: anything beyond is not a file we wrote.
+MAX_DEPTH = 32
+MAX_ELEMENTS = 1 << 40  # elements of one logical tensor (a 4 TiB float32 tensor)
+
+
+def _depth(v: Any, limit: int = MAX_DEPTH) -> int:
+    """Nesting depth of a JSON value, stopping once past ``limit``."""
+    if limit < 0 or not isinstance(v, (dict, list)):
+        return 0
+    children = v.values() if isinstance(v, dict) else v
+    return 1 + max((_depth(c, limit - 1) for c in children), default=0)
+
+
+def _metadata_problem(info: dict[str, Any], tensors: dict[str, torch.Tensor]) -> str | None:
+    """What is wrong with the ``infercomp`` metadata (types, required keys, nesting, shapes), or
+    None. Checked before anything uses it, so a crafted file is one clear error, not a crash."""
+    if _depth(info) > MAX_DEPTH:
+        return f"nested deeper than {MAX_DEPTH} levels"
+    model = info.get("model")
+    if model is not None and not (
+        isinstance(model, dict) and isinstance(model.get("ref"), str) and isinstance(model.get("config", {}), dict)
+    ):
+        return '\'model\' must be null or {"ref": string, "config": object}'
+    history = info.get("history", [])
+    if not isinstance(history, list) or not all(isinstance(h, dict) for h in history):
+        return "'history' must be a list of objects"
+    plan = info.get("plan")
+    if plan is not None and not isinstance(plan, dict):
+        return "'plan' must be an object"
+    encodings = info.get("encodings", {})
+    if not isinstance(encodings, dict):
+        return "'encodings' must be an object"
+    for name, spec in encodings.items():
+        if not isinstance(spec, dict) or not isinstance(spec.get("codec"), str):
+            return f"encoding of {name!r} must be an object with a 'codec' string"
+        shape = spec.get("shape")
+        if not (isinstance(shape, list) and shape and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+            return f"encoding of {name!r}: 'shape' must be a list of non-negative integers"
+        if math.prod(shape) > MAX_ELEMENTS:
+            return f"encoding of {name!r}: shape {shape} is absurdly large"
+        dtype = spec.get("dtype", "float32")
+        if not (isinstance(dtype, str) and isinstance(getattr(torch, dtype, None), torch.dtype)):
+            return f"encoding of {name!r}: 'dtype' {spec.get('dtype')!r} is not a torch dtype"
+        if name in tensors and spec["codec"] not in ("int8", "int8-dynamic", "fp8"):
+            return f"tensor {name!r} is stored plain and described as encoded"
+    return None
 
 
 # ---------------------------------------------------------------------------------------- writing
@@ -259,9 +310,11 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], None], *, what: str = 
     renamed over ``path``; a reader never sees half a file, and an error or Ctrl-C leaves no temp
     file behind. An OSError (read-only folder, full disk, no permission) becomes a one-line
     CheckpointError naming ``path``."""
+    check_regular(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temps(path)
         with open(tmp, "wb") as f:
             write(f)
             f.flush()
@@ -274,6 +327,31 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], None], *, what: str = 
         _remove_quietly(tmp)
         raise
     _fsync_dir(path.parent)
+
+
+def check_regular(path: Path) -> None:
+    """Refuse an output path that exists and is not a regular file (a device such as /dev/null, a
+    FIFO, a socket, a directory): renaming over it would replace it, even with --force."""
+    if path.exists() or path.is_symlink():
+        if path.is_dir():
+            raise CheckpointError(f"{path}: is a directory; give a file path")
+        if not path.is_file():
+            raise CheckpointError(f"{path}: exists and is not a regular file (a device, FIFO or socket); choose another path")
+
+
+def remove_stale_temps(path: Path) -> None:
+    """Remove ``.NAME.PID.tmp`` files next to ``path`` left by a run that was killed (SIGKILL
+    cannot be caught): those whose process no longer exists."""
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        pid = tmp.name[len(path.name) + 2 : -len(".tmp")]
+        if not pid.isdigit() or int(pid) == os.getpid():
+            continue
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            _remove_quietly(tmp)
+        except OSError:
+            pass  # the process exists (another user's): leave its file alone
 
 
 def _remove_quietly(p: Path) -> None:
@@ -295,6 +373,7 @@ def check_output(out: Path, *, force: bool, source: Path | None, inputs: tuple[P
         raise CheckpointError(f"{out}: output lies inside the input directory {source}; choose another -o path")
     if out.is_dir():
         raise CheckpointError(f"{out}: is a directory; give a file path ending in .safetensors")
+    check_regular(out)
     if out.exists() and not force:
         raise CheckpointError(f"{out}: already exists; pass --force to overwrite it")
 
@@ -337,6 +416,20 @@ def _fsync_dir(d: Path) -> None:
 
 
 # ---------------------------------------------------------------------------------------- helpers
+
+
+def check_finite(ckpt: Checkpoint) -> None:
+    """Raise CheckpointError naming the first stored float tensor (weights, scales) that holds
+    NaN or infinity: compressing or measuring such a model gives numbers that mean nothing."""
+    for name in sorted(ckpt.tensors):
+        t = ckpt.tensors[name]
+        if not t.is_floating_point():
+            continue
+        bad = int((~torch.isfinite(t.float() if t.element_size() == 1 else t)).sum())  # fp8: checked as float32
+        if bad:
+            raise CheckpointError(
+                f"{ckpt.name}: tensor {name!r} holds {bad} NaN or infinite value(s); pass --allow-nonfinite to go on anyway"
+            )
 
 
 def disk_size(path: Path) -> int:

@@ -15,7 +15,7 @@ from infercomp.version import __version__
 app = typer.Typer(
     name="infercomp",
     help="Make saved PyTorch models cheaper to run: prune, quantize, distill, and report honest before/after numbers.\n\n"
-    "Exit codes: 0 ok; 1 a --fail-if gate held; 2 usage or bad input; 130 interrupted.",
+    "Exit codes: 0 ok; 1 a --fail-if gate held; 2 usage or bad input; 3 internal error (a bug: rerun with --debug); 130 interrupted.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -70,6 +70,9 @@ def load_data(path: str | Path, *, model: str | Path | None = None) -> Dataset:
         raise DataError(f"{p}: 'inputs' is empty")
     if inputs.is_floating_point():
         inputs = inputs.float()
+        bad = int((~torch.isfinite(inputs)).sum())
+        if bad:
+            raise DataError(f"{p}: 'inputs' holds {bad} NaN or infinite value(s); clean the data first")
     labels = arrays.get("labels")
     if labels is not None:
         if labels.dim() != 1 or labels.shape[0] != inputs.shape[0]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import operator
 import re
 from collections.abc import Sequence
@@ -46,7 +47,8 @@ def _gate_value(r: ModelReport, key: str) -> float | None:
 
 def check_gates(comparison: Comparison, gates: Sequence[str]) -> None:
     """Raise GateFailed (exit 1) naming every gate that held true for a non-baseline model.
-    A gate on a figure that was not measured fails too: a CI gate must not pass silently."""
+    A gate on a figure that was not measured, or is NaN / infinite, fails too: a CI gate must
+    not pass silently."""
     failures = []
     for text in gates:
         key, op, value = parse_gate(text)
@@ -54,6 +56,8 @@ def check_gates(comparison: Comparison, gates: Sequence[str]) -> None:
             got = _gate_value(r, key)
             if got is None:
                 failures.append(f"{r.path}: {key} was not measured (gate {text!r})")
+            elif not math.isfinite(got):
+                failures.append(f"{r.path}: {key} is {got} (gate {text!r}: a non-finite figure never passes)")
             elif _OPS[op](got, value):
                 failures.append(f"{r.path}: {key} = {got:.4g} ({text})")
     if failures:

@@ -7,11 +7,11 @@ Library code: returns numbers, never prints. Anything not measured stays None (J
 from __future__ import annotations
 
 import json
+import math
+import os
 import platform
-import statistics
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -21,11 +21,14 @@ from torch import nn
 
 import infercomp.formats as formats
 from infercomp.checkpoint import Checkpoint
+from infercomp.compute import ComputeInfo, check_mode
 from infercomp.data import Dataset
-from infercomp.errors import UsageError
+from infercomp.errors import DataError, UsageError
+from infercomp.kernels import cpu_features
 from infercomp.metrics import accuracy, fidelity, sqnr
 from infercomp.models import ModelLoader, example_batch, predict
 from infercomp.progress import NULL, Progress
+from infercomp.timing import summarise, time_interleaved
 
 SCHEMA = "infercomp.report/1"
 
@@ -38,6 +41,8 @@ class MeasureOptions:
         latency: time the forward pass (needs a model); False skips it.
         layers: add a per-layer breakdown (size, sparsity, error against the baseline).
         memory: measure peak resident memory of load + one forward pass (a subprocess per model).
+        compute: how the models run on the CPU: ``auto``, ``fp32``, ``bf16`` or ``int8`` (see
+            ``infercomp.compute``).
     """
 
     device: str = "cpu"
@@ -48,14 +53,16 @@ class MeasureOptions:
     latency: bool = True
     layers: bool = False
     memory: bool = False
+    compute: str = "auto"
 
     def __post_init__(self) -> None:
+        check_mode(self.compute)
         if self.batch_size < 1:
             raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
         if self.threads is not None and self.threads < 1:
             raise UsageError(f"--threads must be >= 1, got {self.threads}")
-        if self.min_time < 0:
-            raise UsageError(f"--min-time must be >= 0, got {self.min_time}")
+        if not (math.isfinite(self.min_time) and self.min_time >= 0):
+            raise UsageError(f"--min-time must be a finite number >= 0, got {self.min_time}")
         if self.device not in ("cpu", "cuda") and not self.device.startswith("cuda:"):
             raise UsageError(f"--device {self.device!r} is not supported; use cpu or cuda")
 
@@ -89,6 +96,7 @@ class ModelReport:
     ratios: dict[str, float | None] = field(default_factory=dict)
     accuracy_drop: float | None = None
     model: str | None = None
+    compute: dict[str, Any] | None = None
     history: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     layers: list[dict[str, Any]] | None = None
@@ -126,7 +134,7 @@ def static_stats(ckpt: Checkpoint) -> dict[str, Any]:
             continue
         n = t.numel()
         params += n
-        nonzero += int(torch.count_nonzero(t))
+        nonzero += int(torch.count_nonzero(t.float() if t.element_size() == 1 else t))  # fp8 has no count_nonzero
         bits += 8 * nbytes[name]
         spec = ckpt.encodings.get(name)
         kind = spec["codec"] if spec else str(ckpt.tensors[name].dtype).removeprefix("torch.")
@@ -140,56 +148,12 @@ def static_stats(ckpt: Checkpoint) -> dict[str, Any]:
     }
 
 
-def sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def time_interleaved(
-    fns: Sequence[Callable[[], Any]],
-    *,
-    device: torch.device,
-    warmup: int = 3,
-    min_time: float = 1.0,
-    min_runs: int = 10,
-    max_runs: int = 100_000,
-) -> list[list[float]]:
-    """Run each function ``warmup`` times, then call them in turn (one call each per round) until
-    every one has ``min_runs`` samples and ``min_time`` seconds in total. Returns seconds per call.
-    Interleaving makes slow drift (thermal, other load) hit all candidates alike; each round runs
-    them in a fresh (seeded) random order so that no candidate always runs right after the same
-    neighbour (caches and allocator state left by the previous model). A plain rotation would not
-    do: it keeps every candidate's predecessor the same."""
-    for fn in fns:
-        for _ in range(warmup):
-            fn()
-    sync(device)
-    times: list[list[float]] = [[] for _ in fns]
-    gen = torch.Generator().manual_seed(0)
-    rnd = 0
-    while True:
-        for i in torch.randperm(len(fns), generator=gen).tolist():
-            t0 = time.perf_counter()
-            fns[i]()
-            sync(device)
-            times[i].append(time.perf_counter() - t0)
-        rnd += 1
-        if rnd >= max_runs or (rnd >= min_runs and all(sum(t) >= min_time for t in times)):
-            return times
-
-
-def summarise(samples: Sequence[float]) -> dict[str, float]:
-    """Median / p90 / mean in milliseconds, plus how many runs they come from."""
-    ms = sorted(s * 1000 for s in samples)
-    p90 = ms[min(len(ms) - 1, int(round(0.9 * (len(ms) - 1))))]
-    return {"median": statistics.median(ms), "p90": p90, "mean": statistics.fmean(ms), "runs": len(ms)}
-
-
-def peak_memory(path: str, spec: dict[str, Any], batch_shape: Sequence[int], device: torch.device) -> int | None:
-    """Peak RSS of loading ``path`` and one forward pass on a batch of ``batch_shape``, measured in
-    a fresh Python process (see ``infercomp.memprobe``). None if the probe fails."""
+def peak_memory(path: str, spec: dict[str, Any], batch_shape: Sequence[int], device: torch.device, compute: str = "fp32") -> int | None:
+    """Peak RSS of loading ``path`` to run as ``compute`` and one forward pass on a batch of
+    ``batch_shape``, measured in a fresh Python process (see ``infercomp.memprobe``). None if
+    the probe fails."""
     cmd = [sys.executable, "-m", "infercomp.memprobe", path, "--spec", json.dumps(spec), "--input-shape", json.dumps(list(batch_shape))]
-    cmd += ["--device", str(device)]
+    cmd += ["--device", str(device), "--compute", compute]
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:
@@ -217,12 +181,13 @@ def host_settings(device: torch.device, threads: int) -> dict[str, Any]:
 
 @dataclass
 class _Entry:
-    """One checkpoint being compared: its tensors, its report row, and its module (None when no
-    model code is known)."""
+    """One checkpoint being compared: its tensors, its report row, its module (None when no
+    model code is known) and what that module runs."""
 
     ckpt: Checkpoint
     report: ModelReport
     module: nn.Module | None = None
+    compute: ComputeInfo | None = None
 
 
 def compare(
@@ -238,36 +203,68 @@ def compare(
     ``run_models=False`` only the static figures (size, parameters, sparsity) are taken."""
     device = options.torch_device()
     if options.threads is not None:
-        torch.set_num_threads(options.threads)
+        cores = os.cpu_count() or 1
+        if options.threads > cores:
+            progress.log(f"--threads {options.threads} is more than this machine's {cores} cores; using {cores}")
+        torch.set_num_threads(min(options.threads, cores))
     settings: dict[str, Any] = {
         **host_settings(device, torch.get_num_threads()),
         "batch_size": options.batch_size,
         "data": str(data.path) if data is not None else None,
         "warmup": options.warmup,
         "min_time_s": options.min_time,
+        "compute": options.compute,
+        "cpu_features": cpu_features(),
     }
     entries = [_Entry(c, _static_report(c)) for c in ckpts]
     if not run_models:
         _ratios([e.report for e in entries])
         return Comparison(settings=settings, models=[e.report for e in entries])
-    with progress.task("loading models", total=len(entries)) as task:
-        for e in entries:
-            if loader.can_build(e.ckpt):
-                e.module = loader.build(e.ckpt).to(device)
-                e.report.model = (loader.spec_for(e.ckpt) or {}).get("ref")
-            else:
-                e.report.notes.append("no model reference: latency and accuracy not measured (pass --model)")
-            task.advance()
+    example = _build(entries, loader, data, options, device, progress)
     if data is not None:
         _accuracy_and_fidelity(entries, data, options, device, progress)
     if options.latency:
-        _latency(entries, loader, data, options, device, progress)
+        _latency(entries, example, options, device, progress)
     if options.memory:
-        _memory(entries, loader, data, options, device, progress)
+        _memory(entries, loader, example, options, device, progress)
     if options.layers:
         _layers(entries)
     _ratios([e.report for e in entries])
     return Comparison(settings=settings, models=[e.report for e in entries])
+
+
+def _build(
+    entries: list[_Entry], loader: ModelLoader, data: Dataset | None, options: MeasureOptions, device: torch.device, progress: Progress
+) -> torch.Tensor | None:
+    """Build each model to run as ``options.compute`` says. Returns the example batch (the first
+    ``batch_size`` samples of --data, else noise of the first model's input shape): latency is
+    timed on it, and an ``auto`` choice is made on it, so what is chosen is what is measured."""
+    example: torch.Tensor | None = None
+
+    def first_example(ckpt: Checkpoint) -> Callable[[nn.Module], torch.Tensor | None]:
+        def make(module: nn.Module) -> torch.Tensor | None:
+            nonlocal example
+            if example is None:
+                example = example_batch(ckpt, loader, module, options.batch_size, data)
+            return example
+
+        return make
+
+    with progress.task(f"loading models (compute {options.compute})", total=len(entries)) as task:
+        for e in entries:
+            if not loader.can_build(e.ckpt):
+                e.report.notes.append("no model reference: latency and accuracy not measured (pass --model)")
+                task.advance()
+                continue
+            e.module, e.compute = loader.build_for_inference(e.ckpt, compute=options.compute, device=device, example=first_example(e.ckpt))
+            if example is None and device.type != "cpu":
+                example = example_batch(e.ckpt, loader, e.module, options.batch_size, data)
+            e.report.model = (loader.spec_for(e.ckpt) or {}).get("ref")
+            e.report.compute = {k: v for k, v in asdict(e.compute).items() if k != "kernels"}
+            if e.compute.note:
+                e.report.notes.append(f"compute: {e.compute.note}")
+            task.advance()
+    return example
 
 
 def _static_report(c: Checkpoint) -> ModelReport:
@@ -285,8 +282,9 @@ def _accuracy_and_fidelity(entries: list[_Entry], data: Dataset, options: Measur
     with progress.task("evaluating", total=len(entries)) as task:
         for i, e in enumerate(entries):
             if e.module is not None:
-                out = predict(e.module, data, batch_size=options.batch_size, device=device)
+                out = _run_on_data(e, data, options, device)
                 if data.labels is not None:
+                    _check_labels(data, out)
                     e.report.accuracy = accuracy(out, data.labels)
                 if i == 0:
                     baseline = out
@@ -295,13 +293,28 @@ def _accuracy_and_fidelity(entries: list[_Entry], data: Dataset, options: Measur
             task.advance()
 
 
-def _latency(
-    entries: list[_Entry], loader: ModelLoader, data: Dataset | None, options: MeasureOptions, device: torch.device, progress: Progress
-) -> None:
+def _run_on_data(e: _Entry, data: Dataset, options: MeasureOptions, device: torch.device) -> torch.Tensor:
+    """The model's outputs on --data; a model that cannot take these inputs is a DataError
+    naming the file and the shape, not a traceback from inside its forward pass."""
+    try:
+        return predict(e.module, data, batch_size=options.batch_size, device=device)
+    except (RuntimeError, ValueError, TypeError, IndexError) as err:
+        detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        shape = tuple(data.inputs.shape[1:])
+        raise DataError(f"{data.path}: {e.ckpt.name} cannot run on 'inputs' of shape {shape} ({data.inputs.dtype}): {detail}") from err
+
+
+def _check_labels(data: Dataset, out: torch.Tensor) -> None:
+    top = int(data.labels.max())
+    if out.dim() < 2 or top >= out.shape[-1]:
+        classes = out.shape[-1] if out.dim() >= 2 else "no"
+        raise DataError(f"{data.path}: 'labels' go up to {top} but the model outputs {classes} class scores")
+
+
+def _latency(entries: list[_Entry], x: torch.Tensor | None, options: MeasureOptions, device: torch.device, progress: Progress) -> None:
     runnable = [e for e in entries if e.module is not None]
     if not runnable:
         return
-    x = example_batch(runnable[0].ckpt, loader, runnable[0].module, options.batch_size, data)
     if x is None:
         for e in runnable:
             e.report.notes.append("latency not measured: no input shape known (pass --data)")
@@ -324,20 +337,22 @@ def _latency(
 
 
 def _memory(
-    entries: list[_Entry], loader: ModelLoader, data: Dataset | None, options: MeasureOptions, device: torch.device, progress: Progress
+    entries: list[_Entry], loader: ModelLoader, x: torch.Tensor | None, options: MeasureOptions, device: torch.device, progress: Progress
 ) -> None:
     with progress.task("peak memory (one process per model)", total=len(entries)) as task:
         for e in entries:
-            x = None if e.module is None or e.ckpt.path is None else example_batch(e.ckpt, loader, e.module, options.batch_size, data)
-            if x is None or not x.is_floating_point():
+            if e.module is None or e.ckpt.path is None or x is None or not x.is_floating_point() or e.compute is None:
                 e.report.notes.append("peak memory not measured: needs a model, a file on disk and a float input")
             else:
-                e.report.peak_memory_bytes = peak_memory(str(e.ckpt.path), loader.spec_for(e.ckpt), list(x.shape), device)
+                # The mode that ran (int8's split of the rest between fp32 and bf16 is cached by then).
+                mode = e.compute.mode.partition("+")[0] if device.type == "cpu" else options.compute
+                e.report.peak_memory_bytes = peak_memory(str(e.ckpt.path), loader.spec_for(e.ckpt), list(x.shape), device, mode)
             task.advance()
 
 
 def _layers(entries: list[_Entry]) -> None:
-    """Per-layer size / sparsity, and SQNR (dB) of each weight against the baseline's."""
+    """Per-layer size / sparsity, SQNR (dB) of each weight against the baseline's, and the
+    kernel that runs it."""
     first = entries[0].ckpt
     base = formats.logical_tensors(first.tensors, first.encodings, first.name)
     for e in entries:
@@ -355,6 +370,7 @@ def _layers(entries: list[_Entry]) -> None:
                 "bytes": nbytes[name],
                 "sparsity": 1 - int(torch.count_nonzero(t)) / t.numel(),
                 "sqnr_db": None,
+                "kernel": None if e.compute is None else e.compute.kernels.get(name.rpartition(".")[0]),
             }
             ref = base.get(name)
             if ref is not None and ref.shape == t.shape:

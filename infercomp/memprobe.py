@@ -53,6 +53,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--spec", required=True, help="model reference JSON {ref, config}")
     ap.add_argument("--input-shape", required=True, help="JSON list: shape of one batch")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--compute", default="fp32")
     args = ap.parse_args(argv)
 
     # Imported here, after the arguments are read, on purpose: the probe measures what loading
@@ -68,9 +69,10 @@ def main(argv: list[str] | None = None) -> None:
     start = _current_bytes()
     # The parent already enforced the trust rules before asking for this measurement.
     loader = ModelLoader(ref=spec["ref"], config=spec["config"])
-    module = loader.build(checkpoint.load(args.path)).to(args.device)
+    x = torch.rand(shape, device=args.device)
+    module, _ = loader.build_for_inference(checkpoint.load(args.path), compute=args.compute, device=torch.device(args.device), example=x)
     with torch.inference_mode():
-        module(torch.rand(shape, device=args.device))
+        module(x)
     print(json.dumps({"peak_memory_bytes": max(0, _peak_bytes() - start)}))
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import json
+import math
 import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -26,8 +27,10 @@ import infercomp.formats as formats
 import infercomp.hf as hf
 import infercomp.zoo as zoo
 from infercomp.checkpoint import Checkpoint
+from infercomp.compute import ComputeInfo, allowed_modes, prepare
 from infercomp.data import Dataset
 from infercomp.errors import ModelError, UsageError
+from infercomp.kernels import Int8Weight
 
 ENTRY_POINT_GROUP = "infercomp.models"
 
@@ -135,20 +138,22 @@ class ModelLoader:
     def can_build(self, ckpt: Checkpoint) -> bool:
         return self.spec_for(ckpt) is not None
 
-    def build(self, ckpt: Checkpoint, *, runtime: bool = True) -> nn.Module:
-        """A module in eval mode holding the checkpoint's weights.
+    def build(self, ckpt: Checkpoint, *, runtime: bool = False) -> nn.Module:
+        """A module in eval mode holding the checkpoint's weights, decoded to dense floats (for
+        training, analysis, and the CPU compute modes: see ``build_for_inference``).
 
         Args:
             ckpt: the checkpoint.
-            runtime: swap in modules that run encoded weights directly (int8 kernels, ...); with
-                False, encoded weights are decoded to dense floats (for training / analysis).
+            runtime: swap in the modules that run encoded weights in their stored form (what a
+                CUDA GPU runs: fp8 matmuls, 2:4 sparse kernels, compact quantized weights).
         """
         spec = self.spec_for(ckpt)
         if spec is None:
             raise ModelError(f"{ckpt.name}: no model reference stored in the checkpoint; pass --model REF (and --model-config)")
         ref = spec["ref"]
+        stored = sum(math.prod(shape) for shape in formats.logical_shapes(ckpt.tensors, ckpt.encodings, ckpt.name).values())
         if ref == hf.HF_REF:  # transformers' own classes, chosen from config.json: trusted
-            module = hf.build(spec["config"])
+            module = _bounded(lambda: hf.build(spec["config"]), stored, ckpt.name, spec)
             load_weights(module, ckpt, runtime=runtime)
             return module.eval()
         if self.ref is None and not self.trust_model_code and ref not in self.trusted and not is_trusted_builtin(ref):
@@ -156,15 +161,63 @@ class ModelLoader:
                 f"{ckpt.name}: model reference {ref!r} stored in the checkpoint is not trusted; "
                 f"pass --model {ref} to use it, or --trust-model-code"
             )
-        module = _instantiate(ref, spec["config"], ckpt.name)
+        module = _bounded(lambda: _instantiate(ref, spec["config"], ckpt.name), stored, ckpt.name, spec)
         load_weights(module, ckpt, runtime=runtime)
         return module.eval()
+
+    def build_for_inference(
+        self, ckpt: Checkpoint, *, compute: str = "auto", device: torch.device | None = None, example: Any = None
+    ) -> tuple[nn.Module, ComputeInfo]:
+        """A module that runs the checkpoint as ``compute`` says (see ``infercomp.compute``), and
+        what runs. On the CPU the weights are decoded once and the compute mode applied, timing
+        the candidates on ``example`` where it has to choose (a tensor, or a function of the
+        float32 module that returns one); on CUDA each stored format runs its own modules (fp8
+        matmuls, 2:4 sparse kernels) and ``compute`` does not apply."""
+        device = device or torch.device("cpu")
+        if device.type != "cpu":
+            note = "--compute applies to the CPU; on CUDA each stored format runs its own kernels"
+            return self.build(ckpt, runtime=True).to(device), ComputeInfo(requested=compute, mode="stored formats", note=note)
+        module = self.build(ckpt, runtime=False)
+        if callable(example):
+            example = example(module)
+        return prepare(
+            module,
+            compute,
+            example=example,
+            allowed=allowed_modes(storage_precisions(ckpt)),
+            int8_weights=stored_int8(ckpt),
+        )
 
     def build_fresh(self) -> nn.Module:
         """A freshly initialised module from the user's ``--model`` reference (no weights)."""
         if self.ref is None:
             raise ModelError("no model reference given; pass --model REF")
         return _instantiate(self.ref, self.config or {}, "--model")
+
+
+# A model config may build at most this many times the elements the checkpoint stores (and at
+# least this many elements more) before we refuse to allocate it: structured pruning legitimately
+# stores far fewer elements than the config builds, a hostile or mistaken config far more.
+BUILD_RATIO, BUILD_SLACK = 1000, 100_000_000
+
+
+def _bounded(build: Callable[[], nn.Module], stored: int, where: str, spec: dict[str, Any]) -> nn.Module:
+    """``build()``, after building it once on the meta device (no memory) and refusing when it
+    would allocate far more elements than the checkpoint stores."""
+    try:
+        with torch.device("meta"):
+            probe = build()
+        planned = sum(t.numel() for t in probe.state_dict().values())
+    except ModelError:
+        raise
+    except Exception:  # model code that cannot run on the meta device: build it as it is
+        planned = 0
+    if planned > max(BUILD_RATIO * stored, stored + BUILD_SLACK):
+        raise ModelError(
+            f"{where}: the model config {json.dumps(spec.get('config'))[:200]} builds {planned:,} elements but the checkpoint "
+            f"stores {stored:,}; refusing to allocate it (wrong --model-config, or a hostile checkpoint?)"
+        )
+    return build()
 
 
 def _instantiate(ref: str, config: dict[str, Any], where: str) -> nn.Module:
@@ -325,16 +378,55 @@ def input_shape(ckpt: Checkpoint, loader: ModelLoader, module: nn.Module) -> tup
     return tuple(shape) if shape else None
 
 
+# Tokens per example when a Hugging Face text model is timed without --data.
+HF_EXAMPLE_TOKENS = 128
+
+
 def example_batch(ckpt: Checkpoint, loader: ModelLoader, module: nn.Module, batch: int, data: Dataset | None = None) -> torch.Tensor | None:
     """One input batch of ``batch`` samples: the first ones of ``data`` (repeated if fewer), else
-    seeded noise of the model's known input shape; None when neither is available."""
+    seeded noise of the model's known input shape (random token ids of ``HF_EXAMPLE_TOKENS`` for
+    a Hugging Face text model); None when neither is available."""
     if data is not None:
         reps = -(-batch // len(data))
         return data.inputs.repeat(reps, *([1] * (data.inputs.dim() - 1)))[:batch]
+    gen = torch.Generator().manual_seed(0)
+    spec = loader.spec_for(ckpt) or {}
+    vocab = (spec.get("config") or {}).get("vocab_size") if spec.get("ref") == hf.HF_REF else None
+    if isinstance(vocab, int) and vocab > 1:
+        # Ids from 1 up: 0 is the padding id of most tokenizers, which the padding hook masks out.
+        return torch.randint(1, vocab, (batch, HF_EXAMPLE_TOKENS), generator=gen)
     shape = input_shape(ckpt, loader, module)
     if shape is None:
         return None
-    return torch.rand((batch, *shape), generator=torch.Generator().manual_seed(0))
+    return torch.rand((batch, *shape), generator=gen)
+
+
+def storage_precisions(ckpt: Checkpoint) -> set[str]:
+    """How the weights (float tensors of 2-D and up) are stored: format names of encoded ones
+    (and the value dtype of sparse ones), dtype names of plain ones."""
+    out: set[str] = set()
+    for spec in ckpt.encodings.values():
+        out.add(spec.get("codec", "?"))
+        if spec.get("codec", "").startswith("sparse"):
+            out.add(spec.get("dtype", "float32"))
+    taken = {k for keys in formats.stored_keys(ckpt.encodings, ckpt.name).values() for k in keys}
+    for name, t in ckpt.tensors.items():
+        if name not in taken and t.is_floating_point() and t.dim() >= 2:
+            out.add(str(t.dtype).removeprefix("torch."))
+    return out
+
+
+def stored_int8(ckpt: Checkpoint) -> dict[str, Int8Weight]:
+    """Module name -> the stored integers of each int8 weight with one scale per output channel
+    and no column scales, so int8 compute multiplies exactly what was stored."""
+    out = {}
+    for name, spec in ckpt.encodings.items():
+        if spec.get("codec") in ("int8", "int8-dynamic") and spec.get("granularity") == "channel" and not spec.get("column_scale"):
+            shape = spec["shape"]
+            if len(shape) == 2 and name.endswith(".weight"):
+                q = ckpt.tensors[name].reshape(shape[0], -1)
+                out[name.removesuffix(".weight")] = Int8Weight(q, ckpt.tensors[f"{name}_scale"].float().reshape(-1))
+    return out
 
 
 def first_output(y: Any) -> torch.Tensor:

@@ -11,6 +11,7 @@ from pathlib import Path
 import infercomp.checkpoint as checkpoint
 from infercomp.data import load_data
 from infercomp.distill import DistillConfig, distill
+from infercomp.errors import InfercompError
 from infercomp.measure import Comparison, MeasureOptions, compare
 from infercomp.models import ModelLoader
 from infercomp.progress import NULL, Progress
@@ -34,6 +35,7 @@ def run(
     eval_data: str | Path | None = None,
     force: bool = False,
     measure: bool = True,
+    allow_nonfinite: bool = False,
     progress: Progress = NULL,
     on_saved: Callable[[Path], None] | None = None,
 ) -> Comparison:
@@ -43,10 +45,13 @@ def run(
     ``data`` feeds the transform (calibration, training) and the comparison, unless ``eval_data``
     is given for the comparison. With ``measure=False`` the comparison holds the static figures
     only (size, parameters, sparsity; no model is run). ``on_saved(output)`` runs once the output
-    is safely written (distill drops its resumable training state there).
+    is safely written (distill drops its resumable training state there). A source holding NaN or
+    infinite values is refused unless ``allow_nonfinite``.
     """
     src, out = Path(source), Path(output)
     ckpt = checkpoint.load(src)
+    if not allow_nonfinite:
+        checkpoint.check_finite(ckpt)
     reads = tuple(Path(p) for p in (*config.inputs(), data, eval_data) if p is not None)
     checkpoint.check_output(out, force=force, source=src, inputs=reads)  # fail before any expensive work
     dataset = load_data(data, model=src) if data is not None else None
@@ -64,6 +69,12 @@ def run(
             "infercomp_version": __version__,
         },
     ]
+    if measure and loader.can_build(new):
+        new.path = out  # named as the output in errors
+        try:
+            loader.build(new, runtime=False)  # the output must load into its model: checked before anything is written
+        except InfercompError as e:
+            raise type(e)(f"{e} (nothing was written)") from e
     checkpoint.save(new, out, force=force, source=src)
     if on_saved is not None:
         on_saved(out)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 from typing import Any
 
 from rich.console import Console
@@ -79,7 +80,23 @@ def _cells(m: ModelReport) -> list[str]:
 
 def _settings_line(c: Comparison) -> str:
     s = c.settings
-    return f"device {s['device']}, {s['threads']} thread(s), batch {s['batch_size']}, data {s.get('data') or '-'}, torch {s['torch']}"
+    features = ", ".join(s.get("cpu_features") or []) or "-"
+    return (
+        f"device {s['device']}, {s['threads']} thread(s), batch {s['batch_size']}, data {s.get('data') or '-'}, torch {s['torch']}, "
+        f"compute {s.get('compute', 'fp32')} (CPU features: {features})"
+    )
+
+
+def _compute_line(m: ModelReport) -> str | None:
+    """``runs bf16 (auto: fp32 12.3 ms, bf16 4.1 ms)`` for a model's compute choice."""
+    c = m.compute
+    if not c:
+        return None
+    how = ""
+    if c.get("trial_ms"):
+        trial = ", ".join(f"{k} {v:.3g} ms" for k, v in c["trial_ms"].items())
+        how = f" ({c['requested']} chose it: {trial}{', cached' if c.get('cached') else ''})"
+    return f"runs {c['mode']}{how}"
 
 
 def render_table(c: Comparison, console: Console) -> None:
@@ -90,6 +107,9 @@ def render_table(c: Comparison, console: Console) -> None:
         table.add_row(*_cells(m))
     console.print(table)
     for m in c.models:
+        line = _compute_line(m)
+        if line:
+            console.print(f"{m.path}: {line}", markup=False, highlight=False)
         for note in m.notes:
             console.print(f"note: {m.path}: {note}")
         if m.layers:
@@ -98,16 +118,37 @@ def render_table(c: Comparison, console: Console) -> None:
 
 def _render_layers(m: ModelReport, console: Console) -> None:
     t = Table(title=f"layers of {m.path}")
-    for col in ("tensor", "shape", "stored", "bytes", "sparsity", "SQNR dB"):
-        t.add_column(col, justify="left" if col in ("tensor", "stored") else "right")
+    for col in ("tensor", "shape", "stored", "bytes", "sparsity", "SQNR dB", "kernel"):
+        t.add_column(col, justify="left" if col in ("tensor", "stored", "kernel") else "right")
     for row in m.layers or []:
         db = "exact" if row["sqnr_db"] is None else f"{row['sqnr_db']:.1f}"
-        t.add_row(row["name"], "x".join(map(str, row["shape"])), row["stored"], _size(row["bytes"]), _pct(row["sparsity"]), db)
+        shape = "x".join(map(str, row["shape"]))
+        t.add_row(row["name"], shape, row["stored"], _size(row["bytes"]), _pct(row["sparsity"]), db, row.get("kernel") or "-")
     console.print(t)
 
 
 def to_json(c: Comparison) -> str:
-    return json.dumps(c.to_dict(), indent=2)
+    """The ``infercomp.report/1`` document. NaN and infinities (a model that outputs NaN) become
+    null with a note, since bare ``NaN`` is not JSON and breaks strict parsers."""
+    doc = c.to_dict()
+    for m in doc["models"]:
+        bad = _nonfinite_to_null(m, "")
+        if bad:
+            m["notes"].append(f"not finite, written as null: {', '.join(bad)}")
+    return json.dumps(doc, indent=2, allow_nan=False)
+
+
+def _nonfinite_to_null(d: dict[str, Any] | list[Any], prefix: str) -> list[str]:
+    """Replace float NaN / inf in ``d`` (nested) by None, in place; return the keys replaced."""
+    bad = []
+    items = d.items() if isinstance(d, dict) else enumerate(d)
+    for k, v in list(items):
+        if isinstance(v, float) and not math.isfinite(v):
+            d[k] = None
+            bad.append(f"{prefix}{k}")
+        elif isinstance(v, (dict, list)) and k != "notes":
+            bad += _nonfinite_to_null(v, f"{prefix}{k}.")
+    return bad
 
 
 def to_markdown(c: Comparison) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import os
 import signal
@@ -13,17 +14,7 @@ from pathlib import Path
 import pytest
 
 from infercomp import checkpoint
-from tests.conftest import DIGITS_TEST, SAMPLE, invoke, run_cli
-
-
-def _one_line_error(result, *needles: str) -> None:
-    assert result.exit_code == 2, (result.exit_code, result.output)
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("infercomp: error: ")
-    for n in needles:
-        assert n in lines[0], lines[0]
-    assert "Traceback" not in result.stderr
+from tests.conftest import DIGITS_TEST, SAMPLE, invoke, one_line_error, run_cli
 
 
 def test_help_lists_commands(runner) -> None:
@@ -37,28 +28,28 @@ def test_help_lists_commands(runner) -> None:
 
 
 def test_missing_file(runner, tmp_path: Path) -> None:
-    _one_line_error(invoke(runner, "report", tmp_path / "nope.safetensors"), "nope.safetensors", "no such file")
+    one_line_error(invoke(runner, "report", tmp_path / "nope.safetensors"), "nope.safetensors", "no such file")
 
 
 def test_not_a_checkpoint(runner, tmp_path: Path) -> None:
     junk = tmp_path / "notes.txt"
     junk.write_text("just some text")
-    _one_line_error(invoke(runner, "report", junk), "notes.txt", "not a checkpoint")
+    one_line_error(invoke(runner, "report", junk), "notes.txt", "not a checkpoint")
 
 
 def test_truncated_safetensors(runner, tmp_path: Path) -> None:
     cut = tmp_path / "cut.safetensors"
     cut.write_bytes(SAMPLE["mlp"].read_bytes()[:5000])
-    _one_line_error(invoke(runner, "quantize", cut, "-o", tmp_path / "o.safetensors"), "cut.safetensors", "truncated or corrupt")
+    one_line_error(invoke(runner, "quantize", cut, "-o", tmp_path / "o.safetensors"), "cut.safetensors", "truncated or corrupt")
     assert not (tmp_path / "o.safetensors").exists()
 
 
 def test_unknown_model_reference(runner) -> None:
-    _one_line_error(invoke(runner, "report", SAMPLE["mlp"], "--model", "no-such-net"), "unknown model reference 'no-such-net'")
+    one_line_error(invoke(runner, "report", SAMPLE["mlp"], "--model", "no-such-net"), "unknown model reference 'no-such-net'")
 
 
 def test_untrusted_reference_names_the_flags(runner, tiny_ckpt: Path) -> None:
-    _one_line_error(
+    one_line_error(
         invoke(runner, "report", tiny_ckpt), "tiny.safetensors", "not trusted", "--model tests.conftest:tiny_mlp", "--trust-model-code"
     )
     ok = invoke(runner, "report", tiny_ckpt, "--trust-model-code", "--min-time", "0.01", "--warmup", "1")
@@ -69,24 +60,24 @@ def test_output_equals_input_is_refused(runner, tmp_path: Path) -> None:
     src = tmp_path / "m.safetensors"
     src.write_bytes(SAMPLE["mlp"].read_bytes())
     digest = hashlib.sha256(src.read_bytes()).hexdigest()
-    _one_line_error(invoke(runner, "prune", src, "-o", src, "--force"), "output is the input")
+    one_line_error(invoke(runner, "prune", src, "-o", src, "--force"), "output is the input")
     assert hashlib.sha256(src.read_bytes()).hexdigest() == digest
 
 
 def test_existing_output_needs_force(runner, tmp_path: Path) -> None:
     out = tmp_path / "o.safetensors"
     out.write_bytes(b"precious")
-    _one_line_error(invoke(runner, "quantize", SAMPLE["mlp"], "-o", out), "already exists", "--force")
+    one_line_error(invoke(runner, "quantize", SAMPLE["mlp"], "-o", out), "already exists", "--force")
     assert out.read_bytes() == b"precious"
     r = invoke(runner, "quantize", SAMPLE["mlp"], "-o", out, "--force", "--no-latency")
     assert r.exit_code == 0 and checkpoint.load(out).encodings
 
 
 def test_bad_option_values(runner, tmp_path: Path) -> None:
-    _one_line_error(invoke(runner, "report", SAMPLE["mlp"], "--format", "xml"), "--format 'xml'")
-    _one_line_error(invoke(runner, "report", SAMPLE["mlp"], "--fail-if", "fast"), "--fail-if 'fast'")
-    _one_line_error(invoke(runner, "report", SAMPLE["mlp"], "--model-config", "{bad"), "--model-config", "not valid JSON")
-    _one_line_error(invoke(runner, "report", SAMPLE["mlp"], "--device", "cuda" if not _has_cuda() else "tpu"), "--device")
+    one_line_error(invoke(runner, "report", SAMPLE["mlp"], "--format", "xml"), "--format 'xml'")
+    one_line_error(invoke(runner, "report", SAMPLE["mlp"], "--fail-if", "fast"), "--fail-if 'fast'")
+    one_line_error(invoke(runner, "report", SAMPLE["mlp"], "--model-config", "{bad"), "--model-config", "not valid JSON")
+    one_line_error(invoke(runner, "report", SAMPLE["mlp"], "--device", "cuda" if not _has_cuda() else "tpu"), "--device")
 
 
 def _has_cuda() -> bool:
@@ -101,8 +92,8 @@ def test_bad_data_file(runner, tmp_path: Path) -> None:
 
     bad = tmp_path / "d.safetensors"
     save_file({"x": torch.ones(2)}, str(bad))
-    _one_line_error(invoke(runner, "report", SAMPLE["mlp"], "--data", bad), "d.safetensors", "no 'inputs'")
-    _one_line_error(invoke(runner, "report", SAMPLE["mlp"], "--data", tmp_path / "none.npz"), "no such data file")
+    one_line_error(invoke(runner, "report", SAMPLE["mlp"], "--data", bad), "d.safetensors", "no 'inputs'")
+    one_line_error(invoke(runner, "report", SAMPLE["mlp"], "--data", tmp_path / "none.npz"), "no such data file")
 
 
 def test_debug_shows_traceback(runner, tmp_path: Path) -> None:
@@ -179,7 +170,7 @@ def test_report_out_never_overwrites_a_checkpoint(runner, tmp_path: Path) -> Non
     src.write_bytes(SAMPLE["mlp"].read_bytes())
     digest = hashlib.sha256(src.read_bytes()).hexdigest()
     r = invoke(runner, "quantize", src, "-o", tmp_path / "o.safetensors", "--report-out", src, "--no-latency")
-    _one_line_error(r, "--report-out", "looks like a checkpoint")
+    one_line_error(r, "--report-out", "looks like a checkpoint")
     assert hashlib.sha256(src.read_bytes()).hexdigest() == digest
     assert not (tmp_path / "o.safetensors").exists()  # refused before any work
 
@@ -187,40 +178,67 @@ def test_report_out_never_overwrites_a_checkpoint(runner, tmp_path: Path) -> Non
 def test_unwritable_report_out_is_a_one_line_error(runner, tmp_path: Path) -> None:
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    _one_line_error(invoke(runner, "report", SAMPLE["mlp"], "--no-latency", "--report-out", blocker / "r.json"), "cannot write the report")
+    one_line_error(invoke(runner, "report", SAMPLE["mlp"], "--no-latency", "--report-out", blocker / "r.json"), "cannot write the report")
 
 
 def test_malformed_gate_number(runner) -> None:
-    _one_line_error(invoke(runner, "report", SAMPLE["mlp"], "--fail-if", "accuracy>1.2.3"), "--fail-if")
+    one_line_error(invoke(runner, "report", SAMPLE["mlp"], "--fail-if", "accuracy>1.2.3"), "--fail-if")
 
 
-def test_distill_output_may_not_be_its_student(runner, tmp_path: Path) -> None:
-    student = tmp_path / "student.safetensors"
-    student.write_bytes(SAMPLE["mlp"].read_bytes())
-    digest = hashlib.sha256(student.read_bytes()).hexdigest()
-    r = invoke(runner, "distill", SAMPLE["mlp"], "-o", student, "--student", student, "--data", DIGITS_TEST, "--force", "--no-latency")
-    _one_line_error(r, "also an input of this run")
-    assert hashlib.sha256(student.read_bytes()).hexdigest() == digest
+# ------------------------------------------------------------------------- the tests themselves
+
+CHECKED = ("exit_code", "returncode")
 
 
-def test_distill_student_code_named_by_the_user_is_trusted(runner, tmp_path: Path) -> None:
-    code = tmp_path / "students.py"
-    code.write_text("from infercomp.zoo import DigitsMLP\n\ndef small():\n    return DigitsMLP(hidden=(32,))\n")
-    out = tmp_path / "s.safetensors"
-    r = invoke(
-        runner,
-        "distill",
-        SAMPLE["mlp"],
-        "-o",
-        out,
-        "--student-model",
-        f"{code}:small",
-        "--data",
-        DIGITS_TEST,
-        "--epochs",
-        "1",
-        "--no-latency",
-    )
-    assert r.exit_code == 0, r.stderr
-    assert checkpoint.load(out).model["ref"] == f"{code}:small"
-    assert not list(tmp_path.glob("*.train-state*"))  # written: nothing left to resume
+def _unchecked_cli_calls(source: str) -> list[str]:
+    """Calls of invoke / run_cli (and subprocess.run / subprocess.Popen in test functions that run
+    ``-m infercomp``) whose exit code is never looked at: neither ``.exit_code`` / ``.returncode`` of the result (before the name
+    is reassigned) nor ``one_line_error(result, ...)``."""
+    tree = ast.parse(source)
+    parent = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    bad = []
+    for fn in (n for n in ast.walk(tree) if isinstance(n, ast.FunctionDef) and n.name.startswith("test_")):
+        nodes = list(ast.walk(fn))
+        runs_cli = any(isinstance(n, ast.Constant) and n.value == "infercomp" for n in nodes)  # [python, -m, infercomp, ...]
+        checks = [
+            (n.lineno, n.value.id) for n in nodes if isinstance(n, ast.Attribute) and n.attr in CHECKED and isinstance(n.value, ast.Name)
+        ]
+        checks += [
+            (n.lineno, n.args[0].id)
+            for n in nodes
+            if isinstance(n, ast.Call) and getattr(n.func, "id", "") == "one_line_error" and n.args and isinstance(n.args[0], ast.Name)
+        ]
+        for call in (n for n in nodes if isinstance(n, ast.Call)):
+            f = call.func
+            cli = getattr(f, "id", "") in ("invoke", "run_cli") or (
+                isinstance(f, ast.Attribute) and f.attr in ("run", "Popen") and getattr(f.value, "id", "") == "subprocess" and runs_cli
+            )
+            up = parent[call]
+            if (
+                not cli
+                or (isinstance(up, ast.Attribute) and up.attr in CHECKED)
+                or getattr(getattr(up, "func", None), "id", "") == "one_line_error"
+            ):
+                continue
+            if isinstance(up, ast.Assign) and len(up.targets) == 1 and isinstance(up.targets[0], ast.Name):
+                var = up.targets[0].id
+                again = [
+                    n.lineno
+                    for n in nodes
+                    if isinstance(n, ast.Assign) and n.lineno > up.lineno and any(getattr(t, "id", "") == var for t in n.targets)
+                ]
+                if any(up.lineno <= line <= min(again, default=line) and name == var for line, name in checks):
+                    continue
+            bad.append(f"{fn.name} (line {call.lineno})")
+    return bad
+
+
+def test_every_cli_call_in_the_tests_checks_its_exit_code() -> None:
+    bad = {f.name: found for f in sorted(Path(__file__).parent.rglob("test_*.py")) if (found := _unchecked_cli_calls(f.read_text()))}
+    assert not bad, f"CLI results whose exit code no test checks: {bad}"
+    # and the check itself can fail
+    sloppy = "def test_x(runner):\n    r = invoke(runner, 'report')\n    r = invoke(runner, 'prune')\n    assert r.exit_code == 0\n"
+    assert _unchecked_cli_calls(sloppy) == ["test_x (line 2)"]
+    assert _unchecked_cli_calls("def test_y():\n    run_cli('report')\n    subprocess.run(['x']).returncode\n") == ["test_y (line 2)"]
+    assert _unchecked_cli_calls("def test_z():\n    subprocess.run([sys.executable, '-m', 'infercomp'])\n") == ["test_z (line 2)"]
+    assert _unchecked_cli_calls("def test_w():\n    pid = subprocess.run(['true']).stdout\n") == []  # not the CLI

@@ -14,6 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 from infercomp import checkpoint
 from infercomp.distill import state_path
 from tests.conftest import DIGITS_TEST, DIGITS_TRAIN, SAMPLE, run_cli
@@ -21,6 +23,7 @@ from tests.conftest import DIGITS_TEST, DIGITS_TRAIN, SAMPLE, run_cli
 TOLERANCE = 1e-5
 
 
+@pytest.mark.slow  # two torchrun workers plus a single run: 12-16 s
 def test_two_cpu_processes_match_one(tmp_path: Path) -> None:
     common = ["distill", SAMPLE["mlp"], "--data", DIGITS_TRAIN, "--val-data", DIGITS_TEST, "--student-model", "digits-mlp",
               "--student-config", '{"hidden": [32]}', "--epochs", "2", "--no-latency", "-f", "json", "--seed", "3"]  # fmt: skip

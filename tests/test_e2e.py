@@ -43,10 +43,10 @@ def test_same_input_and_options_give_identical_bytes(runner, tmp_path: Path) -> 
     assert _sha(a) == _sha(b)
 
 
-@pytest.mark.slow
 def test_report_on_written_files_matches_direct_evaluation(runner, tmp_path: Path) -> None:
     out = tmp_path / "mlp_int8.safetensors"
-    invoke(runner, "quantize", SAMPLE["mlp"], "-o", out, NO_LAT)
+    r = invoke(runner, "quantize", SAMPLE["mlp"], "-o", out, NO_LAT)
+    assert r.exit_code == 0, r.stderr
     c = api.report([SAMPLE["mlp"], out], data=DIGITS_TEST, min_time=0.05, warmup=1)
     data = load_data(DIGITS_TEST)
     with torch.inference_mode():

@@ -1,4 +1,5 @@
-"""Pruning library: exact counts, N:M patterns, wanda, sparse storage, channel dependencies."""
+"""prune/: exact counts, N:M patterns, wanda, what is stored, channel dependencies. (The bitmask
+formats themselves: tests/formats/test_sparse.py; the command: tests/test_cli_prune.py.)"""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ from infercomp import checkpoint, measure, zoo
 from infercomp.checkpoint import Checkpoint
 from infercomp.data import load_data
 from infercomp.errors import DataError, ModelError, UsageError
-from infercomp.formats.sparse import BITMASK, SemiSparseLinear
+from infercomp.formats.sparse import SemiSparseLinear
 from infercomp.models import ModelLoader
 from infercomp.progress import Progress
 from infercomp.prune import PruneConfig, is_nm, magnitude_masks, nm_mask, prune, prune_channels
@@ -96,31 +97,7 @@ def test_wanda_prefers_weights_on_strong_inputs() -> None:
     assert mask[0].tolist() == [False, True, True, False]  # |w|·||x||: 0.08, 1.41, 0.57, 0.28
 
 
-# ---------------------------------------------------------------------------------- storage
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(5, 13), (6, 3, 3, 3), (1, 8), (3, 1)])
-def test_bitmask_round_trip_is_exact(dtype: torch.dtype, shape: tuple[int, ...], tmp_path: Path) -> None:
-    g = torch.Generator().manual_seed(0)
-    w = torch.randn(shape, generator=g).to(dtype)
-    w[torch.rand(shape, generator=g) < 0.6] = 0
-    stored, spec = BITMASK.encode("layer.weight", w, force=True)
-    assert spec is not None and set(stored) == {"layer.weight.bitmask", "layer.weight.compressed"}
-    assert torch.equal(BITMASK.decode(stored, "layer.weight", spec), w)
-    path = tmp_path / "w.safetensors"
-    checkpoint.save(Checkpoint(tensors=stored, encodings={"layer.weight": spec}), path)
-    back = checkpoint.load(path)
-    got = formats.logical_tensors(back.tensors, back.encodings)["layer.weight"]
-    assert got.dtype == dtype and torch.equal(got, w)
-
-
-def test_dense_storage_is_kept_when_the_bitmask_is_not_smaller() -> None:
-    w = torch.randn(8, 8)
-    stored, spec = BITMASK.encode("w", w)
-    assert spec is None and stored["w"] is w
-    w[:, :2] = 0  # 25 % zeros: 1 bit + 0.75 · 32 bits < 32 bits per weight
-    assert BITMASK.encode("w", w)[1] is not None
+# ---------------------------------------------------------------------------- what is stored
 
 
 @pytest.mark.parametrize(("sparsity", "bound"), [(0.5, 0.55), (0.9, 0.15)])
@@ -203,28 +180,14 @@ def test_wanda_needs_data_and_beats_magnitude_on_the_transformer() -> None:
     assert abs(measure.static_stats(wanda)["sparsity"] - measure.static_stats(magnitude)["sparsity"]) < 0.01
     assert cosine(wanda) > cosine(magnitude) + 0.02
     nm = prune(sample("transformer"), PruneConfig(method="wanda", n=2, m=4), ctx(DIGITS_TRAIN))
-    assert all(is_nm(t, 2, 4) for n, t in dense(nm).items() if n in nm.encodings)
-
-
-def test_semi_sparse_linear_runs_dense_on_cpu() -> None:
-    w = torch.randn(8, 16) * nm_mask(torch.rand(8, 16), 2, 4)
-    layer = SemiSparseLinear(w, torch.randn(8))
-    x = torch.randn(3, 5, 16)
-    torch.testing.assert_close(layer(x), nn.functional.linear(x, w, layer.bias))
-    assert layer.sparse_kernel is False
-
-
-@pytest.mark.gpu
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_semi_sparse_linear_uses_the_sparse_kernel_on_cuda() -> None:
-    w = (torch.randn(128, 128) * nm_mask(torch.rand(128, 128), 2, 4)).cuda().half()
-    layer = SemiSparseLinear(w, None)
-    x = torch.randn(64, 128, device="cuda", dtype=torch.half)
-    y = layer(x)
-    if layer.sparse_kernel:
-        torch.testing.assert_close(y, x @ w.t(), rtol=1e-2, atol=1e-2)
-    else:
-        pytest.skip("this GPU has no semi-structured sparse kernel")
+    by_magnitude = dense(prune(sample("transformer"), PruneConfig(method="2:4"), ctx()))
+    matrices = {n for n, t in dense(sample("transformer")).items() if n.endswith(".weight") and t.dim() == 2}
+    assert len(matrices) == 14 and set(nm.encodings) == matrices  # every Linear weight, each stored as 2:4
+    w = dense(nm)
+    for name in matrices:
+        assert nm.encodings[name]["codec"] == "sparse-24-bitmask" and nm.encodings[name]["pattern"] == "2:4", name
+        assert is_nm(w[name], 2, 4) and int((w[name] == 0).sum()) == w[name].numel() // 2, name
+        assert not torch.equal(w[name] == 0, by_magnitude[name] == 0), name  # chosen by |w|·||x||, not by |w|
 
 
 # -------------------------------------------------------------------------------- structured
@@ -349,7 +312,7 @@ def test_two_four_checkpoint_loads_with_runtime_modules(tmp_path: Path) -> None:
     out = tmp_path / "mlp24.safetensors"
     checkpoint.save(prune(sample("mlp"), PruneConfig(method="2:4"), ctx()), out)
     ck = checkpoint.load(out)
-    fast, plain = ModelLoader().build(ck), ModelLoader().build(ck, runtime=False)
+    fast, plain = ModelLoader().build(ck, runtime=True), ModelLoader().build(ck)  # runtime modules: what CUDA runs
     assert isinstance(fast.net[1], SemiSparseLinear) and isinstance(plain.net[1], nn.Linear)
     x = load_data(DIGITS_TEST).inputs[:16]
     with torch.inference_mode():

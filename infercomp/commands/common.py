@@ -57,6 +57,17 @@ NoLatency = Annotated[bool, typer.Option("--no-latency", help="Skip latency meas
 Memory = Annotated[
     bool, typer.Option("--memory", help="Also measure peak resident memory of loading + one forward pass (one fresh process per model).")
 ]
+Compute = Annotated[
+    str,
+    typer.Option(
+        "--compute",
+        help="How models run on the CPU: auto (measure the candidates the storage allows, keep the fastest; "
+        "never slower than fp32), fp32, bf16 (weights decoded once to bf16) or int8 (int8 matmuls, activations quantized per token).",
+    ),
+]
+AllowNonfinite = Annotated[
+    bool, typer.Option("--allow-nonfinite", help="Go on when a checkpoint holds NaN or infinite values (refused by default).")
+]
 Layers = Annotated[bool, typer.Option("--layers", help="Also show a per-layer view: storage, sparsity, SQNR against the baseline.")]
 Format = Annotated[str, typer.Option("--format", "-f", help="Output on stdout: table, json, markdown or csv.")]
 ReportOut = Annotated[
@@ -96,6 +107,8 @@ class Common:
     fail_if: tuple[str, ...] = ()
     quiet: bool = False
     memory: bool = False
+    compute: str = "auto"
+    allow_nonfinite: bool = False
 
     @classmethod
     def pick(cls, options: dict[str, Any]) -> Common:
@@ -128,6 +141,8 @@ class Common:
             "latency": not self.no_latency,
             "memory": self.memory,
             "layers": self.layers,
+            "compute": self.compute,
+            "allow_nonfinite": self.allow_nonfinite,
         }
 
     @contextmanager
@@ -231,6 +246,7 @@ def emit(comparison: Comparison, common: Common) -> None:
 
 
 F = TypeVar("F", bound=Callable[..., Any])
+INTERNAL_ERROR = 3
 
 
 def _interrupt(signum: int, frame: Any) -> None:
@@ -240,7 +256,8 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 def handle_errors(fn: F) -> F:
     """Map InfercompError to one line on stderr + its exit code (2, or 1 for a failed gate),
-    Ctrl-C to exit 130; full tracebacks only with --debug or INFERCOMP_DEBUG=1."""
+    Ctrl-C / SIGTERM to exit 130, any other exception (a bug) to one line and exit 3; full
+    tracebacks only with --debug or INFERCOMP_DEBUG=1."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -250,6 +267,8 @@ def handle_errors(fn: F) -> F:
             signal.signal(signal.SIGTERM, _interrupt)
         try:
             return fn(*args, **kwargs)
+        except typer.Exit:
+            raise
         except InfercompError as e:
             if debug:
                 traceback.print_exc()
@@ -258,5 +277,11 @@ def handle_errors(fn: F) -> F:
         except KeyboardInterrupt:
             print("infercomp: interrupted; no partial output was left behind", file=sys.stderr)
             raise typer.Exit(130) from None
+        except Exception as e:  # a bug of ours, not bad input: exit 3 so CI can tell it from 1 and 2
+            if debug:
+                traceback.print_exc()
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            print(f"infercomp: internal error: {type(e).__name__}: {detail[:300]} (rerun with --debug for the traceback)", file=sys.stderr)
+            raise typer.Exit(INTERNAL_ERROR) from None
 
     return wrapper  # type: ignore[return-value]

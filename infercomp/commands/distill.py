@@ -69,6 +69,8 @@ def distill(
     min_time: c.MinTime = 1.0,
     warmup: c.Warmup = 3,
     no_latency: c.NoLatency = False,
+    compute: c.Compute = "auto",
+    allow_nonfinite: c.AllowNonfinite = False,
     fmt: c.Format = "table",
     report_out: c.ReportOut = None,
     fail_if: c.FailIf = None,

@@ -52,6 +52,8 @@ def prune(
     warmup: c.Warmup = 3,
     no_latency: c.NoLatency = False,
     layers: c.Layers = False,
+    compute: c.Compute = "auto",
+    allow_nonfinite: c.AllowNonfinite = False,
     memory: c.Memory = False,
     fmt: c.Format = "table",
     report_out: c.ReportOut = None,

@@ -59,6 +59,8 @@ def quantize(
     warmup: c.Warmup = 3,
     no_latency: c.NoLatency = False,
     layers: c.Layers = False,
+    compute: c.Compute = "auto",
+    allow_nonfinite: c.AllowNonfinite = False,
     memory: c.Memory = False,
     fmt: c.Format = "table",
     report_out: c.ReportOut = None,

@@ -22,7 +22,7 @@ from infercomp.distill.loss import FeatureMatch, kd_loss_per_sample
 from infercomp.distill.state import TrainState, flatten_optimizer, restore_optimizer
 from infercomp.distill.state import load as load_state
 from infercomp.distill.state import save as save_state
-from infercomp.errors import UsageError
+from infercomp.errors import DataError, UsageError
 from infercomp.metrics import accuracy
 from infercomp.models import first_output, predict
 from infercomp.progress import NULL, Progress
@@ -210,6 +210,13 @@ class Trainer:
         # Sum / global batch size, times world (DDP averages gradients over ranks): the same
         # gradient as a single process taking the whole global batch, even when uneven.
         loss = per_sample.sum() * (self.d.world / len(batch))
+        if not bool(torch.isfinite(loss)):
+            # Stop before the update: the state saved at the last epoch end stays the last good one.
+            kept = f"; the state saved at the end of epoch {self.epoch} is kept" if self.epoch and self.job.state_file else ""
+            raise DataError(
+                f"{self.job.data.path}: the training loss became {float(loss)} at epoch {self.epoch + 1}, step {self.step_in_epoch + 1}"
+                f" (non-finite inputs, labels or teacher outputs, or a learning rate too high: try a lower --lr){kept}"
+            )
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()

@@ -53,7 +53,11 @@ def logical_tensors(tensors: Tensors, encodings: Encodings, where: str = "checkp
         missing = [k for k in owned[name] if k not in tensors]
         if missing:
             raise CheckpointError(f"{where}: encoded tensor {name!r} lacks stored tensor {missing[0]!r}")
-        out[name] = format_for(name, spec, where).decode(tensors, name, spec)
+        try:
+            out[name] = format_for(name, spec, where).decode(tensors, name, spec)
+        except (RuntimeError, ValueError, IndexError, KeyError, TypeError) as e:  # parts that do not fit their spec
+            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise CheckpointError(f"{where}: encoded tensor {name!r} cannot be decoded from its stored parts ({detail[:200]})") from e
     return out
 
 

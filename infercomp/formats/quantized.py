@@ -3,7 +3,7 @@
 | format        | stored tensors of ``<m>.weight``                                            | runs as |
 |---------------|------------------------------------------------------------------------------|---------|
 | int8          | ``<m>.weight`` int8 (out, in), ``<m>.weight_scale`` (out, groups) [, ``<m>.weight_column_scale`` (in,)] | weight-only int8 |
-| int8-dynamic  | same as int8 (per channel)                                                   | int8 x int8 kernels, activations quantized per call |
+| int8-dynamic  | same as int8 (per channel)                                                   | int8 x int8 kernels, activations quantized per call (``--compute int8``; ``auto`` may pick it) |
 | int4          | ``<m>.weight_packed`` uint8 (two per byte), ``<m>.weight_scale``, ``<m>.weight_zero_point`` (asymmetric) [, ``<m>.weight_column_scale``] | weight-only int4 |
 | fp8           | ``<m>.weight`` float8_e4m3fn, ``<m>.weight_scale`` (out, 1)                  | fp8 matmul on CUDA >= sm89, else dequantized |
 
@@ -19,7 +19,7 @@ from torch import nn
 
 import infercomp.formats.grid as grid
 from infercomp.formats.base import Format, Spec, Tensors, dtype_name, spec_dtype
-from infercomp.formats.qmodules import SMALL_LAYER, DynamicInt8Linear, QuantEmbedding, QuantLinear, column_scale_of, stored_weight
+from infercomp.formats.qmodules import SMALL_LAYER, QuantEmbedding, QuantLinear, column_scale_of, stored_weight
 
 
 def _base_spec(codec: str, shape: torch.Size | list[int], dtype: torch.dtype) -> Spec:
@@ -38,8 +38,6 @@ class _Quantized(Format):
         linear = type(old) in (nn.Linear, nn.modules.linear.NonDynamicallyQuantizableLinear)
         if not linear or (self.name != "fp8" and old.in_features * old.out_features <= SMALL_LAYER):  # fp8: for its GPU matmul
             return None  # small Linear layers, convolutions, custom layers: decoded once, run in float
-        if self.name == "int8-dynamic" and type(old) is nn.Linear:
-            return DynamicInt8Linear(stored_weight(self.stored_as, tensors, name, spec), bias)
         return QuantLinear(stored_weight(self.stored_as, tensors, name, spec), bias)
 
 
@@ -99,14 +97,10 @@ class Int8(_Quantized):
 
 
 class Int8Dynamic(Int8):
-    """Stored exactly as ``int8`` per channel; Linear layers run int8 x int8 with activations
-    quantized per call."""
+    """Stored exactly as ``int8`` per channel; marks a model meant to run int8 x int8 with
+    activations quantized per call, so ``--compute auto`` may choose the int8 kernels for it."""
 
     name = "int8-dynamic"
-
-    def version(self, spec: Spec) -> int:
-        del spec
-        return 1
 
 
 class Int4(Int8):

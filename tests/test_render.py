@@ -1,0 +1,119 @@
+"""render.py: a Comparison as a rich table, JSON, Markdown and CSV; missing numbers shown as missing."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+
+import pytest
+from rich.console import Console
+
+from infercomp import api, render
+from infercomp.measure import Comparison, ModelReport
+from tests.conftest import SAMPLE
+
+SETTINGS = {"device": "cpu", "threads": 2, "batch_size": 32, "data": "d.safetensors", "torch": "2.x"}
+
+
+def _comparison() -> Comparison:
+    """A measured baseline and a pruned model with a per-layer view; a third model measured nothing."""
+    base = ModelReport(
+        path="base.safetensors", size_bytes=2048, parameters=1000, nonzero=1000, sparsity=0.0, bits_per_weight=32.0,
+        latency_ms={"median": 2.0, "p90": 2.5, "runs": 10}, throughput_per_s=16000.0, accuracy=0.99,
+        fidelity={"top1_agreement": 1.0, "cosine_mean": 1.0, "cosine_min": 1.0, "kl_div": 0.0},
+        ratios={"size": 1.0, "parameters": 1.0, "latency": 1.0}, accuracy_drop=0.0,
+    )  # fmt: skip
+    pruned = ModelReport(
+        path="a|b.safetensors", size_bytes=3 * 1024 * 1024, parameters=1000, nonzero=400, sparsity=0.6, bits_per_weight=12.5,
+        latency_ms={"median": 1.0, "p90": 1.25, "runs": 12}, throughput_per_s=32000.0, accuracy=0.97,
+        fidelity={"top1_agreement": 0.985, "cosine_mean": 0.99876, "cosine_min": 0.9, "kl_div": 0.01},
+        ratios={"size": 0.5, "parameters": 1.0, "latency": 0.5}, accuracy_drop=0.02, notes=["something to know"],
+        layers=[
+            {"name": "fc.weight", "shape": [8, 4], "stored": "sparse-bitmask", "bytes": 100, "sparsity": 0.6, "sqnr_db": 12.345},
+            {"name": "fc2.weight", "shape": [3, 8], "stored": "float32", "bytes": 96, "sparsity": 0.0, "sqnr_db": None},
+        ],
+    )  # fmt: skip
+    bare = ModelReport(path="bare.pt", size_bytes=64, parameters=16, ratios={"size": 0.03125, "parameters": 0.016, "latency": None})
+    return Comparison(settings=SETTINGS, models=[base, pruned, bare])
+
+
+def test_json_is_the_schema_dict() -> None:
+    c = _comparison()
+    d = json.loads(render.to_json(c))
+    assert d == json.loads(json.dumps(c.to_dict())) and d["schema"] == "infercomp.report/1"
+    assert [m["path"] for m in d["models"]] == ["base.safetensors", "a|b.safetensors", "bare.pt"]
+    assert "layers" not in d["models"][0] and len(d["models"][1]["layers"]) == 2  # no per-layer view: no key
+    assert d["models"][2]["latency_ms"] is None and d["models"][2]["accuracy"] is None  # null, never made up
+
+
+def test_markdown_has_one_row_per_model_and_escapes_pipes() -> None:
+    lines = render.to_markdown(_comparison()).splitlines()
+    assert lines[0] == "| " + " | ".join(render.COLUMNS) + " |"
+    assert lines[1].count("---") == len(render.COLUMNS)
+    rows = [line for line in lines[2:] if line.startswith("| ")]
+    assert len(rows) == 3 and rows[1].startswith("| a\\|b.safetensors | 3.0 MiB | 0.50x | 1,000 | 60.0% | 12.50 | 1.000 / 1.250 | 0.50x |")
+    assert "| 97.00% | +2.00 pt | 98.50% | 0.9988 / 0.9000 |" in rows[1]
+    assert rows[2].split(" | ")[render.COLUMNS.index("latency ms (p50 / p90)")] == "-"
+    assert lines[-1].startswith("_device cpu, 2 thread(s), batch 32, data d.safetensors, torch 2.x") and lines[-1].endswith("_")
+
+
+def test_csv_has_the_fields_and_empty_cells_for_missing_numbers() -> None:
+    rows = list(csv.DictReader(io.StringIO(render.to_csv(_comparison()))))
+    assert list(rows[0]) == list(render.CSV_FIELDS) and len(rows) == 3
+    p = rows[1]
+    assert (p["path"], p["size_bytes"], p["nonzero"], p["latency_median_ms"], p["latency_p90_ms"]) == (
+        "a|b.safetensors",
+        "3145728",
+        "400",
+        "1.0",
+        "1.25",
+    )
+    assert (p["top1_agreement"], p["cosine_min"], p["size_ratio"], p["latency_ratio"], p["accuracy_drop"]) == (
+        "0.985",
+        "0.9",
+        "0.5",
+        "0.5",
+        "0.02",
+    )
+    assert rows[2]["latency_median_ms"] == "" and rows[2]["accuracy"] == "" and rows[2]["latency_ratio"] == ""
+
+
+def test_table_shows_every_model_its_notes_and_layers() -> None:
+    console = Console(record=True, width=400, color_system=None)
+    render.render_table(_comparison(), console)
+    text = console.export_text()
+    for cell in (
+        "base.safetensors",
+        "a|b.safetensors",
+        "bare.pt",
+        "2.0 KiB",
+        "3.0 MiB",
+        "64 B",
+        "0.50x",
+        "97.00%",
+        "+2.00 pt",
+        "0.9988 / 0.9000",
+    ):
+        assert cell in text, cell
+    assert "note: a|b.safetensors: something to know" in text
+    assert "layers of a|b.safetensors" in text and "layers of base.safetensors" not in text
+    fc, fc2 = (next(line for line in text.splitlines() if f" {name} " in line) for name in ("fc.weight", "fc2.weight"))
+    assert "8x4" in fc and "sparse-bitmask" in fc and "60.0%" in fc and "12.3" in fc
+    assert "exact" in fc2  # identical to the baseline: no finite SQNR
+    assert "device cpu, 2 thread(s), batch 32" in text
+
+
+@pytest.mark.parametrize(("fmt", "fn"), [("json", render.to_json), ("markdown", render.to_markdown), ("csv", render.to_csv)])
+def test_render_text_dispatches(fmt: str, fn) -> None:
+    c = _comparison()
+    assert render.render_text(c, fmt) == fn(c)
+    assert set(render.FORMATS) == {"table", "json", "markdown", "csv"}
+
+
+def test_render_handles_missing_numbers() -> None:
+    c = api.report([SAMPLE["mlp"]], latency=False)
+    row = render.to_markdown(c).splitlines()[2].split(" | ")
+    latency_col = render.COLUMNS.index("latency ms (p50 / p90)")
+    assert row[latency_col] == "-"  # not measured: shown as a dash, not a number
+    assert json.loads(render.to_json(c))["models"][0]["latency_ms"] is None
