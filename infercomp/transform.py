@@ -27,6 +27,10 @@ class TransformConfig:
     """Common behaviour; subclasses set ``transform`` and add validated fields."""
 
     transform: ClassVar[str] = ""
+    # Threads the transform runs with, so that its output does not depend on the machine's thread
+    # count (a matmul's summation order does): the same input, options and seed give the same
+    # bytes. None: the caller's threads (distill, where one thread would cost too much).
+    threads: ClassVar[int | None] = 1
 
     def inputs(self) -> tuple[str, ...]:
         """Files the transform reads besides the source checkpoint (never to be overwritten)."""

@@ -242,3 +242,17 @@ def test_stale_temp_files_of_dead_processes_are_removed(tmp_path: Path) -> None:
     alive.write_bytes(b"in progress")
     checkpoint.save(Checkpoint(tensors={"w": torch.zeros(2)}), out)
     assert not stale.exists() and alive.exists()
+
+
+# 12. determinism across thread counts
+@pytest.mark.slow
+@pytest.mark.parametrize("args", [("quantize", "--scheme", "int4", "--method", "gptq"), ("prune", "--method", "wanda")])
+def test_same_bytes_whatever_the_thread_count(tmp_path: Path, args: tuple[str, ...]) -> None:
+    outs = []
+    for threads in ("1", "2"):
+        out = tmp_path / f"t{threads}.safetensors"
+        env = {**os.environ, "OMP_NUM_THREADS": threads}
+        proc = _cli(args[0], SAMPLE["cnn"], "-o", out, *args[1:], "--data", DIGITS_TEST, *FAST, env=env)
+        assert proc.returncode == 0, proc.stderr
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]

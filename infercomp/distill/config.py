@@ -31,6 +31,7 @@ class DistillConfig(TransformConfig):
     """
 
     transform: ClassVar[str] = "distill"
+    threads: ClassVar[int | None] = None  # training on one thread would cost too much; see docs/distill.md
     student: str | None = None
     student_model: str | None = None
     student_config: dict[str, Any] = field(default_factory=dict)
