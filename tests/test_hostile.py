@@ -6,9 +6,11 @@ from __future__ import annotations
 import json
 import os
 import resource
+import signal
 import struct
 import subprocess
 import sys
+import time
 import zipfile
 from pathlib import Path
 
@@ -256,3 +258,17 @@ def test_same_bytes_whatever_the_thread_count(tmp_path: Path, args: tuple[str, .
         assert proc.returncode == 0, proc.stderr
         outs.append(out.read_bytes())
     assert outs[0] == outs[1]
+
+
+# 10b. an interrupt while Python is still importing torch
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_interrupt_during_start_up_is_one_line_and_130(tmp_path: Path, sig: int) -> None:
+    script = Path(sys.executable).parent / "infercomp"  # the console script users run
+    if not script.exists():
+        pytest.skip("the infercomp console script is not installed next to this Python")
+    proc = subprocess.Popen([str(script), "report", str(SAMPLE["mlp"])], stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    time.sleep(0.15)  # well inside the import of torch (about a second here)
+    proc.send_signal(sig)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "Traceback" not in err and err.strip().count("\n") == 0 and "interrupted" in err
