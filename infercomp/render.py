@@ -7,6 +7,7 @@ import csv
 import io
 import json
 import math
+from pathlib import Path
 from typing import Any
 
 from rich.console import Console
@@ -99,21 +100,77 @@ def _compute_line(m: ModelReport) -> str | None:
     return f"runs {c['mode']}{how}"
 
 
-def render_table(c: Comparison, console: Console) -> None:
-    table = Table(title="infercomp comparison (first row = baseline)", caption=_settings_line(c), show_lines=False)
-    for col in COLUMNS:
-        table.add_column(col, justify="left" if col == "model" else "right", overflow="fold", no_wrap=col != "model")
-    for m in c.models:
-        table.add_row(*_cells(m))
+# The default table: what a person decides on. ``--columns all`` shows every column of COLUMNS.
+DEFAULT_COLUMNS = ("model", "size", "size x", "latency ms (p50 / p90)", "latency x", "accuracy", "acc drop", "cos mean / min")
+_PADDING = 3  # a column's borders and padding in rich's default box
+
+
+def parse_columns(text: str | None) -> tuple[str, ...]:
+    """``--columns``: ``all``, or a comma-separated list of column names (the model is always first)."""
+    if text is None:
+        return DEFAULT_COLUMNS
+    if text.strip() == "all":
+        return COLUMNS
+    names = [n.strip() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in COLUMNS]
+    if unknown or not names:
+        raise ValueError(
+            f"--columns {text!r}: unknown column {unknown[0] if unknown else '(none)'!r}; choose from: {', '.join(COLUMNS)}, or all"
+        )
+    return ("model", *[n for n in names if n != "model"])
+
+
+def shorten_left(text: str, width: int) -> str:
+    """``…/cnn_int8.safetensors``: keep the end of a path, whole file name first (it tells the
+    models apart); when even the name is too long, drop the ``.safetensors`` all names share."""
+    if len(text) <= width:
+        return text
+    name = Path(text).name
+    if len(name) > width and name.endswith(".safetensors"):
+        return shorten_left(text.removesuffix(".safetensors"), width)
+    tail = "…" + text[len(text) - width + 1 :]
+    return tail if name in tail or len(name) > width else name
+
+
+def render_table(c: Comparison, console: Console, columns: tuple[str, ...] = DEFAULT_COLUMNS) -> None:
+    """The comparison as a table that fits ``console.width`` without cutting a number: long paths
+    are shortened from the left; when the chosen columns still do not fit, the table turns (one
+    row per figure, one column per model)."""
+    index = [COLUMNS.index(col) for col in columns]
+    rows = [[_cells(m)[i] for i in index] for m in c.models]
+    figures = [max(len(col), *(len(r[j]) for r in rows)) + _PADDING for j, col in enumerate(columns) if j > 0]
+    room = console.width - 1 - sum(figures) - _PADDING  # what is left for the model column
+    longest = max(len(r[0]) for r in rows)
+    if room >= min(longest, 24):
+        table = Table(title="infercomp comparison (first row = baseline)", caption=_settings_line(c), caption_justify="left")
+        for col in columns:
+            table.add_column(col, justify="left" if col == "model" else "right", no_wrap=True)
+        for r in rows:
+            table.add_row(shorten_left(r[0], room), *r[1:])
+    else:
+        table = _turned(c, columns, rows, console.width)
     console.print(table)
     for m in c.models:
         line = _compute_line(m)
         if line:
             console.print(f"{m.path}: {line}", markup=False, highlight=False)
         for note in m.notes:
-            console.print(f"note: {m.path}: {note}")
+            console.print(f"note: {m.path}: {note}", markup=False, highlight=False)
         if m.layers:
             _render_layers(m, console)
+
+
+def _turned(c: Comparison, columns: tuple[str, ...], rows: list[list[str]], width: int) -> Table:
+    """One row per figure, one column per model (headed by the shortened path)."""
+    figure_width = max(len(col) for col in columns[1:]) + _PADDING
+    per_model = max(8, (width - 1 - figure_width) // max(1, len(rows)) - _PADDING)
+    table = Table(title="infercomp comparison (first column = baseline)", caption=_settings_line(c), caption_justify="left")
+    table.add_column("", justify="left", no_wrap=True)
+    for r in rows:
+        table.add_column(shorten_left(r[0], per_model), justify="right", no_wrap=True)
+    for j, col in enumerate(columns[1:], start=1):
+        table.add_row(col, *(r[j] for r in rows))
+    return table
 
 
 def _render_layers(m: ModelReport, console: Console) -> None:

@@ -12,7 +12,7 @@ import pytest
 from infercomp import measure, pipeline
 from infercomp.models import ModelLoader
 from infercomp.prune import PruneConfig
-from tests.conftest import DIGITS_TEST, KNOWN_ACCURACY, SAMPLE, invoke, run_cli
+from tests.conftest import DIGITS_TEST, KNOWN_ACCURACY, SAMPLE, invoke, one_line_error, run_cli
 
 FAST = ("--min-time", "0.05", "--warmup", "1")
 
@@ -136,3 +136,11 @@ def test_report_subprocess_json_is_clean_stdout() -> None:
     assert p.returncode == 0, p.stderr
     d = json.loads(p.stdout)  # stdout holds JSON only: no logs mixed in
     assert d["models"][0]["accuracy"] == pytest.approx(KNOWN_ACCURACY["cnn"], abs=6e-4)
+
+
+def test_columns_flag(runner) -> None:
+    r = invoke(runner, "report", SAMPLE["mlp"], "--columns", "size,params", "--no-latency")
+    assert r.exit_code == 0, r.output
+    assert "params" in r.stdout and "50,826" in r.stdout and "acc drop" not in r.stdout
+    r = invoke(runner, "report", SAMPLE["mlp"], "--columns", "speed", "--no-latency")
+    one_line_error(r, "--columns 'speed'", "unknown column")

@@ -117,3 +117,33 @@ def test_render_handles_missing_numbers() -> None:
     latency_col = render.COLUMNS.index("latency ms (p50 / p90)")
     assert row[latency_col] == "-"  # not measured: shown as a dash, not a number
     assert json.loads(render.to_json(c))["models"][0]["latency_ms"] is None
+
+
+@pytest.mark.parametrize("width", [80, 100, 200])
+@pytest.mark.parametrize("columns", [None, "all", "size x,latency x,accuracy"])
+def test_every_number_appears_whole_at_any_width(width: int, columns: str | None) -> None:
+    """A table nobody can read is a bug: whatever the terminal width, no line is wider than it
+    and every figure of the chosen columns is printed whole (the table turns when it must)."""
+    c = _comparison()
+    c.models[1].path = "some/rather/long/folder/name/where/the/output/went/a|b.safetensors"
+    console = Console(record=True, width=width, color_system=None)
+    chosen = render.parse_columns(columns)
+    render.render_table(c, console, chosen)
+    text = console.export_text()
+    table = text.split("device ")[0]  # the table itself, before the settings caption
+    assert max(len(line) for line in table.splitlines()) <= width
+    for m in c.models:
+        cells = render._cells(m)
+        for col in chosen[1:]:
+            assert cells[render.COLUMNS.index(col)] in table, (col, width)
+    assert "a|b" in table  # long paths keep their file name (shortened from the left)
+
+
+def test_columns_option_is_checked() -> None:
+    assert render.parse_columns(None) == render.DEFAULT_COLUMNS
+    assert render.parse_columns("all") == render.COLUMNS
+    assert render.parse_columns("accuracy, size") == ("model", "accuracy", "size")
+    with pytest.raises(ValueError, match="unknown column 'speed'"):
+        render.parse_columns("speed")
+    assert render.shorten_left("a/b/c/model_int8.safetensors", 25) == "…c/model_int8.safetensors"
+    assert render.shorten_left("a/b/c/model_int8.safetensors", 12) == "…/model_int8"  # the shared suffix goes first

@@ -69,6 +69,14 @@ AllowNonfinite = Annotated[
     bool, typer.Option("--allow-nonfinite", help="Go on when a checkpoint holds NaN or infinite values (refused by default).")
 ]
 Layers = Annotated[bool, typer.Option("--layers", help="Also show a per-layer view: storage, sparsity, SQNR against the baseline.")]
+Columns = Annotated[
+    str | None,
+    typer.Option(
+        "--columns",
+        help="Table columns: 'all', or a comma-separated list (default: model, size, size x, latency ms (p50 / p90), "
+        "latency x, accuracy, acc drop, cos mean / min).",
+    ),
+]
 Format = Annotated[str, typer.Option("--format", "-f", help="Output on stdout: table, json, markdown or csv.")]
 ReportOut = Annotated[
     Path | None,
@@ -109,6 +117,7 @@ class Common:
     memory: bool = False
     compute: str = "auto"
     allow_nonfinite: bool = False
+    columns: str | None = None
 
     @classmethod
     def pick(cls, options: dict[str, Any]) -> Common:
@@ -122,6 +131,10 @@ class Common:
     def __post_init__(self) -> None:
         if self.report_out is not None and self.report_out.suffix in (".safetensors", *TORCH_SUFFIXES):
             raise UsageError(f"--report-out {self.report_out}: looks like a checkpoint; give a .json, .md or .csv path")
+        try:
+            render.parse_columns(self.columns)
+        except ValueError as e:
+            raise UsageError(str(e)) from e
         if self.fmt not in render.FORMATS:
             raise UsageError(f"--format {self.fmt!r} is not supported; choose one of: {', '.join(render.FORMATS)}")
         for gate in self.fail_if:
@@ -231,7 +244,7 @@ def run(common: Common, verb: Callable[..., Comparison | None], *args: Any, **op
 def emit(comparison: Comparison, common: Common) -> None:
     """Print the comparison on stdout in the chosen format, save --report-out, check --fail-if."""
     if common.fmt == "table":
-        render.render_table(comparison, stdout_console())
+        render.render_table(comparison, stdout_console(), render.parse_columns(common.columns))
     else:
         sys.stdout.write(render.render_text(comparison, common.fmt))
         sys.stdout.flush()

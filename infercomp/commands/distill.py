@@ -72,6 +72,7 @@ def distill(
     compute: c.Compute = "auto",
     allow_nonfinite: c.AllowNonfinite = False,
     fmt: c.Format = "table",
+    columns: c.Columns = None,
     report_out: c.ReportOut = None,
     fail_if: c.FailIf = None,
     quiet: c.Quiet = False,

@@ -63,6 +63,7 @@ def quantize(
     allow_nonfinite: c.AllowNonfinite = False,
     memory: c.Memory = False,
     fmt: c.Format = "table",
+    columns: c.Columns = None,
     report_out: c.ReportOut = None,
     fail_if: c.FailIf = None,
     quiet: c.Quiet = False,
