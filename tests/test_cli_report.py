@@ -91,6 +91,7 @@ def test_layers_view_shows_sqnr(runner, tmp_path: Path) -> None:
     assert all(row["bytes"] < 0.3 * sizes[row["name"]] for row in quantized)  # int8 + scales: about a quarter of float32
 
 
+@pytest.mark.slow
 def test_memory_is_measured_in_a_fresh_process(runner) -> None:
     r = invoke(runner, "report", SAMPLE["mlp"], "--memory", "--no-latency", "--format", "json")
     assert r.exit_code == 0, r.output

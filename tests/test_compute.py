@@ -154,6 +154,7 @@ def quantized(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("mode", compute.MODES)
 def test_compute_flag_on_every_scheme(runner, quantized: dict[str, Path], scheme: str, mode: str) -> None:
@@ -178,6 +179,7 @@ def test_layers_name_each_kernel(runner, quantized: dict[str, Path]) -> None:
     assert {row["name"]: row["kernel"] for row in rows}["layers.0.fc1.weight"] == "bf16 linear"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cap", ["AVX2", "AVX512_CORE_VNNI"])
 def test_auto_under_an_isa_cap_never_picks_a_slower_path(tmp_path: Path, cap: str) -> None:
     """On a CPU without bf16 matrix units (oneDNN capped here), auto offers only what runs

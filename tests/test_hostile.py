@@ -51,6 +51,7 @@ def test_output_onto_a_fifo_or_device_is_refused_even_with_force(runner, tmp_pat
     assert r.exit_code == 2 and fifo.is_fifo()
 
 
+@pytest.mark.slow
 # 2. write failures are one line and exit 2
 def test_parent_that_is_a_file_is_one_line(tmp_path: Path) -> None:
     blocker = tmp_path / "file"
@@ -60,6 +61,7 @@ def test_parent_that_is_a_file_is_one_line(tmp_path: Path) -> None:
     assert _leftovers(tmp_path) == ["file"]
 
 
+@pytest.mark.slow
 def test_full_disk_is_one_line_and_leaves_nothing(tmp_path: Path) -> None:
     def limit() -> None:  # a 20 kB file-size limit: the write fails as on a full disk
         resource.setrlimit(resource.RLIMIT_FSIZE, (20_000, 20_000))

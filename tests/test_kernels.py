@@ -275,6 +275,7 @@ _ISA_CHILD = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("isa", ["AVX2", None])
 def test_chooser_never_slower_than_fp32_under_isa_limit(tmp_path, isa):
     env = dict(os.environ)
