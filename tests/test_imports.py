@@ -28,7 +28,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("gates",),
     ("pipeline",),
     ("api",),
-    ("render",),
+    ("render", "plot"),
     ("commands",),
     ("cli", "memprobe", "__main__"),
 ]

@@ -5,13 +5,15 @@ from __future__ import annotations
 import csv
 import io
 import json
+from pathlib import Path
 
 import pytest
 from rich.console import Console
 
 from infercomp import api, render
+from infercomp.errors import UsageError
 from infercomp.measure import Comparison, ModelReport
-from tests.conftest import SAMPLE
+from tests.conftest import DIGITS_TEST, SAMPLE, invoke
 
 SETTINGS = {"device": "cpu", "threads": 2, "batch_size": 32, "data": "d.safetensors", "torch": "2.x"}
 
@@ -147,3 +149,28 @@ def test_columns_option_is_checked() -> None:
         render.parse_columns("speed")
     assert render.shorten_left("a/b/c/model_int8.safetensors", 25) == "…c/model_int8.safetensors"
     assert render.shorten_left("a/b/c/model_int8.safetensors", 12) == "…/model_int8"  # the shared suffix goes first
+
+
+def test_plot_draws_png_and_svg(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    from infercomp import plot
+
+    c = _comparison()
+    for name in ("t.png", "t.svg"):
+        out = tmp_path / name
+        plot.plot(c, out)
+        head = out.read_bytes()[:200]
+        assert head.startswith(b"\x89PNG") if name.endswith(".png") else b"<svg" in out.read_bytes()[:2000]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["t.png", "t.svg"]  # nothing else left behind
+    with pytest.raises(UsageError, match="give a .png or .svg path"):
+        plot.plot(c, tmp_path / "t.pdf")
+
+
+def test_plot_flag_through_the_cli(runner, tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "trade.png"
+    r = invoke(runner, "report", SAMPLE["mlp"], SAMPLE["cnn"], "--data", DIGITS_TEST, "--no-latency", "--layers", "--plot", out)
+    assert r.exit_code == 0, r.output
+    assert out.read_bytes().startswith(b"\x89PNG") and out.stat().st_size > 10_000
+    r = invoke(runner, "report", SAMPLE["mlp"], "--no-latency", "--plot", tmp_path / "trade.jpg")
+    assert r.exit_code == 2 and "give a .png or .svg path" in r.stderr

@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.progress import Progress as RichBar
 
+import infercomp.plot as plotting
 import infercomp.render as render
 from infercomp.checkpoint import TORCH_SUFFIXES, write_atomic
 from infercomp.errors import InfercompError, UsageError
@@ -69,6 +70,15 @@ AllowNonfinite = Annotated[
     bool, typer.Option("--allow-nonfinite", help="Go on when a checkpoint holds NaN or infinite values (refused by default).")
 ]
 Layers = Annotated[bool, typer.Option("--layers", help="Also show a per-layer view: storage, sparsity, SQNR against the baseline.")]
+Plot = Annotated[
+    Path | None,
+    typer.Option(
+        "--plot",
+        help="Also draw the trade-off to FILE.png or FILE.svg: accuracy (or cosine) against size and latency; with --layers, "
+        "per-layer SQNR and sparsity. Needs matplotlib (pip install 'infercomp[plot]').",
+        dir_okay=False,
+    ),
+]
 Columns = Annotated[
     str | None,
     typer.Option(
@@ -118,6 +128,7 @@ class Common:
     compute: str = "auto"
     allow_nonfinite: bool = False
     columns: str | None = None
+    plot: Path | None = None
 
     @classmethod
     def pick(cls, options: dict[str, Any]) -> Common:
@@ -131,6 +142,8 @@ class Common:
     def __post_init__(self) -> None:
         if self.report_out is not None and self.report_out.suffix in (".safetensors", *TORCH_SUFFIXES):
             raise UsageError(f"--report-out {self.report_out}: looks like a checkpoint; give a .json, .md or .csv path")
+        if self.plot is not None:
+            plotting.check_path(self.plot)
         try:
             render.parse_columns(self.columns)
         except ValueError as e:
@@ -255,6 +268,8 @@ def emit(comparison: Comparison, common: Common) -> None:
         fmt = {".md": "markdown", ".csv": "csv"}.get(out.suffix, "json")
         text = render.render_text(comparison, fmt).encode()
         write_atomic(out, lambda f: f.write(text), what="the report")
+    if common.plot is not None:
+        plotting.plot(comparison, common.plot)
     check_gates(comparison, common.fail_if)
 
 

@@ -73,6 +73,7 @@ def distill(
     allow_nonfinite: c.AllowNonfinite = False,
     fmt: c.Format = "table",
     columns: c.Columns = None,
+    plot: c.Plot = None,
     report_out: c.ReportOut = None,
     fail_if: c.FailIf = None,
     quiet: c.Quiet = False,

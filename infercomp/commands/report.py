@@ -30,6 +30,7 @@ def report(
     memory: c.Memory = False,
     fmt: c.Format = "table",
     columns: c.Columns = None,
+    plot: c.Plot = None,
     report_out: c.ReportOut = None,
     fail_if: c.FailIf = None,
     quiet: c.Quiet = False,
