@@ -31,6 +31,7 @@ from infercomp.pipeline import run
 from infercomp.progress import NULL, Progress
 from infercomp.prune import PruneConfig
 from infercomp.quantize import QuantizeConfig
+from infercomp.sensitivity import DEFAULT_MAX_DROP, analyse
 from infercomp.transform import TransformConfig
 
 PathLike = str | os.PathLike[str]
@@ -236,6 +237,8 @@ def report(
     paths: Sequence[PathLike],
     *,
     data: PathLike | None = None,
+    sensitivity: str | None = None,
+    max_drop: float = DEFAULT_MAX_DROP,
     allow_nonfinite: bool = False,
     model: str | None = None,
     model_config: dict[str, Any] | None = None,
@@ -244,7 +247,9 @@ def report(
     **measure_options: Any,
 ) -> Comparison:
     """``infercomp report``: size, parameters, sparsity, latency and accuracy (or fidelity) of
-    checkpoints side by side; the first is the baseline."""
+    checkpoints side by side; the first is the baseline. ``sensitivity`` (``quantize:int4``,
+    ``prune:magnitude:0.5``...) also ranks the first checkpoint's layers by the damage that
+    compressing each alone does on ``data``, and suggests an exclude list within ``max_drop``."""
     if not paths:
         raise UsageError("report needs at least one checkpoint")
     ckpts = [checkpoint.load(p) for p in paths]
@@ -253,4 +258,10 @@ def report(
             checkpoint.check_finite(c)
     dataset = load_data(data, model=paths[0]) if data is not None else None
     loader = _loader(model, model_config, trust_model_code)
-    return compare(ckpts, loader=loader, options=_measure_options(measure_options), data=dataset, progress=progress)
+    if sensitivity is not None and dataset is None:
+        raise UsageError("--sensitivity measures each layer's damage on --data: pass --data FILE")
+    result = compare(ckpts, loader=loader, options=_measure_options(measure_options), data=dataset, progress=progress)
+    if sensitivity is not None and dataset is not None:
+        s = analyse(ckpts[0], sensitivity, loader=loader, data=dataset, max_drop=max_drop, progress=progress)
+        result.sensitivity = dataclasses.asdict(s)
+    return result

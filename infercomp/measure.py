@@ -108,9 +108,12 @@ class Comparison:
 
     settings: dict[str, Any]
     models: list[ModelReport]
+    sensitivity: dict[str, Any] | None = None  # report --sensitivity (infercomp.sensitivity)
 
     def to_dict(self) -> dict[str, Any]:
-        out = {"schema": SCHEMA, "settings": self.settings, "models": [asdict(m) for m in self.models]}
+        out: dict[str, Any] = {"schema": SCHEMA, "settings": self.settings, "models": [asdict(m) for m in self.models]}
+        if self.sensitivity is not None:
+            out["sensitivity"] = self.sensitivity
         for m in out["models"]:
             if m["layers"] is None:
                 del m["layers"]

@@ -150,6 +150,8 @@ def render_table(c: Comparison, console: Console, columns: tuple[str, ...] = DEF
     else:
         table = _turned(c, columns, rows, console.width)
     console.print(table)
+    if c.sensitivity:
+        _render_sensitivity(c.sensitivity, console)
     for m in c.models:
         line = _compute_line(m)
         if line:
@@ -171,6 +173,28 @@ def _turned(c: Comparison, columns: tuple[str, ...], rows: list[list[str]], widt
     for j, col in enumerate(columns[1:], start=1):
         table.add_row(col, *(r[j] for r in rows))
     return table
+
+
+def _render_sensitivity(s: dict[str, Any], console: Console) -> None:
+    t = Table(title=f"sensitivity: {s['spec']} on one layer at a time ({s['metric'].replace('_', ' ')})")
+    for col in ("layer", "drop", "cos mean"):
+        t.add_column(col, justify="left" if col == "layer" else "right", no_wrap=True)
+    for row in s["layers"]:
+        drop = "-" if row["drop"] is None else f"{100 * row['drop']:+.2f} pt"
+        t.add_row(row["name"], drop, "-" if row["cosine_mean"] is None else f"{row['cosine_mean']:.4f}")
+    console.print(t)
+    budget = f"{100 * s['max_drop']:.2f} pt"
+    if s["drop_with_exclude"] is None:
+        console.print(f"no exclude list keeps the drop within {budget}: leave this model uncompressed", markup=False)
+    elif not s["suggested_exclude"]:
+        console.print(f"all layers together drop {100 * s['drop_all']:+.2f} pt, within {budget}: nothing to exclude", markup=False)
+    else:
+        flags = " ".join(f"--exclude {n}" for n in s["suggested_exclude"])
+        console.print(
+            f"suggested (measured: {100 * s['drop_with_exclude']:+.2f} pt, all layers {100 * s['drop_all']:+.2f} pt, budget {budget}): {flags}",
+            markup=False,
+            highlight=False,
+        )
 
 
 def _render_layers(m: ModelReport, console: Console) -> None:

@@ -25,7 +25,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("transform",),
     ("prune", "quantize", "distill"),
     ("measure",),
-    ("gates",),
+    ("gates", "sensitivity"),
     ("pipeline",),
     ("api",),
     ("render", "plot"),

@@ -15,6 +15,17 @@ import infercomp.commands.common as c
 def report(
     checkpoints: Annotated[list[Path], typer.Argument(help="Checkpoints to compare; the first is the baseline.", show_default=False)],
     data: c.Data = None,
+    sensitivity: Annotated[
+        str | None,
+        typer.Option(
+            "--sensitivity",
+            help="Compress one layer at a time (quantize:int4, quantize:int8, prune:magnitude:0.5, prune:channel:0.3), "
+            "rank the layers by the drop each causes on --data, and suggest an --exclude list within --max-drop.",
+        ),
+    ] = None,
+    max_drop: Annotated[
+        float, typer.Option("--max-drop", help="With --sensitivity: the accuracy (or top-1 agreement) drop allowed, a fraction.")
+    ] = 0.005,
     model: c.Model = None,
     model_config: c.ModelConfig = None,
     trust_model_code: c.TrustCode = False,
@@ -43,4 +54,4 @@ def report(
     (labels) or fidelity against the first checkpoint (top-1 agreement, output cosine).
     """
     opts = c.Common.pick(locals())
-    c.run(opts, api.report, checkpoints, data=data)
+    c.run(opts, api.report, checkpoints, data=data, sensitivity=sensitivity, max_drop=max_drop)
