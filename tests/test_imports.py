@@ -28,6 +28,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("gates", "sensitivity"),
     ("pipeline",),
     ("api",),
+    ("recipe",),
     ("render", "plot"),
     ("commands",),
     ("cli", "memprobe", "__main__"),

@@ -1,0 +1,83 @@
+"""infercomp run RECIPE.yaml: steps, make-like skipping, re-running from a changed step, failures,
+unknown keys named by line, and the final history holding every step."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from infercomp import checkpoint
+from infercomp.errors import GateFailed, UsageError
+from infercomp.recipe import load, run
+from tests.conftest import DIGITS_TEST, SAMPLE, invoke, one_line_error
+
+RECIPE = """\
+model: {model}
+out: out
+steps:
+  - name: sparse
+    prune: {{method: magnitude, sparsity: {sparsity}}}
+  - name: small
+    quantize: {{scheme: {scheme}}}
+  - name: check
+    report:
+      checkpoints: [model, small]
+      data: {data}
+      no_latency: true
+      fail_if: ["accuracy_drop>{budget}"]
+"""
+
+
+def _write(tmp_path: Path, *, sparsity: float = 0.5, scheme: str = "int8", budget: float = 0.05) -> Path:
+    p = tmp_path / "recipe.yaml"
+    p.write_text(RECIPE.format(model=SAMPLE["mlp"], data=DIGITS_TEST, sparsity=sparsity, scheme=scheme, budget=budget))
+    return p
+
+
+def _ran(results) -> dict[str, bool]:
+    return {r.name: r.ran for r in results}
+
+
+def test_steps_run_then_skip_then_rerun_from_a_changed_option(tmp_path: Path) -> None:
+    results = run(load(_write(tmp_path)))
+    assert _ran(results) == {"sparse": True, "small": True, "check": True}
+    final = checkpoint.load(tmp_path / "out" / "small.safetensors")
+    assert [h["transform"] for h in final.history] == ["prune", "quantize"]  # every step that led to it
+    stamp = (tmp_path / "out" / "small.safetensors").stat().st_mtime_ns
+    assert _ran(run(load(_write(tmp_path)))) == {"sparse": False, "small": False, "check": True}  # like make: no work
+    assert (tmp_path / "out" / "small.safetensors").stat().st_mtime_ns == stamp
+    assert _ran(run(load(_write(tmp_path, scheme="int4")))) == {"sparse": False, "small": True, "check": True}
+    assert _ran(run(load(_write(tmp_path, sparsity=0.6, scheme="int4")))) == {"sparse": True, "small": True, "check": True}
+
+
+def test_a_failing_step_is_named_and_earlier_outputs_stay(tmp_path: Path) -> None:
+    run(load(_write(tmp_path)))
+    before = (tmp_path / "out" / "sparse.safetensors").read_bytes()
+    with pytest.raises(UsageError, match=r"step 2 \(small, quantize, line 6\).*--scheme 'int3'"):
+        run(load(_write(tmp_path, sparsity=0.7, scheme="int3")))
+    assert (tmp_path / "out" / "sparse.safetensors").read_bytes() != before  # step 1 ran with its new option
+    assert (tmp_path / "out" / "small.safetensors").exists()  # the last good output of step 2 is untouched
+    with pytest.raises(GateFailed, match=r"step 3 \(check, report, line 8\).*accuracy_drop"):
+        run(load(_write(tmp_path, budget=-1)))
+
+
+def test_unknown_keys_name_their_line(tmp_path: Path, runner) -> None:
+    p = _write(tmp_path).read_text()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(p.replace("prune: {method: magnitude, sparsity: 0.5}", "prune: {method: magnitude, sparsty: 0.5}"))
+    with pytest.raises(UsageError, match=r"bad.yaml:5: unknown option 'sparsty' for prune"):
+        load(bad)
+    bad.write_text(p.replace("out: out", "output: out"))
+    with pytest.raises(UsageError, match=r"bad.yaml:2: unknown key 'output'"):
+        load(bad)
+    r = invoke(runner, "run", bad)
+    one_line_error(r, "unknown key 'output'")
+
+
+def test_cli_runs_the_recipe(tmp_path: Path, runner) -> None:
+    r = invoke(runner, "run", _write(tmp_path), "-q")
+    assert r.exit_code == 0, r.output
+    assert "step sparse (prune): ran" in r.stderr and "small.safetensors" in r.stdout
+    r = invoke(runner, "run", _write(tmp_path, budget=-1), "-q")
+    assert r.exit_code == 1 and "up to date, skipped" in r.stderr and "gate failed" in r.stderr
