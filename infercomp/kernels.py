@@ -560,6 +560,13 @@ class Int8Linear(torch.nn.Module):
                 self.w._float.clear()  # don't keep a float weight copy that isn't used
         return self._impl(name)(x, self.w)
 
+    def weight_bytes(self) -> int:
+        """Bytes this layer's weights hold in memory: the int8 matrix, its scales and bias, and any
+        float copy its float path keeps."""
+        w = self.w
+        parts = [w.wq, w.scale, *([] if w.bias is None else [w.bias]), *w._float.values()]
+        return sum(t.numel() * t.element_size() for t in parts)
+
     def kernel_name(self) -> str:
         """The kernel(s) this layer ran (chosen per shape on first use), e.g. ``int8_onednn``."""
         if self.kernel is not None:

@@ -24,7 +24,7 @@ from infercomp.checkpoint import Checkpoint
 from infercomp.compute import ComputeInfo, check_mode
 from infercomp.data import Dataset
 from infercomp.errors import DataError, UsageError
-from infercomp.kernels import cpu_features
+from infercomp.kernels import Int8Linear, cpu_features
 from infercomp.metrics import accuracy, fidelity, sqnr
 from infercomp.models import ModelLoader, example_batch, predict
 from infercomp.progress import NULL, Progress
@@ -91,6 +91,7 @@ class ModelReport:
     latency_ms: dict[str, float] | None = None
     throughput_per_s: float | None = None
     peak_memory_bytes: int | None = None
+    weight_memory_bytes: int | None = None
     accuracy: float | None = None
     fidelity: dict[str, float] | None = None
     ratios: dict[str, float | None] = field(default_factory=dict)
@@ -263,11 +264,20 @@ def _build(
             if example is None and device.type != "cpu":
                 example = example_batch(e.ckpt, loader, e.module, options.batch_size, data)
             e.report.model = (loader.spec_for(e.ckpt) or {}).get("ref")
+            e.report.weight_memory_bytes = weight_memory(e.module)
             e.report.compute = {k: v for k, v in asdict(e.compute).items() if k != "kernels"}
             if e.compute.note:
                 e.report.notes.append(f"compute: {e.compute.note}")
             task.advance()
     return example
+
+
+def weight_memory(module: nn.Module) -> int:
+    """Bytes the built model's weights take in memory (parameters, buffers, and the int8 layers'
+    own tensors): what the chosen compute mode costs in RAM, next to the file's size on disk."""
+    tensors = {id(t): t for t in (*module.parameters(), *module.buffers())}
+    total = sum(t.numel() * t.element_size() for t in tensors.values())
+    return total + sum(m.weight_bytes() for m in module.modules() if isinstance(m, Int8Linear))
 
 
 def _static_report(c: Checkpoint) -> ModelReport:

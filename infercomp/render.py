@@ -54,6 +54,7 @@ COLUMNS = (
     "acc drop",
     "top-1 agree",
     "cos mean / min",
+    "weights in RAM",
 )
 
 
@@ -76,6 +77,7 @@ def _cells(m: ModelReport) -> list[str]:
         drop,
         _pct(fid.get("top1_agreement"), 2) if fid else "-",
         cos,
+        _size(m.weight_memory_bytes),
     ]
 
 
@@ -262,6 +264,7 @@ CSV_FIELDS = (
     "size_ratio",
     "parameters_ratio",
     "latency_ratio",
+    "weight_memory_bytes",  # added later: appended, so that columns read by position keep their place
 )
 
 

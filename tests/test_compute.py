@@ -219,3 +219,10 @@ def test_int8_kernel_numerics_against_float() -> None:
         y = mod(x.to(dtype))
         assert y.dtype == dtype and y.shape == ref.shape
         assert sqnr(ref, y.float()) > floor
+
+
+def test_weights_in_memory_follow_the_compute_mode() -> None:
+    fp32 = infercomp.report([SAMPLE["cnn"]], compute="fp32", latency=False).models[0].weight_memory_bytes
+    bf16 = infercomp.report([SAMPLE["cnn"]], compute="bf16", latency=False).models[0].weight_memory_bytes
+    assert fp32 == pytest.approx(4 * 159_850, rel=0.02)  # float32 parameters (+ BatchNorm statistics)
+    assert bf16 == pytest.approx(fp32 / 2, rel=0.01)

@@ -27,7 +27,9 @@ def test_specs() -> None:
 
 
 def test_ranking_and_a_suggestion_that_holds(tmp_path: Path) -> None:
-    s = analyse(checkpoint.load(SAMPLE["transformer"]), "prune:magnitude:0.6", loader=ModelLoader(), data=load_data(DIGITS_TEST), max_drop=0.005)
+    s = analyse(
+        checkpoint.load(SAMPLE["transformer"]), "prune:magnitude:0.6", loader=ModelLoader(), data=load_data(DIGITS_TEST), max_drop=0.005
+    )
     drops = [r["drop"] for r in s.layers]
     assert [r["name"] for r in s.layers] and drops == sorted(drops, reverse=True)
     assert s.metric == "accuracy_drop" and s.drop_all is not None and s.drop_all > 0.1  # 60 % everywhere hurts
@@ -55,3 +57,25 @@ def test_cli_json_and_its_errors(runner) -> None:
     assert s["max_drop"] == 0.005 and "suggested_exclude" in s and "drop_with_exclude" in s
     r = invoke(runner, "report", SAMPLE["mlp"], "--sensitivity", "quantize:int4", "--no-latency")
     one_line_error(r, "--sensitivity", "--data")
+
+
+def test_the_top_layer_really_drops_most_on_the_mlp(tmp_path: Path) -> None:
+    """Re-measured independently: compressing the top-ranked layer alone costs at least as much as
+    compressing any other layer alone."""
+    s = analyse(checkpoint.load(SAMPLE["mlp"]), "prune:magnitude:0.9", loader=ModelLoader(), data=load_data(DIGITS_TEST))
+    drops = {}
+    for row in s.layers:
+        r = infercomp.prune(
+            SAMPLE["mlp"],
+            tmp_path / f"{row['name']}.safetensors",
+            method="magnitude",
+            sparsity=0.9,
+            scope="layer",
+            include=[row["name"]],
+            data=DIGITS_TEST,
+            latency=False,
+        )
+        drops[row["name"]] = r.models[1].accuracy_drop
+    top = s.layers[0]["name"]
+    assert drops[top] == max(drops.values()) and drops[top] > 0
+    assert drops[top] == pytest.approx(s.layers[0]["drop"])
