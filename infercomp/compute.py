@@ -89,7 +89,7 @@ def prepare(
     """Make a float32 ``module`` (weights decoded, eval mode, on the CPU) run as ``mode``.
 
     Args:
-        module: the model, changed in place (and returned, or the trial's winning copy).
+        module: the model, changed in place and returned (the trial times copies of it).
         mode: one of ``MODES``.
         example: an input batch (tensor) for the trials; without one, ``auto`` keeps fp32 and
             int8 runs its rest in float32.
