@@ -6,7 +6,9 @@
 
 Each transform verb writes its output atomically and returns the same ``Comparison`` the CLI
 renders (``measure=False`` skips running the models: static figures only; a checkpoint holding
-NaN or infinity is refused unless ``allow_nonfinite=True``). Measurement options
+NaN or infinity is refused unless ``allow_nonfinite=True``). A Hugging Face directory in gives a
+Hugging Face directory out (``max_shard_size`` per safetensors shard) unless ``output`` ends in
+``.safetensors``. Measurement options
 (``device``, ``threads``, ``batch_size``, ``min_time``, ``warmup``, ``latency``, ``layers``,
 ``memory``, ``compute``) are passed as keywords too. The CLI commands call these verbs and nothing deeper.
 """
@@ -97,6 +99,7 @@ def _transform(config: TransformConfig, args: dict[str, Any], *, loader: ModelLo
         force=args["force"],
         measure=args["measure"],
         allow_nonfinite=args["allow_nonfinite"],
+        max_shard_size=checkpoint.parse_size(str(args["max_shard_size"])),
         progress=args["progress"],
         on_saved=on_saved,
     )
@@ -119,6 +122,7 @@ def prune(
     force: bool = False,
     measure: bool = True,
     allow_nonfinite: bool = False,
+    max_shard_size: str | int = "5GB",
     model: str | None = None,
     model_config: dict[str, Any] | None = None,
     trust_model_code: bool = False,
@@ -150,6 +154,7 @@ def quantize(
     force: bool = False,
     measure: bool = True,
     allow_nonfinite: bool = False,
+    max_shard_size: str | int = "5GB",
     model: str | None = None,
     model_config: dict[str, Any] | None = None,
     trust_model_code: bool = False,
@@ -195,6 +200,7 @@ def distill(
     force: bool = False,
     measure: bool = True,
     allow_nonfinite: bool = False,
+    max_shard_size: str | int = "5GB",
     model: str | None = None,
     model_config: dict[str, Any] | None = None,
     trust_model_code: bool = False,

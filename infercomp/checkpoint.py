@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import struct
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -361,7 +362,94 @@ def _remove_quietly(p: Path) -> None:
         pass
 
 
-def check_output(out: Path, *, force: bool, source: Path | None, inputs: tuple[Path, ...] = ()) -> None:
+WEIGHT_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)
+
+
+def save_dir(
+    ckpt: Checkpoint, out: Path, *, source: Path, config: dict[str, Any] | None, force: bool = False, max_shard_size: int = 5 * 10**9
+) -> Path:
+    """Write a Hugging Face directory: every file of the ``source`` directory that is not a weight
+    file (tokenizer, sentence-transformers modules, README...) copied, ``config.json`` replaced by
+    ``config`` (when given), and the tensors as safetensors shards of at most ``max_shard_size``
+    bytes (one ``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` with
+    ``model.safetensors.index.json``), each carrying the infercomp metadata. Written as a whole:
+    into a temp directory beside ``out``, then renamed; an error or Ctrl-C leaves nothing."""
+    check_output(out, force=force, source=source, directory=True)
+    tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
+    old = out.with_name(f".{out.name}.{os.getpid()}.old")
+    try:
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True)
+        for f in sorted(source.rglob("*")):
+            rel = f.relative_to(source)
+            if (
+                f.is_dir()
+                or f.name.endswith(WEIGHT_SUFFIXES)
+                or f.name.endswith(".safetensors.index.json")
+                or rel.as_posix() == "config.json"
+            ):
+                continue
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(f, tmp / rel)
+        if config is not None:
+            (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+        _write_shards(tmp, ckpt, max_shard_size)
+        if out.exists():  # --force: the old directory goes only once the new one is complete
+            os.replace(out, old)
+        os.replace(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"{out}: cannot write the directory ({e.strerror or e})") from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+    _fsync_dir(out.parent)
+    ckpt.path = out
+    return out
+
+
+def _write_shards(folder: Path, ckpt: Checkpoint, max_shard_size: int) -> None:
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name in sorted(ckpt.tensors):
+        t = ckpt.tensors[name]
+        n = t.numel() * t.element_size()
+        if shards[-1] and size + n > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t
+        size += n
+    meta = ckpt.metadata()
+    if len(shards) == 1:
+        write_safetensors(folder / "model.safetensors", shards[0], meta)
+        return
+    weight_map = {}
+    for i, part in enumerate(shards, 1):
+        name = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+        write_safetensors(folder / name, part, meta)
+        weight_map.update({k: name for k in part})
+    total = sum(t.numel() * t.element_size() for t in ckpt.tensors.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
+    (folder / "model.safetensors.index.json").write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+
+
+def parse_size(text: str) -> int:
+    """``--max-shard-size``: ``5GB``, ``500MB``, ``2GiB`` or a number of bytes."""
+    units = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+    t = text.strip().upper()
+    num = t.rstrip("KMGIB")
+    try:
+        value = int(float(num) * units[t[len(num) :]])
+    except (ValueError, KeyError):
+        value = 0
+    if value <= 0:
+        raise CheckpointError(f"--max-shard-size {text!r}: expected a size such as 5GB, 500MB or 2GiB")
+    return value
+
+
+def check_output(out: Path, *, force: bool, source: Path | None, inputs: tuple[Path, ...] = (), directory: bool = False) -> None:
     """Raise CheckpointError when writing ``out`` would clobber the input, another file the run
     reads (``inputs``: a student, data files), or, without ``force``, an existing file."""
     if source is not None and source.exists() and out.exists() and _same(out, source):
@@ -371,9 +459,12 @@ def check_output(out: Path, *, force: bool, source: Path | None, inputs: tuple[P
             raise CheckpointError(f"{out}: output is also an input of this run ({other}); choose another -o path")
     if source is not None and source.is_dir() and out.resolve().is_relative_to(source.resolve()):
         raise CheckpointError(f"{out}: output lies inside the input directory {source}; choose another -o path")
-    if out.is_dir():
+    if out.is_dir() and not directory:
         raise CheckpointError(f"{out}: is a directory; give a file path ending in .safetensors")
-    check_regular(out)
+    if directory and out.exists() and not out.is_dir():
+        raise CheckpointError(f"{out}: exists and is not a directory; a Hugging Face model is written as a directory")
+    if not directory:
+        check_regular(out)
     if out.exists() and not force:
         raise CheckpointError(f"{out}: already exists; pass --force to overwrite it")
 

@@ -118,7 +118,11 @@ def prepare(
             info.mode = "fp32" if mode == "auto" else "int8"
         else:
             baseline = "fp32" if mode == "auto" else "int8"
-            choice, info.trial_ms, info.cached = _trial(module, variants, baseline, example, int8_weights, cache)
+            try:
+                choice, info.trial_ms, info.cached = _trial(module, variants, baseline, example, int8_weights, cache)
+            except (RuntimeError, ValueError, TypeError, IndexError) as e:  # the model cannot run this example
+                choice = baseline
+                info.note = f"the example input did not run ({type(e).__name__}), so nothing was timed: kept {baseline}"
             module = _apply(module, choice, int8_weights, cache)
             info.mode = choice
     info.kernels = _kernels(module, example)

@@ -13,7 +13,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from infercomp.errors import DataError, ModelError
+import infercomp.formats as formats
+from infercomp.checkpoint import Checkpoint
+from infercomp.errors import DataError, ModelError, UsageError
 
 HF_REF = "hf-auto"
 
@@ -95,3 +97,80 @@ def tokenize(path: Path, tokenizer_dir: Path, *, max_length: int = 128) -> tuple
         raise DataError(f"{tokenizer_dir}: no tokenizer found to tokenize {path} (pass --tokenizer DIR)") from e
     enc = tok(texts, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
     return enc["input_ids"].long(), torch.tensor(labels) if labels else None
+
+
+# ------------------------------------------------------------------------------ Hugging Face out
+
+# What compressed-tensors (and so transformers and vLLM) reads as we store it: int8 weights with
+# int8 activations (W8A8, "int-quantized") and fp8 weights ("float-quantized"). Weight-only int8 and
+# int4 are "pack-quantized" there (int32 words), a layout we do not write.
+_CT_FORMATS = {"int8-dynamic": "int-quantized", "fp8": "float-quantized"}
+
+
+def output_checkpoint(
+    ckpt: Checkpoint, module_types: dict[str, str], config: dict[str, Any]
+) -> tuple[Checkpoint, dict[str, Any], list[str]]:
+    """``ckpt`` made loadable by transformers as a Hugging Face directory: (checkpoint to write,
+    its config.json, notes for the user).
+
+    Quantized Linear weights that compressed-tensors describes as we store them (int8 with dynamic
+    per-token activations, fp8 per channel) stay stored and get a ``quantization_config`` in that
+    format; everything else (sparse bitmasks, quantized embeddings or convolutions, column scales,
+    which compressed-tensors has no field for) is written dense. Weight-only int8 / int4 are
+    refused: compressed-tensors packs them into int32 words (``pack-quantized``), we do not.
+    """
+    notes: list[str] = []
+    tensors, encodings = formats.stored_form(ckpt.tensors, ckpt.encodings, ckpt.encodings, ckpt.name)
+    kept: dict[str, dict[str, Any]] = {}
+    dense_names = []
+    for name, spec in ckpt.encodings.items():
+        codec = spec.get("codec")
+        module = name.removesuffix(".weight")
+        if codec in ("int4", "int8"):
+            raise UsageError(
+                f"{ckpt.name}: weight-only {codec} is stored as plain bytes, while the compressed-tensors format that transformers "
+                "and vLLM read packs it into int32 words ('pack-quantized'); write one file (-o NAME.safetensors, infercomp loads "
+                "it), or use --scheme int8-dynamic, fp8, bf16 or fp16 for a Hugging Face directory"
+            )
+        if codec in _CT_FORMATS and module_types.get(module) == "Linear" and not spec.get("column_scale"):
+            kept[name] = spec
+            tensors.update({k: ckpt.tensors[k] for k in formats.format_for(name, spec, ckpt.name).keys(name, spec)})
+        else:
+            dense_names.append(name)
+    if dense_names:
+        dense = formats.logical_tensors(ckpt.tensors, ckpt.encodings, ckpt.name)
+        tensors.update({n: dense[n].contiguous() for n in dense_names})
+        why = "sparse or column-scaled weights, or layers compressed-tensors does not quantize (embeddings, convolutions)"
+        notes.append(f"{len(dense_names)} tensor(s) written dense for transformers ({why}), e.g. {dense_names[0]!r}")
+    out = dict(config)
+    if kept:
+        out["quantization_config"] = _quantization_config(kept, module_types)
+    floats = {str(t.dtype).removeprefix("torch.") for n, t in tensors.items() if t.is_floating_point() and n not in kept and t.dim() >= 2}
+    if len(floats) == 1 and floats != {"float32"}:
+        out["torch_dtype"] = floats.pop()
+    return Checkpoint(tensors=tensors, model=ckpt.model, history=ckpt.history, encodings=kept, plan=ckpt.plan), out, notes
+
+
+def _quantization_config(kept: dict[str, dict[str, Any]], module_types: dict[str, str]) -> dict[str, Any]:
+    spec = next(iter(kept.values()))
+    codec = spec["codec"]
+    weights = {
+        "num_bits": 8,
+        "type": "float" if codec == "fp8" else "int",
+        "symmetric": bool(spec.get("symmetric", True)),
+        "strategy": "group" if spec.get("granularity") == "group" else "channel",
+        "group_size": spec.get("group_size"),
+        "dynamic": False,
+    }
+    activations = None
+    if codec == "int8-dynamic":
+        activations = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
+    quantized = {n.removesuffix(".weight") for n in kept}
+    ignore = sorted(name for name, kind in module_types.items() if kind == "Linear" and name not in quantized)
+    return {
+        "quant_method": "compressed-tensors",
+        "format": _CT_FORMATS[codec],
+        "quantization_status": "compressed",
+        "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": activations}},
+        "ignore": ignore,
+    }

@@ -391,10 +391,12 @@ def example_batch(ckpt: Checkpoint, loader: ModelLoader, module: nn.Module, batc
         return data.inputs.repeat(reps, *([1] * (data.inputs.dim() - 1)))[:batch]
     gen = torch.Generator().manual_seed(0)
     spec = loader.spec_for(ckpt) or {}
-    vocab = (spec.get("config") or {}).get("vocab_size") if spec.get("ref") == hf.HF_REF else None
+    hf_config = (spec.get("config") or {}) if spec.get("ref") == hf.HF_REF else {}
+    vocab, positions = hf_config.get("vocab_size"), hf_config.get("max_position_embeddings", HF_EXAMPLE_TOKENS)
     if isinstance(vocab, int) and vocab > 1:
+        tokens = min(HF_EXAMPLE_TOKENS, positions) if isinstance(positions, int) and positions > 0 else HF_EXAMPLE_TOKENS
         # Ids from 1 up: 0 is the padding id of most tokenizers, which the padding hook masks out.
-        return torch.randint(1, vocab, (batch, HF_EXAMPLE_TOKENS), generator=gen)
+        return torch.randint(1, vocab, (batch, tokens), generator=gen)
     shape = input_shape(ckpt, loader, module)
     if shape is None:
         return None

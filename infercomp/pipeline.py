@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -12,9 +13,10 @@ from pathlib import Path
 import torch
 
 import infercomp.checkpoint as checkpoint
+import infercomp.hf as hf
 from infercomp.data import load_data
 from infercomp.distill import DistillConfig, distill
-from infercomp.errors import InfercompError
+from infercomp.errors import InfercompError, UsageError
 from infercomp.measure import Comparison, MeasureOptions, compare
 from infercomp.models import ModelLoader
 from infercomp.progress import NULL, Progress
@@ -39,6 +41,21 @@ def pinned_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(old)
 
 
+def _for_hf_output(config: TransformConfig, progress: Progress) -> TransformConfig:
+    """What changes when the output is a Hugging Face directory that transformers must load."""
+    if isinstance(config, PruneConfig) and config.method == "channel":
+        raise UsageError(
+            "channel pruning leaves layers of different widths, which config.json cannot describe: "
+            "write one file with -o NAME.safetensors (infercomp loads it), or use --method magnitude / 2:4"
+        )
+    if isinstance(config, QuantizeConfig) and config.column_scales is None and config.scheme in ("int8", "int4"):
+        progress.log(
+            "column scales off for a Hugging Face directory (compressed-tensors has no field for them; --column-scales forces ours)"
+        )
+        return dataclasses.replace(config, column_scales=False)
+    return config
+
+
 def run(
     source: str | Path,
     output: str | Path,
@@ -51,6 +68,7 @@ def run(
     force: bool = False,
     measure: bool = True,
     allow_nonfinite: bool = False,
+    max_shard_size: int = 5 * 10**9,
     progress: Progress = NULL,
     on_saved: Callable[[Path], None] | None = None,
 ) -> Comparison:
@@ -68,7 +86,11 @@ def run(
     if not allow_nonfinite:
         checkpoint.check_finite(ckpt)
     reads = tuple(Path(p) for p in (*config.inputs(), data, eval_data) if p is not None)
-    checkpoint.check_output(out, force=force, source=src, inputs=reads)  # fail before any expensive work
+    # A Hugging Face directory in gives one out, unless -o names a single .safetensors file.
+    hf_out = src.is_dir() and out.suffix != ".safetensors"
+    checkpoint.check_output(out, force=force, source=src, inputs=reads, directory=hf_out)  # fail before any expensive work
+    if hf_out:
+        config = _for_hf_output(config, progress)
     dataset = load_data(data, model=src) if data is not None else None
     ctx = Context(loader=loader, data=dataset, device=options.torch_device(), progress=progress, source=src, output=out)
     with progress.task(f"{config.transform}: {src.name}", total=None), pinned_threads(config.threads):
@@ -90,7 +112,14 @@ def run(
             loader.build(new, runtime=False)  # the output must load into its model: checked before anything is written
         except InfercompError as e:
             raise type(e)(f"{e} (nothing was written)") from e
-    checkpoint.save(new, out, force=force, source=src)
+    if hf_out:
+        types = {name: type(m).__name__ for name, m in loader.build(new, runtime=False).named_modules()}
+        to_write, hf_config, notes = hf.output_checkpoint(new, types, dict((new.model or {}).get("config") or {}))
+        for note in notes:
+            progress.log(note)
+        checkpoint.save_dir(to_write, out, source=src, config=hf_config, force=force, max_shard_size=max_shard_size)
+    else:
+        checkpoint.save(new, out, force=force, source=src)
     if on_saved is not None:
         on_saved(out)
     written = checkpoint.load(out)

@@ -102,3 +102,84 @@ def test_jsonl_with_non_integer_label_is_a_clear_error(tiny_bert_dir: Path, tmp_
     text.write_text(json.dumps({"text": "a man", "label": "pos"}) + "\n")
     r = invoke(runner, "report", tiny_bert_dir, "--data", text, "--no-latency")
     assert r.exit_code == 2 and "line 1" in r.stderr and "integer 'label'" in r.stderr
+
+
+# --------------------------------------------------------------------- Hugging Face directory out
+
+
+def _with_sentence_transformers_files(d: Path) -> Path:
+    (d / "modules.json").write_text(json.dumps([{"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"}]))
+    (d / "1_Pooling").mkdir()
+    (d / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 32, "pooling_mode_mean_tokens": True}))
+    return d
+
+
+def _outputs(model, ids: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        return model(ids).last_hidden_state.float()
+
+
+def test_directory_in_gives_a_directory_transformers_loads(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    import infercomp
+
+    src = _with_sentence_transformers_files(tiny_bert_dir)
+    out = tmp_path / "bf16-model"
+    infercomp.quantize(src, out, scheme="bf16", measure=False)
+    names = {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()}
+    copied = {p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file() and not p.name.endswith(".safetensors")}
+    assert copied <= names and {"modules.json", "1_Pooling/config.json", "tokenizer_config.json"} <= copied
+    assert {"config.json", "model.safetensors"} <= names
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    ids = torch.tensor([[2, 6, 7, 8, 9, 3]])
+    ref = _outputs(transformers.AutoModel.from_pretrained(src).eval(), ids)
+    got = _outputs(transformers.AutoModel.from_pretrained(out).eval(), ids)
+    assert torch.nn.functional.cosine_similarity(got.flatten(1), ref.flatten(1)).min() > 0.999
+    text = "a man is eating food"
+    assert transformers.AutoTokenizer.from_pretrained(out)(text)["input_ids"] == transformers.AutoTokenizer.from_pretrained(src)(text)["input_ids"]
+    assert checkpoint.load(out).history[-1]["transform"] == "quantize"  # our metadata rides in the shards
+
+
+def test_int8_dynamic_directory_uses_compressed_tensors_and_shards(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    import infercomp
+
+    out = tmp_path / "w8a8"
+    infercomp.quantize(tiny_bert_dir, out, scheme="int8-dynamic", measure=False, max_shard_size="20KB")
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "int-quantized"
+    group = qc["config_groups"]["group_0"]
+    assert group["weights"]["num_bits"] == 8 and group["weights"]["strategy"] == "channel"
+    assert group["input_activations"]["dynamic"] is True and group["input_activations"]["strategy"] == "token"
+    index = json.loads((out / "model.safetensors.index.json").read_text())
+    shards = set(index["weight_map"].values())
+    assert len(shards) > 1 and all((out / s).exists() for s in shards)
+    assert index["weight_map"]["encoder.layer.0.attention.self.query.weight"] in shards
+    back = checkpoint.load(out)  # infercomp reads its own directory back, encodings included
+    assert back.encodings["encoder.layer.0.attention.self.query.weight"]["codec"] == "int8-dynamic"
+    pytest.importorskip("compressed_tensors")
+    ids = torch.tensor([[2, 6, 7, 8, 9, 3]])
+    ref = _outputs(transformers.AutoModel.from_pretrained(tiny_bert_dir).eval(), ids)
+    got = _outputs(transformers.AutoModel.from_pretrained(out).eval(), ids)
+    assert torch.nn.functional.cosine_similarity(got.flatten(1), ref.flatten(1)).min() > 0.99
+
+
+def test_what_a_directory_cannot_hold_is_refused_before_writing(tiny_bert_dir: Path, tmp_path: Path, runner) -> None:
+    out = tmp_path / "out"
+    for args, needle in (
+        (("quantize", "--scheme", "int8"), "pack-quantized"),
+        (("quantize", "--scheme", "int4"), "pack-quantized"),
+        (("prune", "--method", "channel", "--sparsity", "0.5"), "config.json cannot describe"),
+    ):
+        r = invoke(runner, args[0], tiny_bert_dir, "-o", out, *args[1:], "--no-latency")
+        assert r.exit_code == 2 and needle in r.stderr, r.stderr
+        assert not out.exists()
+    single = tmp_path / "one.safetensors"  # a file name still gives one file, any scheme
+    r = invoke(runner, "quantize", tiny_bert_dir, "-o", single, "--scheme", "int4", "--no-latency")
+    assert r.exit_code == 0, r.output
+    assert single.is_file()
+    r = invoke(runner, "quantize", tiny_bert_dir, "-o", out, "--scheme", "fp16", "--no-latency")
+    assert r.exit_code == 0 and (out / "model.safetensors").exists()
+    r = invoke(runner, "quantize", tiny_bert_dir, "-o", out, "--scheme", "bf16", "--no-latency")
+    assert r.exit_code == 2 and "already exists" in r.stderr
+    r = invoke(runner, "quantize", tiny_bert_dir, "-o", out, "--scheme", "bf16", "--no-latency", "--force")
+    assert r.exit_code == 0 and json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["one.safetensors", "out", "tiny-bert", "vocab.txt"]  # no temp dirs left

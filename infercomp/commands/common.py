@@ -30,7 +30,15 @@ from infercomp.models import parse_config
 from infercomp.progress import Progress, Task
 
 # ---------------------------------------------------------------------------- shared option types
-Output = Annotated[Path, typer.Option("--output", "-o", help="Where to write the new checkpoint (.safetensors).", dir_okay=False)]
+Output = Annotated[
+    Path,
+    typer.Option(
+        "--output",
+        "-o",
+        help="Where to write the new checkpoint: a .safetensors file, or for a Hugging Face directory input a directory "
+        "(config.json, tokenizer files, sharded safetensors) unless the path ends in .safetensors.",
+    ),
+]
 Force = Annotated[bool, typer.Option("--force", help="Overwrite OUTPUT if it exists (the input is never overwritten).")]
 Data = Annotated[
     Path | None,
@@ -78,6 +86,10 @@ Plot = Annotated[
         "per-layer SQNR and sparsity. Needs matplotlib (pip install 'infercomp[plot]').",
         dir_okay=False,
     ),
+]
+MaxShardSize = Annotated[
+    str,
+    typer.Option("--max-shard-size", help="Hugging Face directory output: the largest safetensors shard (5GB, 500MB, 2GiB)."),
 ]
 Columns = Annotated[
     str | None,

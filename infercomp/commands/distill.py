@@ -60,6 +60,7 @@ def distill(
         typer.Option("--resume", help="Continue from the state an interrupted run saved next to OUTPUT (OUT.train-state.safetensors)."),
     ] = False,
     force: c.Force = False,
+    max_shard_size: c.MaxShardSize = "5GB",
     model: c.Model = None,
     model_config: c.ModelConfig = None,
     trust_model_code: c.TrustCode = False,
@@ -110,4 +111,5 @@ def distill(
         feature_weight=feature_weight,
         resume=resume,
         force=force,
+        max_shard_size=max_shard_size,
     )

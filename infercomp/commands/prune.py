@@ -41,6 +41,7 @@ def prune(
     include: c.Include = None,
     exclude: c.Exclude = None,
     force: c.Force = False,
+    max_shard_size: c.MaxShardSize = "5GB",
     data: c.Data = None,
     model: c.Model = None,
     model_config: c.ModelConfig = None,
@@ -96,4 +97,5 @@ def prune(
         data=data,
         eval_data=eval_data,
         force=force,
+        max_shard_size=max_shard_size,
     )

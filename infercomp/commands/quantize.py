@@ -48,6 +48,7 @@ def quantize(
     include: c.Include = None,
     exclude: c.Exclude = None,
     force: c.Force = False,
+    max_shard_size: c.MaxShardSize = "5GB",
     data: c.Data = None,
     model: c.Model = None,
     model_config: c.ModelConfig = None,
@@ -106,4 +107,5 @@ def quantize(
         data=data,
         eval_data=eval_data,
         force=force,
+        max_shard_size=max_shard_size,
     )
