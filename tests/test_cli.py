@@ -109,6 +109,7 @@ def test_version(runner) -> None:
 # ------------------------------------------------------------------------- real subprocesses
 
 
+@pytest.mark.slow
 def test_subprocess_error_is_one_line_exit_2(tmp_path: Path) -> None:
     p = run_cli("prune", tmp_path / "missing.pt", "-o", tmp_path / "o.safetensors")
     assert p.returncode == 2
@@ -116,6 +117,7 @@ def test_subprocess_error_is_one_line_exit_2(tmp_path: Path) -> None:
     assert p.stdout == ""
 
 
+@pytest.mark.slow
 def test_subprocess_report_table_respects_no_color() -> None:
     p = run_cli("report", SAMPLE["mlp"], "--no-latency")
     assert p.returncode == 0 and "\x1b[" not in p.stdout and "digits_mlp.safetensors" in p.stdout

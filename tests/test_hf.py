@@ -162,6 +162,7 @@ def test_int8_dynamic_directory_uses_compressed_tensors_and_shards(tiny_bert_dir
     assert torch.nn.functional.cosine_similarity(got.flatten(1), ref.flatten(1)).min() > 0.99
 
 
+@pytest.mark.slow
 def test_what_a_directory_cannot_hold_is_refused_before_writing(tiny_bert_dir: Path, tmp_path: Path, runner) -> None:
     out = tmp_path / "out"
     for args, needle in (

@@ -39,6 +39,7 @@ def _ran(results) -> dict[str, bool]:
     return {r.name: r.ran for r in results}
 
 
+@pytest.mark.slow
 def test_steps_run_then_skip_then_rerun_from_a_changed_option(tmp_path: Path) -> None:
     results = run(load(_write(tmp_path)))
     assert _ran(results) == {"sparse": True, "small": True, "check": True}

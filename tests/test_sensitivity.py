@@ -26,6 +26,7 @@ def test_specs() -> None:
             parse_spec(bad)
 
 
+@pytest.mark.slow
 def test_ranking_and_a_suggestion_that_holds(tmp_path: Path) -> None:
     s = analyse(
         checkpoint.load(SAMPLE["transformer"]), "prune:magnitude:0.6", loader=ModelLoader(), data=load_data(DIGITS_TEST), max_drop=0.005
@@ -59,6 +60,7 @@ def test_cli_json_and_its_errors(runner) -> None:
     one_line_error(r, "--sensitivity", "--data")
 
 
+@pytest.mark.slow
 def test_the_top_layer_really_drops_most_on_the_mlp(tmp_path: Path) -> None:
     """Re-measured independently: compressing the top-ranked layer alone costs at least as much as
     compressing any other layer alone."""
