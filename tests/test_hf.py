@@ -135,7 +135,10 @@ def test_directory_in_gives_a_directory_transformers_loads(tiny_bert_dir: Path, 
     got = _outputs(transformers.AutoModel.from_pretrained(out).eval(), ids)
     assert torch.nn.functional.cosine_similarity(got.flatten(1), ref.flatten(1)).min() > 0.999
     text = "a man is eating food"
-    assert transformers.AutoTokenizer.from_pretrained(out)(text)["input_ids"] == transformers.AutoTokenizer.from_pretrained(src)(text)["input_ids"]
+    assert (
+        transformers.AutoTokenizer.from_pretrained(out)(text)["input_ids"]
+        == transformers.AutoTokenizer.from_pretrained(src)(text)["input_ids"]
+    )
     assert checkpoint.load(out).history[-1]["transform"] == "quantize"  # our metadata rides in the shards
 
 
