@@ -1,11 +1,11 @@
 """Runtime benchmark: every storage x compute pair against float32, side by side in one run, next
 to peers on the same inputs (issue: compressed checkpoints run fast on the CPU they are on).
 
-    .venv/bin/python bench/bench_runtime.py [--quick]
+    .venv/bin/python bench/bench_runtime.py [--quick] [--only=minilm|digits]
 
 Storage: the checkpoint as written by ``infercomp quantize`` (float32, bf16, int8 weight-only,
 int8-dynamic, int4 g32 GPTQ). Compute: how ``infercomp.load(path, compute=...)`` runs it (fp32,
-bf16, int8, auto). Peers: transformers' model cast to bf16, torch.ao dynamic int8 (per-channel,
+bf16, int8, auto), and bf16 under ``--compile`` (torch.compile). Peers: transformers' model cast to bf16, torch.ao dynamic int8 (per-channel,
 8-bit), torchao Int8DynamicActivationInt8Weight eager and under ``torch.compile``.
 
 Models and inputs:
@@ -180,6 +180,10 @@ def bench_minilm(tmp: Path, results: dict[str, Any], quick: bool) -> None:
     fp = ModelLoader().build(checkpoint.load(src))
     for what, ids in (("32 x 128 tokens", long_ids), (f"32 short sentences ({short_ids.shape[1]} tokens)", short_ids)):
         cands = _pairs(paths, ids)
+        compiled = infercomp.load(paths["bf16"], compute="bf16", example=ids, compile=True)
+        with torch.inference_mode():
+            compiled(ids)  # compile now, not inside the timed rounds
+        cands.append(("bf16 / bf16 + --compile", compiled, {"ran": "bf16 compiled"}))
         cands.append(("peer: transformers bf16", _BF16(fp), {}))
         cands.append(("peer: torch.ao dynamic int8 (per-channel)", _torch_ao_per_channel(fp), {}))
         ta = _torchao(fp, "Int8DynamicActivationInt8WeightConfig")
@@ -252,11 +256,13 @@ def _targets(results: dict[str, Any]) -> None:
                 ("  ... its cos mean", results[best_int8]["cos_mean"], ">=", 0.998),
                 ("  ... its cos min", results[best_int8]["cos_min"], ">=", 0.99),
             ]
-        for label in ("bf16 / auto", "int8 / auto", "int8-dynamic / auto", "int4 g32 gptq / auto"):
+        for label in ("bf16 / auto", "int8 / auto", "int8-dynamic / auto", "int4 g32 gptq / auto", "bf16 / bf16 + --compile"):
             checks.append((f"MiniLM short sentences {label} latency x", get(("minilm", short, label), "latency"), "<=", 0.45))
     # "Not slower than float32" within the timing noise: the fp32 / auto row runs the very same
     # float32 model as the baseline, so its distance from 1.000 is the noise of this run.
     for name in ("cnn", "transformer"):
+        if not any(k[0] == name for k in results):
+            continue  # not run (--only)
         noise = abs((get((name, "fp32 / auto"), "latency") or 1.0) - 1.0)
         for label in STORAGE:
             checks.append(
@@ -275,7 +281,9 @@ def _targets(results: dict[str, Any]) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    quick = "--quick" in (argv if argv is not None else sys.argv[1:])
+    args = argv if argv is not None else sys.argv[1:]
+    quick = "--quick" in args
+    only = next((a.split("=", 1)[1] for a in args if a.startswith("--only=")), None)  # --only=minilm|digits
     torch.set_num_threads(THREADS)
     print(
         f"CPU: {cpu_model()}; features: {', '.join(cpu_features()) or '-'}; ONEDNN_MAX_CPU_ISA={isa_limit() or 'unset'}; torch {torch.__version__}"
@@ -284,8 +292,10 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory() as d:
         os.environ.setdefault("INFERCOMP_CACHE_DIR", str(Path(d) / "cache"))  # choices made fresh in this run
         tmp = Path(d)
-        bench_digits(tmp, results, quick)
-        bench_minilm(tmp, results, quick)
+        if only in (None, "digits"):
+            bench_digits(tmp, results, quick)
+        if only in (None, "minilm"):
+            bench_minilm(tmp, results, quick)
     _targets(results)
 
 

@@ -10,7 +10,7 @@ NaN or infinity is refused unless ``allow_nonfinite=True``). A Hugging Face dire
 Hugging Face directory out (``max_shard_size`` per safetensors shard) unless ``output`` ends in
 ``.safetensors``. Measurement options
 (``device``, ``threads``, ``batch_size``, ``min_time``, ``warmup``, ``latency``, ``layers``,
-``memory``, ``compute``) are passed as keywords too. The CLI commands call these verbs and nothing deeper.
+``memory``, ``compute``, ``compile``) are passed as keywords too. The CLI commands call these verbs and nothing deeper.
 """
 
 from __future__ import annotations
@@ -55,6 +55,7 @@ def load(
     path: PathLike,
     *,
     compute: str = "auto",
+    compile: bool = False,
     example: Any = None,
     device: str = "cpu",
     model: str | None = None,
@@ -71,6 +72,7 @@ def load(
         example: an input batch to choose on (default: 32 samples of the model's known input
             shape, or 128 random tokens for a Hugging Face text model).
         device: ``cpu`` or ``cuda``.
+        compile: wrap the module in ``torch.compile`` (compiled on its first call).
         model / model_config: model code when the checkpoint names none (or to override it).
         trust_model_code: import model code named inside the checkpoint even if not built in.
     """
@@ -79,7 +81,7 @@ def load(
     options = MeasureOptions(device=device, compute=compute)
     if example is None:
         example = lambda m: example_batch(ckpt, loader, m, 32)  # noqa: E731 (built from the float module)
-    module, _ = loader.build_for_inference(ckpt, compute=compute, device=options.torch_device(), example=example)
+    module, _ = loader.build_for_inference(ckpt, compute=compute, device=options.torch_device(), example=example, compile=compile)
     return module
 
 

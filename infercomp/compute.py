@@ -48,6 +48,7 @@ class ComputeInfo:
         trial_ms: auto / int8: median milliseconds of each candidate in the trial (None: no trial).
         cached: the choice came from the on-disk cache (no trial ran now).
         note: why a mode was not available, or None.
+        compiled: the module runs under ``torch.compile`` (``--compile``).
     """
 
     requested: str
@@ -57,6 +58,7 @@ class ComputeInfo:
     trial_ms: dict[str, float] | None = None
     cached: bool = False
     note: str | None = None
+    compiled: bool = False
 
 
 def check_mode(mode: str) -> None:

@@ -43,6 +43,7 @@ class MeasureOptions:
         memory: measure peak resident memory of load + one forward pass (a subprocess per model).
         compute: how the models run on the CPU: ``auto``, ``fp32``, ``bf16`` or ``int8`` (see
             ``infercomp.compute``).
+        compile: run the models under ``torch.compile`` (compiled during the warm-up runs).
     """
 
     device: str = "cpu"
@@ -54,6 +55,7 @@ class MeasureOptions:
     layers: bool = False
     memory: bool = False
     compute: str = "auto"
+    compile: bool = False
 
     def __post_init__(self) -> None:
         check_mode(self.compute)
@@ -218,6 +220,7 @@ def compare(
         "warmup": options.warmup,
         "min_time_s": options.min_time,
         "compute": options.compute,
+        "compile": options.compile,
         "cpu_features": cpu_features(),
     }
     entries = [_Entry(c, _static_report(c)) for c in ckpts]
@@ -260,7 +263,9 @@ def _build(
                 e.report.notes.append("no model reference: latency and accuracy not measured (pass --model)")
                 task.advance()
                 continue
-            e.module, e.compute = loader.build_for_inference(e.ckpt, compute=options.compute, device=device, example=first_example(e.ckpt))
+            e.module, e.compute = loader.build_for_inference(
+                e.ckpt, compute=options.compute, device=device, example=first_example(e.ckpt), compile=options.compile
+            )
             if example is None and device.type != "cpu":
                 example = example_batch(e.ckpt, loader, e.module, options.batch_size, data)
             e.report.model = (loader.spec_for(e.ckpt) or {}).get("ref")

@@ -166,13 +166,14 @@ class ModelLoader:
         return module.eval()
 
     def build_for_inference(
-        self, ckpt: Checkpoint, *, compute: str = "auto", device: torch.device | None = None, example: Any = None
+        self, ckpt: Checkpoint, *, compute: str = "auto", device: torch.device | None = None, example: Any = None, compile: bool = False
     ) -> tuple[nn.Module, ComputeInfo]:
         """A module that runs the checkpoint as ``compute`` says (see ``infercomp.compute``), and
         what runs. On the CPU the weights are decoded once and the compute mode applied, timing
         the candidates on ``example`` where it has to choose (a tensor, or a function of the
-        float32 module that returns one); on CUDA each stored format runs its own modules (fp8
-        matmuls, 2:4 sparse kernels) and ``compute`` does not apply."""
+        float32 module that returns one), then with ``compile`` wrapped in ``torch.compile``; on
+        CUDA each stored format runs its own modules (fp8 matmuls, 2:4 sparse kernels) and
+        ``compute`` does not apply."""
         device = device or torch.device("cpu")
         if device.type != "cpu":
             note = "--compute applies to the CPU; on CUDA each stored format runs its own kernels"
@@ -180,13 +181,16 @@ class ModelLoader:
         module = self.build(ckpt, runtime=False)
         if callable(example):
             example = example(module)
-        return prepare(
+        module, info = prepare(
             module,
             compute,
             example=example,
             allowed=allowed_modes(storage_precisions(ckpt)),
             int8_weights=stored_int8(ckpt),
         )
+        if compile:  # compiled on the first call: the caller's warm-up runs absorb it
+            module, info.compiled = torch.compile(module), True
+        return module, info
 
     def build_fresh(self) -> nn.Module:
         """A freshly initialised module from the user's ``--model`` reference (no weights)."""

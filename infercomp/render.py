@@ -99,7 +99,7 @@ def _compute_line(m: ModelReport) -> str | None:
     if c.get("trial_ms"):
         trial = ", ".join(f"{k} {v:.3g} ms" for k, v in c["trial_ms"].items())
         how = f" ({c['requested']} chose it: {trial}{', cached' if c.get('cached') else ''})"
-    return f"runs {c['mode']}{how}"
+    return f"runs {c['mode']}{' under torch.compile' if c.get('compiled') else ''}{how}"
 
 
 # The default table: what a person decides on. ``--columns all`` shows every column of COLUMNS.

@@ -226,3 +226,12 @@ def test_weights_in_memory_follow_the_compute_mode() -> None:
     bf16 = infercomp.report([SAMPLE["cnn"]], compute="bf16", latency=False).models[0].weight_memory_bytes
     assert fp32 == pytest.approx(4 * 159_850, rel=0.02)  # float32 parameters (+ BatchNorm statistics)
     assert bf16 == pytest.approx(fp32 / 2, rel=0.01)
+
+
+@pytest.mark.slow
+def test_compile_flag_runs_and_is_reported(runner) -> None:
+    r = invoke(runner, "report", SAMPLE["mlp"], "--data", DIGITS_TEST, "--compile", "--min-time", "0.05", "--warmup", "2", "-f", "json")
+    assert r.exit_code == 0, r.output
+    doc = json.loads(r.stdout)
+    assert doc["settings"]["compile"] is True and doc["models"][0]["compute"]["compiled"] is True
+    assert doc["models"][0]["latency_ms"]["median"] > 0 and doc["models"][0]["accuracy"] > 0.95

@@ -74,6 +74,9 @@ Compute = Annotated[
         "never slower than fp32), fp32, bf16 (weights decoded once to bf16) or int8 (int8 matmuls, activations quantized per token).",
     ),
 ]
+Compile = Annotated[
+    bool, typer.Option("--compile", help="Run the models under torch.compile (compiled during the warm-up runs; the report says so).")
+]
 AllowNonfinite = Annotated[
     bool, typer.Option("--allow-nonfinite", help="Go on when a checkpoint holds NaN or infinite values (refused by default).")
 ]
@@ -139,6 +142,7 @@ class Common:
     memory: bool = False
     compute: str = "auto"
     allow_nonfinite: bool = False
+    compile: bool = False
     columns: str | None = None
     plot: Path | None = None
 
@@ -180,6 +184,7 @@ class Common:
             "memory": self.memory,
             "layers": self.layers,
             "compute": self.compute,
+            "compile": self.compile,
             "allow_nonfinite": self.allow_nonfinite,
         }
 

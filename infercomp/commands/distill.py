@@ -71,6 +71,7 @@ def distill(
     warmup: c.Warmup = 3,
     no_latency: c.NoLatency = False,
     compute: c.Compute = "auto",
+    compile: c.Compile = False,
     allow_nonfinite: c.AllowNonfinite = False,
     fmt: c.Format = "table",
     columns: c.Columns = None,

@@ -61,6 +61,7 @@ def quantize(
     no_latency: c.NoLatency = False,
     layers: c.Layers = False,
     compute: c.Compute = "auto",
+    compile: c.Compile = False,
     allow_nonfinite: c.AllowNonfinite = False,
     memory: c.Memory = False,
     fmt: c.Format = "table",
