@@ -11,7 +11,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 # Explicit list: adding a benchmark is adding its module here.
-BENCHES = ("bench_runtime", "bench_quantize", "bench_prune", "bench_distill")
+BENCHES = ("bench_kernels", "bench_runtime", "bench_quantize", "bench_prune", "bench_distill")
 
 
 def main(names: list[str]) -> None:

@@ -132,8 +132,9 @@ def prepare(
 
 
 def _native(modes: list[str], requested: str) -> list[str]:
-    """The trial's variants: only those this CPU runs natively (a bf16 model without AVX-512
-    BF16 / AMX ran 3-12x slower than fp32 here, and int8 without VNNI / AMX accumulates inexactly),
+    """The trial's variants: only those this CPU runs natively (without AVX-512 BF16 / AMX oneDNN
+    emulates bf16, and without VNNI / AMX its int8 path accumulates inexactly and ran slower than
+    fp32 in bench/bench_kernels.py),
     so a trial never spends minutes on a path that cannot win. ``int8`` splits into int8 with
     the rest in fp32 and in bf16."""
     out = [m for m in modes if m == "fp32" or (m == "bf16" and onednn_bf16_ok())]

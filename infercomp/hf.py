@@ -120,7 +120,7 @@ def output_checkpoint(
     refused: compressed-tensors packs them into int32 words (``pack-quantized``), we do not.
     """
     notes: list[str] = []
-    tensors, encodings = formats.stored_form(ckpt.tensors, ckpt.encodings, ckpt.encodings, ckpt.name)
+    tensors, _ = formats.stored_form(ckpt.tensors, ckpt.encodings, ckpt.encodings, ckpt.name)  # the plain tensors
     kept: dict[str, dict[str, Any]] = {}
     dense_names = []
     for name, spec in ckpt.encodings.items():

@@ -15,10 +15,10 @@ Base layer: imports torch and the stdlib only.
   and wins unless another is measured faster.
 - ``Int8Linear``: ``nn.Linear`` replacement that chooses per (rows, in, out, dtype).
 
-Measured on this project's machine (bench/bench_kernels.py prints it): with AMX the int8 GEMM is
-1-2x faster than the bf16 GEMM at thousands of rows, but quantizing the activations (an
-elementwise pass in Python-driven torch ops) costs 1-3x the GEMM there, so bf16 wins at large M;
-int8 wins at M <= 16 (token-by-token decoding), where the weight bytes dominate.
+``bench/bench_kernels.py`` prints these kernels against float32 and bf16 on the machine it runs
+on, with the int8 time split into quantize / GEMM / rescale: on this project's AMX Xeon, at
+thousands of rows quantizing the activations (an elementwise pass) costs as much as the int8 GEMM
+itself, so bf16 wins there; at 16 rows and fewer the weight bytes dominate and int8 wins.
 """
 
 from __future__ import annotations
@@ -231,7 +231,7 @@ class Int8Weight:
 
     def packed(self, m_hint: int | None = None) -> torch.Tensor:
         """oneDNN-prepacked weight; an M hint lets oneDNN pick a blocked layout that is
-        ~1.5x faster at M=4096 (it only matters for the first call, later calls reuse it)."""
+        faster at large M (it only matters for the first call, later calls reuse it)."""
         if self._packed is None:
             shape = None if m_hint is None else [m_hint, self.K]
             self._packed = torch.ops.onednn.qlinear_prepack(self.wq, shape)
@@ -277,14 +277,14 @@ def linear_int8_onednn(x: torch.Tensor, w: Int8Weight, *, bf16_math: bool = Fals
     ``x_scale=1`` with the per-channel weight scales, let oneDNN emit ``acc * w_scale`` in the
     output dtype, and apply row scale + bias in one in-place ``addcmul`` pass. Activations are
     fed as uint8 with zero point 128: as fast as s8 with AMX and the only fast form without
-    AMX (s8 x s8 under ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI took 28 s for a 1024^3 GEMM).
+    AMX (s8 x s8 activations fell back to a reference kernel under ONEDNN_MAX_CPU_ISA=AVX512_CORE_VNNI).
     Output dtype = input dtype (float32 or bfloat16). ``bf16_math=True`` quantises bf16 inputs
     in bf16 arithmetic: half the bytes per pass but 4 passes instead of 2 and ~1 dB lower SQNR;
     measured slower, kept for comparison.
     """
     x2 = _rows(x)
     # bf16 output from qlinear needs AVX512_BF16: below that oneDNN uses a reference kernel
-    # (32 s for 4096x384x384 under ONEDNN_MAX_CPU_ISA=AVX2), so emit fp32 and cast in the
+    # (seconds per call under ONEDNN_MAX_CPU_ISA=AVX2), so emit fp32 and cast in the
     # rescale pass instead (same pass count).
     odt = x.dtype if (x.dtype == torch.float32 or onednn_bf16_ok()) else torch.float32
     skewed = _skewed_rows(x2)

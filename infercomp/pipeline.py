@@ -106,14 +106,15 @@ def run(
             "infercomp_version": __version__,
         },
     ]
-    if measure and loader.can_build(new):
+    built = None
+    if (measure or hf_out) and loader.can_build(new):
         new.path = out  # named as the output in errors
         try:
-            loader.build(new, runtime=False)  # the output must load into its model: checked before anything is written
+            built = loader.build(new, runtime=False)  # the output must load into its model: checked before anything is written
         except InfercompError as e:
             raise type(e)(f"{e} (nothing was written)") from e
     if hf_out:
-        types = {name: type(m).__name__ for name, m in loader.build(new, runtime=False).named_modules()}
+        types = {name: type(m).__name__ for name, m in (built.named_modules() if built is not None else [])}
         to_write, hf_config, notes = hf.output_checkpoint(new, types, dict((new.model or {}).get("config") or {}))
         for note in notes:
             progress.log(note)
