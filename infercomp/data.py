@@ -16,11 +16,13 @@ from infercomp.hf import tokenize
 
 @dataclass(frozen=True)
 class Dataset:
-    """Inputs and (optionally) integer class labels, read from ``path``."""
+    """Inputs and (optionally) integer class labels, read from ``path``; for text, the attention
+    mask (N, T) of the padded token ids (1 = a real token)."""
 
     inputs: torch.Tensor
     labels: torch.Tensor | None
     path: Path
+    attention_mask: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.inputs.shape[0]
@@ -46,8 +48,8 @@ def load_data(path: str | Path, *, model: str | Path | None = None) -> Dataset:
     if p.suffix in (".txt", ".jsonl"):
         if model is None or not Path(model).is_dir():
             raise DataError(f"{p}: text data needs the model's tokenizer; use a Hugging Face model directory as the (first) input")
-        ids, labels = tokenize(p, Path(model))
-        return Dataset(inputs=ids, labels=labels, path=p)
+        ids, mask, labels = tokenize(p, Path(model))
+        return Dataset(inputs=ids, labels=labels, path=p, attention_mask=mask)
     if p.suffix == ".npz":
         try:
             with np.load(p, allow_pickle=False) as z:

@@ -23,6 +23,8 @@ GATE_KEYS = (
     "top1_agreement",
     "cosine_mean",
     "cosine_min",
+    "perplexity",
+    "perplexity_ratio",
 )
 
 

@@ -20,13 +20,13 @@ import torch
 from torch import nn
 
 import infercomp.formats as formats
-from infercomp.checkpoint import Checkpoint
+from infercomp.checkpoint import Checkpoint, shapes_of
 from infercomp.compute import ComputeInfo, check_mode
 from infercomp.data import Dataset
 from infercomp.errors import DataError, UsageError
 from infercomp.kernels import Int8Linear, cpu_features
-from infercomp.metrics import accuracy, fidelity, sqnr
-from infercomp.models import ModelLoader, example_batch, predict
+from infercomp.metrics import accuracy, fidelity, next_token_nll, sqnr
+from infercomp.models import ModelLoader, Task, call, example_batch, first_output, predict, task_for
 from infercomp.progress import NULL, Progress
 from infercomp.timing import summarise, time_interleaved
 
@@ -103,6 +103,8 @@ class ModelReport:
     history: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)
     layers: list[dict[str, Any]] | None = None
+    perplexity: float | None = None
+    task: str | None = None
 
 
 @dataclass
@@ -129,9 +131,11 @@ def is_weight(name: str, t: torch.Tensor) -> bool:
 
 
 def static_stats(ckpt: Checkpoint) -> dict[str, Any]:
-    """Parameters, non-zeros, sparsity, bits per weight and dtype mix, from the tensors alone."""
-    dense = formats.logical_tensors(ckpt.tensors, ckpt.encodings, ckpt.name)
-    nbytes = formats.stored_bytes(ckpt.tensors, ckpt.encodings, ckpt.name)
+    """Parameters, non-zeros, sparsity, bits per weight and dtype mix, from the tensors alone (one
+    at a time: a checkpoint read with ``checkpoint.load(lazy=True)`` stays in bounded memory)."""
+    shapes = shapes_of(ckpt.tensors)
+    dense = formats.LogicalView(ckpt.tensors, ckpt.encodings, ckpt.name, shapes=shapes)
+    nbytes = formats.stored_bytes(shapes, ckpt.encodings, ckpt.name)
     params = nonzero = 0
     bits = 0
     mix: dict[str, int] = {}
@@ -143,7 +147,7 @@ def static_stats(ckpt: Checkpoint) -> dict[str, Any]:
         nonzero += int(torch.count_nonzero(t.float() if t.element_size() == 1 else t))  # fp8 has no count_nonzero
         bits += 8 * nbytes[name]
         spec = ckpt.encodings.get(name)
-        kind = spec["codec"] if spec else str(ckpt.tensors[name].dtype).removeprefix("torch.")
+        kind = spec["codec"] if spec else str(shapes[name].dtype).removeprefix("torch.")
         mix[kind] = mix.get(kind, 0) + n
     return {
         "parameters": params,
@@ -296,26 +300,101 @@ def _static_report(c: Checkpoint) -> ModelReport:
 
 
 def _accuracy_and_fidelity(entries: list[_Entry], data: Dataset, options: MeasureOptions, device: torch.device, progress: Progress) -> None:
+    """Accuracy (classifiers with labels), perplexity (causal LMs) and fidelity against the
+    baseline, each model scored as its task says (``models.Task``)."""
+    tasks: dict[int, Task] = {}
+    for i, e in enumerate(entries):
+        if e.module is not None:
+            tasks[i] = task_for(e.ckpt, e.module, fallback=tasks.get(0))
+    lms = [i for i, t in tasks.items() if t.kind == "causal-lm"]
+    if lms:
+        _language_models([entries[i] for i in lms], data, options, device, progress, baseline=entries[0] if 0 in lms else None)
     baseline: torch.Tensor | None = None
-    with progress.task("evaluating", total=len(entries)) as task:
-        for i, e in enumerate(entries):
-            if e.module is not None:
-                out = _run_on_data(e, data, options, device)
-                if data.labels is not None:
+    with progress.task("evaluating", total=len(tasks) - len(lms)) as bar:
+        for i, t in tasks.items():
+            if t.kind == "causal-lm":
+                continue
+            e = entries[i]
+            out = _guarded(e, data, predict, e.module, data, batch_size=options.batch_size, device=device, task=t)
+            if t.kind == "outputs" and out.dim() == 2:
+                t = Task("classifier")
+            e.report.task = t.kind
+            if t.note:
+                e.report.notes.append(t.note)
+            if data.labels is not None:
+                if t.kind == "classifier":
                     _check_labels(data, out)
                     e.report.accuracy = accuracy(out, data.labels)
-                if i == 0:
-                    baseline = out
-                if baseline is not None and out.shape == baseline.shape:
-                    e.report.fidelity = fidelity(out, baseline)
-            task.advance()
+                else:
+                    e.report.notes.append(f"accuracy not measured: the model's outputs are not class scores ({t.kind}), 'labels' unused")
+            if i == 0:
+                baseline = out
+            if baseline is not None and out.shape == baseline.shape:
+                e.report.fidelity = fidelity(out, baseline, kind="embedding" if t.kind == "sentence-embedding" else t.kind)
+            bar.advance()
 
 
-def _run_on_data(e: _Entry, data: Dataset, options: MeasureOptions, device: torch.device) -> torch.Tensor:
-    """The model's outputs on --data; a model that cannot take these inputs is a DataError
-    naming the file and the shape, not a traceback from inside its forward pass."""
+def _language_models(
+    lms: list[_Entry], data: Dataset, options: MeasureOptions, device: torch.device, progress: Progress, *, baseline: _Entry | None
+) -> None:
+    """Perplexity on --data (each next real token scored; padding ignored), and agreement with
+    the baseline's next-token distributions at every real token. Batch by batch, all models on
+    the same batch, so that only one batch of (B, T, vocab) logits per model is ever held."""
+    if data.inputs.is_floating_point() or data.inputs.dim() != 2:
+        shape = tuple(data.inputs.shape)
+        raise DataError(f"{data.path}: a causal LM reads token ids (N, T), e.g. text --data; got {data.inputs.dtype} of shape {shape}")
+    mask_all = data.attention_mask if data.attention_mask is not None else torch.ones_like(data.inputs)
+    nll = {id(e): (0.0, 0) for e in lms}
+    parts: dict[int, list[tuple[int, dict[str, float | None]]]] = {id(e): [] for e in lms}
+    steps = -(-len(data) // options.batch_size)
+    with progress.task(f"evaluating {len(lms)} language model(s)", total=steps) as bar:
+        for start in range(0, len(data), options.batch_size):
+            x = data.inputs[start : start + options.batch_size].to(device)
+            mask = mask_all[start : start + options.batch_size].to(device)
+            ref: torch.Tensor | None = None
+            for e in lms:
+                with torch.inference_mode():
+                    logits = first_output(_guarded(e, data, call, e.module, x, mask)).float().cpu()  # (B, T, V)
+                total, count = nll[id(e)]
+                s, n = next_token_nll(logits, x.cpu(), mask.cpu())
+                nll[id(e)] = (total + s, count + n)
+                real = logits[mask.cpu().bool()]  # (tokens, V): one sample a real token
+                if e is baseline:
+                    ref = real
+                if ref is not None and real.shape == ref.shape and real.shape[0]:
+                    parts[id(e)].append((real.shape[0], fidelity(real, ref, kind="distribution")))
+            bar.advance()
+    for e in lms:
+        total, count = nll[id(e)]
+        e.report.task = "causal-lm"
+        e.report.perplexity = math.exp(total / count) if count else None
+        e.report.fidelity = _merge_fidelity(parts[id(e)]) if parts[id(e)] else None
+        if data.labels is not None:
+            e.report.notes.append("accuracy not measured: a causal LM is scored by perplexity on the next tokens, 'labels' unused")
+
+
+def _merge_fidelity(parts: list[tuple[int, dict[str, float | None]]]) -> dict[str, float | None]:
+    """Per-batch fidelity figures (tokens, figures) -> the figures over all tokens."""
+    n = sum(k for k, _ in parts)
+
+    def mean(key: str) -> float | None:
+        values = [(k, f[key]) for k, f in parts]
+        return None if any(v is None for _, v in values) else sum(k * v for k, v in values) / n
+
+    return {
+        "top1_agreement": mean("top1_agreement"),
+        "cosine_mean": mean("cosine_mean"),
+        "cosine_min": min(f["cosine_min"] for _, f in parts),
+        "kl_div": mean("kl_div"),
+    }
+
+
+def _guarded(e: _Entry, data: Dataset, run: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+    """``run(*args, **kwargs)``: the model's outputs on --data; a model that cannot take these
+    inputs is a DataError naming the file and the shape, not a traceback from inside its forward
+    pass."""
     try:
-        return predict(e.module, data, batch_size=options.batch_size, device=device)
+        return run(*args, **kwargs)
     except (RuntimeError, ValueError, TypeError, IndexError) as err:
         detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         shape = tuple(data.inputs.shape[1:])
@@ -372,11 +451,12 @@ def _layers(entries: list[_Entry]) -> None:
     """Per-layer size / sparsity, SQNR (dB) of each weight against the baseline's, and the
     kernel that runs it."""
     first = entries[0].ckpt
-    base = formats.logical_tensors(first.tensors, first.encodings, first.name)
+    base = formats.LogicalView(first.tensors, first.encodings, first.name, shapes=shapes_of(first.tensors))  # one tensor at a time
     for e in entries:
         c = e.ckpt
-        dense = formats.logical_tensors(c.tensors, c.encodings, c.name)
-        nbytes = formats.stored_bytes(c.tensors, c.encodings, c.name)
+        shapes = shapes_of(c.tensors)
+        dense = formats.LogicalView(c.tensors, c.encodings, c.name, shapes=shapes)
+        nbytes = formats.stored_bytes(shapes, c.encodings, c.name)
         rows = []
         for name, t in dense.items():
             if not is_weight(name, t) or t.dim() < 2:
@@ -384,7 +464,7 @@ def _layers(entries: list[_Entry]) -> None:
             row: dict[str, Any] = {
                 "name": name,
                 "shape": list(t.shape),
-                "stored": c.encodings[name]["codec"] if name in c.encodings else str(c.tensors[name].dtype).removeprefix("torch."),
+                "stored": c.encodings[name]["codec"] if name in c.encodings else str(shapes[name].dtype).removeprefix("torch."),
                 "bytes": nbytes[name],
                 "sparsity": 1 - int(torch.count_nonzero(t)) / t.numel(),
                 "sqnr_db": None,
@@ -409,5 +489,7 @@ def _ratios(reports: list[ModelReport]) -> None:
             "parameters": ratio(r.parameters, base.parameters),
             "latency": ratio(r.latency_ms and r.latency_ms["median"], base.latency_ms and base.latency_ms["median"]),
         }
+        if r.perplexity is not None or base.perplexity is not None:  # language models only: other reports keep their keys
+            r.ratios["perplexity"] = ratio(r.perplexity, base.perplexity)
         if r.accuracy is not None and base.accuracy is not None:
             r.accuracy_drop = base.accuracy - r.accuracy

@@ -31,6 +31,7 @@ from infercomp.compute import ComputeInfo, allowed_modes, prepare
 from infercomp.data import Dataset
 from infercomp.errors import ModelError, UsageError
 from infercomp.kernels import Int8Weight
+from infercomp.metrics import POOLING_MODES, pool
 
 ENTRY_POINT_GROUP = "infercomp.models"
 
@@ -249,7 +250,9 @@ def load_weights(module: nn.Module, ckpt: Checkpoint, *, runtime: bool = True) -
     owned = formats.stored_keys(kept, ckpt.name)
     plain = {k: v for k, v in ckpt.tensors.items() if outside(k) or any(k in ks for ks in owned.values())}
     dense = formats.logical_tensors(plain, kept, ckpt.name)
-    expected = {k for k in module.state_dict() if outside(k)}
+    # A tied weight (a language model's output layer sharing its input embedding) is one tensor
+    # under two names; checkpoints store it once (transformers' save_pretrained does).
+    expected = {k for k in module.state_dict() if outside(k)} - _tied_aliases(module, set(dense))
     # Buffers the module does not persist (e.g. transformers' position_ids) may still be stored.
     transient = {k for k, _ in module.named_buffers()} - set(module.state_dict())
     dense = {k: v for k, v in dense.items() if k not in transient}
@@ -269,6 +272,14 @@ def load_weights(module: nn.Module, ckpt: Checkpoint, *, runtime: bool = True) -
             if tuple(target.shape) != tuple(value.shape):
                 raise ModelError(f"{ckpt.name}: tensor {name!r} has shape {tuple(value.shape)}, the model has {tuple(target.shape)}")
             target.copy_(value.to(target.dtype))
+
+
+def _tied_aliases(module: nn.Module, stored: set[str]) -> set[str]:
+    """Names of the module's tensors that are another stored name's tensor (tied weights)."""
+    names: dict[int, list[str]] = {}
+    for k, t in module.state_dict(keep_vars=True).items():
+        names.setdefault(id(t), []).append(k)
+    return {k for group in names.values() if len(group) > 1 and stored.intersection(group) for k in group if k not in stored}
 
 
 def _attach_runtime(module: nn.Module, ckpt: Checkpoint) -> set[str]:
@@ -445,10 +456,111 @@ def first_output(y: Any) -> torch.Tensor:
     return y
 
 
+@dataclass(frozen=True)
+class Task:
+    """What a model's outputs are, so that they are scored the way its users use them.
+
+    Attributes:
+        kind: ``causal-lm`` (next-token logits: perplexity, fidelity per real token),
+            ``sentence-embedding`` (a sentence-transformers directory: fidelity on the pooled,
+            normalised embedding), ``classifier`` (class scores (N, C): accuracy, top-1) or
+            ``outputs`` (anything else, e.g. a Hugging Face model's last hidden state).
+        pooling / normalize: the sentence-transformers recipe (``1_Pooling/config.json`` modes,
+            and whether ``modules.json`` ends in ``Normalize``).
+        note: what of the recipe is not reproduced, if anything.
+    """
+
+    kind: str = "outputs"
+    pooling: tuple[str, ...] = ()
+    normalize: bool = False
+    note: str | None = None
+
+
+def is_causal_lm(module: nn.Module) -> bool:
+    """A transformers model that generates text one token after another (decoder only)."""
+    m = getattr(module, "_orig_mod", module)  # under torch.compile
+    can_generate = getattr(m, "can_generate", None)
+    config = getattr(m, "config", None)
+    return callable(can_generate) and bool(can_generate()) and not getattr(config, "is_encoder_decoder", False)
+
+
+def sentence_embedding_recipe(directory: Path) -> Task | None:
+    """The sentence-transformers recipe of a model directory (``modules.json``: Transformer ->
+    Pooling -> Normalize), or None when it holds none."""
+    modules_file = directory / "modules.json"
+    if not modules_file.is_file():
+        return None
+    try:
+        modules = json.loads(modules_file.read_text())
+        kinds = [(str(m["type"]).rpartition(".")[2], str(m.get("path", ""))) for m in modules]
+    except (ValueError, KeyError, TypeError) as e:
+        raise ModelError(f"{modules_file}: not a sentence-transformers modules list ({e})") from e
+    pooling = next((path for kind, path in kinds if kind == "Pooling"), None)
+    if pooling is None:
+        return None
+    pooling_file = directory / pooling / "config.json"
+    try:
+        cfg = json.loads(pooling_file.read_text()) if pooling_file.is_file() else {}
+    except ValueError as e:
+        raise ModelError(f"{pooling_file}: not valid JSON ({e})") from e
+    mode = cfg.get("pooling_mode")  # sentence-transformers >= 5: one name or a list
+    if mode is None:  # older files: one boolean per mode
+        modes = tuple(m for m in POOLING_MODES if cfg.get(_LEGACY_POOLING_KEYS[m])) or ("mean",)
+    else:
+        modes = (mode,) if isinstance(mode, str) else tuple(mode)
+    unknown = [m for m in modes if m not in POOLING_MODES]
+    if unknown:
+        raise ModelError(f"{pooling_file}: pooling mode {unknown[0]!r} is not one of {', '.join(POOLING_MODES)}")
+    others = [kind for kind, _ in kinds if kind not in ("Transformer", "Pooling", "Normalize")]
+    note = f"fidelity is measured on the pooled embedding, before {', '.join(others)} (not run by infercomp)" if others else None
+    return Task("sentence-embedding", pooling=modes, normalize=any(k == "Normalize" for k, _ in kinds), note=note)
+
+
+_LEGACY_POOLING_KEYS = {
+    "cls": "pooling_mode_cls_token",
+    "max": "pooling_mode_max_tokens",
+    "mean": "pooling_mode_mean_tokens",
+    "mean_sqrt_len_tokens": "pooling_mode_mean_sqrt_len_tokens",
+    "weightedmean": "pooling_mode_weightedmean_tokens",
+    "lasttoken": "pooling_mode_lasttoken",
+}
+
+
+def task_for(ckpt: Checkpoint, module: nn.Module, *, fallback: Task | None = None) -> Task:
+    """How ``module`` (built from ``ckpt``) is scored: ``outputs`` unless it is a causal LM or a
+    sentence-embedding model (the caller tells class scores (N, C) from other outputs once it has
+    them). A Hugging Face model without a sentence-transformers recipe of its own (one file
+    written from a directory) takes ``fallback``'s (the baseline's)."""
+    if is_causal_lm(module):
+        return Task("causal-lm")
+    is_hf = (ckpt.model or {}).get("ref") == hf.HF_REF
+    if is_hf:
+        recipe = sentence_embedding_recipe(ckpt.path) if ckpt.path is not None and ckpt.path.is_dir() else None
+        if recipe is None and fallback is not None and fallback.kind == "sentence-embedding":
+            recipe = fallback
+        if recipe is not None:
+            return recipe
+    return Task()
+
+
+def call(module: nn.Module, x: torch.Tensor, mask: torch.Tensor | None) -> Any:
+    """``module(x)``, with the attention mask for a model that takes one (a Hugging Face text model)."""
+    return module(x) if mask is None else module(x, attention_mask=mask)
+
+
 @torch.inference_mode()
-def predict(module: nn.Module, data: Dataset, *, batch_size: int, device: torch.device) -> torch.Tensor:
-    """Outputs for every input, in order, as float32 on the CPU: shape (N, ...)."""
+def predict(module: nn.Module, data: Dataset, *, batch_size: int, device: torch.device, task: Task | None = None) -> torch.Tensor:
+    """Outputs for every input, in order, as float32 on the CPU: shape (N, ...). For a
+    ``sentence-embedding`` task, the pooled (and normalised) sentence embeddings (N, C)."""
     outs = []
-    for x, _ in data.batches(batch_size):
-        outs.append(first_output(module(x.to(device))).float().cpu())
+    embed = task is not None and task.kind == "sentence-embedding"
+    for i in range(0, len(data), batch_size):
+        x = data.inputs[i : i + batch_size].to(device)
+        mask = None if data.attention_mask is None or not embed else data.attention_mask[i : i + batch_size].to(device)
+        y = call(module, x, mask)
+        if embed:
+            hidden = y["last_hidden_state"] if isinstance(y, dict) and "last_hidden_state" in y else first_output(y)
+            outs.append(pool(hidden.float().cpu(), None if mask is None else mask.cpu(), task.pooling, normalize=task.normalize))
+        else:
+            outs.append(first_output(y).float().cpu())
     return torch.cat(outs)

@@ -55,6 +55,7 @@ COLUMNS = (
     "top-1 agree",
     "cos mean / min",
     "weights in RAM",
+    "perplexity",  # added later: appended, so that Markdown columns keep their place
 )
 
 
@@ -78,6 +79,7 @@ def _cells(m: ModelReport) -> list[str]:
         _pct(fid.get("top1_agreement"), 2) if fid else "-",
         cos,
         _size(m.weight_memory_bytes),
+        "-" if m.perplexity is None else f"{m.perplexity:,.3f}",
     ]
 
 
@@ -134,10 +136,22 @@ def shorten_left(text: str, width: int) -> str:
     return tail if name in tail or len(name) > width else name
 
 
+def _for_models(c: Comparison, columns: tuple[str, ...]) -> tuple[str, ...]:
+    """The default columns, with perplexity for language models (in place of accuracy, which
+    they do not have)."""
+    if columns != DEFAULT_COLUMNS or all(m.perplexity is None for m in c.models):
+        return columns
+    accuracy = any(m.accuracy is not None for m in c.models)
+    out = [col for col in columns if accuracy or col not in ("accuracy", "acc drop")]
+    out.insert(out.index("cos mean / min"), "perplexity")
+    return tuple(out)
+
+
 def render_table(c: Comparison, console: Console, columns: tuple[str, ...] = DEFAULT_COLUMNS) -> None:
     """The comparison as a table that fits ``console.width`` without cutting a number: long paths
     are shortened from the left; when the chosen columns still do not fit, the table turns (one
     row per figure, one column per model)."""
+    columns = _for_models(c, columns)
     index = [COLUMNS.index(col) for col in columns]
     rows = [[_cells(m)[i] for i in index] for m in c.models]
     figures = [max(len(col), *(len(r[j]) for r in rows)) + _PADDING for j, col in enumerate(columns) if j > 0]
@@ -265,6 +279,7 @@ CSV_FIELDS = (
     "parameters_ratio",
     "latency_ratio",
     "weight_memory_bytes",  # added later: appended, so that columns read by position keep their place
+    "perplexity",
 )
 
 
