@@ -9,6 +9,8 @@ checkpoint records exactly how it was made.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, Protocol
@@ -51,6 +53,19 @@ def choice(value: str, options: tuple[str, ...] | list[str], option: str) -> Non
     """Raise a UsageError naming the option unless ``value`` is one of ``options``."""
     if value not in options:
         raise UsageError(f"{option} {value!r} is not supported; choose one of: {', '.join(options)}")
+
+
+@contextmanager
+def pinned_threads(n: int | None) -> Iterator[None]:
+    """Run the block with ``n`` torch threads (None: as it is), restoring the count after: a
+    transform's ``threads`` pins its numerics to one thread count, so its output is reproducible."""
+    old = torch.get_num_threads()
+    if n is not None:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(old)
 
 
 @dataclass

@@ -8,16 +8,16 @@ measurements) reads and writes encoded tensors through these functions only.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 
 import torch
 
 from infercomp.errors import CheckpointError
-from infercomp.formats.base import Format, Spec, Tensors
-from infercomp.formats.quantized import FP8, INT4, INT8, INT8_DYNAMIC
+from infercomp.formats.base import Format, Spec, Tensors, spec_dtype
+from infercomp.formats.quantized import FP8, INT4, INT8, INT8_DYNAMIC, PACK_QUANTIZED
 from infercomp.formats.sparse import BITMASK, BITMASK_24
 
-FORMATS: dict[str, Format] = {f.name: f for f in (INT8, INT8_DYNAMIC, INT4, FP8, BITMASK, BITMASK_24)}
+FORMATS: dict[str, Format] = {f.name: f for f in (INT8, INT8_DYNAMIC, INT4, FP8, PACK_QUANTIZED, BITMASK, BITMASK_24)}
 Encodings = Mapping[str, Spec]
 
 
@@ -48,17 +48,23 @@ def _split(tensors: Tensors, encodings: Encodings, where: str) -> tuple[dict[str
 
 def logical_tensors(tensors: Tensors, encodings: Encodings, where: str = "checkpoint") -> dict[str, torch.Tensor]:
     """The dense state dict a model expects: plain tensors as they are, encoded ones decoded."""
-    owned, out = _split(tensors, encodings, where)
+    _, out = _split(tensors, encodings, where)
     for name, spec in encodings.items():
-        missing = [k for k in owned[name] if k not in tensors]
-        if missing:
-            raise CheckpointError(f"{where}: encoded tensor {name!r} lacks stored tensor {missing[0]!r}")
-        try:
-            out[name] = format_for(name, spec, where).decode(tensors, name, spec)
-        except (RuntimeError, ValueError, IndexError, KeyError, TypeError) as e:  # parts that do not fit their spec
-            detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise CheckpointError(f"{where}: encoded tensor {name!r} cannot be decoded from its stored parts ({detail[:200]})") from e
+        out[name] = decode(tensors, name, spec, where)
     return out
+
+
+def decode(tensors: Tensors, name: str, spec: Spec, where: str = "checkpoint") -> torch.Tensor:
+    """The dense tensor of one encoded tensor ``name`` from its stored parts in ``tensors``."""
+    fmt = format_for(name, spec, where)
+    missing = [k for k in fmt.keys(name, spec) if k not in tensors]
+    if missing:
+        raise CheckpointError(f"{where}: encoded tensor {name!r} lacks stored tensor {missing[0]!r}")
+    try:
+        return fmt.decode(tensors, name, spec)
+    except (RuntimeError, ValueError, IndexError, KeyError, TypeError) as e:  # parts that do not fit their spec
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{where}: encoded tensor {name!r} cannot be decoded from its stored parts ({detail[:200]})") from e
 
 
 def logical_shapes(tensors: Tensors, encodings: Encodings, where: str = "checkpoint") -> dict[str, tuple[int, ...]]:
@@ -67,6 +73,39 @@ def logical_shapes(tensors: Tensors, encodings: Encodings, where: str = "checkpo
     shapes = {k: tuple(v.shape) for k, v in plain.items()}
     shapes.update({name: tuple(spec["shape"]) for name, spec in encodings.items()})
     return shapes
+
+
+class LogicalView(Mapping[str, torch.Tensor]):
+    """``logical_tensors`` decoded on access, one tensor at a time, nothing kept: over a checkpoint
+    read lazily, memory stays bounded by the largest tensor (statistics of files larger than RAM)."""
+
+    def __init__(self, tensors: Tensors, encodings: Encodings, where: str = "checkpoint", shapes: Tensors | None = None):
+        self.tensors, self.encodings, self.where = tensors, encodings, where
+        self.order = stand_ins(tensors if shapes is None else shapes, encodings, where)
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        if name not in self.order:
+            raise KeyError(name)
+        spec = self.encodings.get(name)
+        return self.tensors[name] if spec is None else decode(self.tensors, name, spec, self.where)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.order
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.order)
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+
+def stand_ins(tensors: Tensors, encodings: Encodings, where: str = "checkpoint") -> dict[str, torch.Tensor]:
+    """Shape-and-dtype stand-ins (``device="meta"``) of the logical tensors, in ``logical_tensors``'
+    order (plain tensors as stored, then the encoded ones), without decoding anything."""
+    _, plain = _split(tensors, encodings, where)
+    out = {k: torch.empty(v.shape, dtype=v.dtype, device="meta") for k, v in plain.items()}
+    out.update({name: torch.empty(spec["shape"], dtype=spec_dtype(spec), device="meta") for name, spec in encodings.items()})
+    return out
 
 
 def stored_bytes(tensors: Tensors, encodings: Encodings, where: str = "checkpoint") -> dict[str, int]:
@@ -97,6 +136,9 @@ def stored_form(
 __all__ = [
     "FORMATS",
     "Format",
+    "LogicalView",
+    "decode",
+    "stand_ins",
     "Spec",
     "Tensors",
     "format_for",

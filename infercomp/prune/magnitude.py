@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass
+
 import torch
 
 
@@ -25,7 +28,7 @@ def score_masks(scores: dict[str, torch.Tensor], sparsity: float, scope: str) ->
     """Keep-masks removing the lowest scores, per tensor (``layer``), per output row (``row``:
     every row loses ``round(sparsity * cols)``) or over all tensors together (``global``)."""
     if scope == "layer":
-        return {n: keep_largest(s.flatten(), s.numel() - round(sparsity * s.numel())).view_as(s) for n, s in scores.items()}
+        return {n: Selection.of(lambda s=s: [s], kept_count(s.numel(), sparsity)).mask(s) for n, s in scores.items()}
     if scope == "row":
         out = {}
         for n, s in scores.items():
@@ -36,10 +39,82 @@ def score_masks(scores: dict[str, torch.Tensor], sparsity: float, scope: str) ->
                 mask.scatter_(1, torch.sort(rows, dim=1, descending=True, stable=True).indices[:, :k], True)
             out[n] = mask.view_as(s)
         return out
-    flat = torch.cat([s.flatten().float() for s in scores.values()])
-    keep = keep_largest(flat, flat.numel() - round(sparsity * flat.numel()))
-    out, i = {}, 0
-    for n, s in scores.items():
-        out[n] = keep[i : i + s.numel()].view_as(s)
-        i += s.numel()
-    return out
+    # One threshold over all tensors, as if they were concatenated in this order (ties: by position).
+    values = list(scores.values())
+    selection = Selection.of(lambda: values, kept_count(sum(s.numel() for s in values), sparsity))
+    return dict(zip(scores, selection.masks(values)))
+
+
+def kept_count(total: int, sparsity: float) -> int:
+    """Scores kept when removing ``sparsity`` of ``total``: ``total - round(sparsity * total)``."""
+    return total - round(sparsity * total)
+
+
+_INF_KEY = 0x7F800000
+_NAN_KEY = 0x7FC00000  # every NaN ranks as one value above +inf, as torch.sort ranks NaNs
+
+
+def _keys(s: torch.Tensor) -> torch.Tensor:
+    """int32 keys ordered like the non-negative scores ``s`` as float32 (their bit patterns; a view,
+    no copy, for float32 scores)."""
+    keys = s.float().view(torch.int32)
+    nan = keys > _INF_KEY  # NaN bit patterns lie above +inf's
+    return torch.where(nan, _NAN_KEY, keys) if bool(nan.any()) else keys
+
+
+@dataclass(frozen=True)
+class Selection:
+    """The exact k largest of scores spread over several tensors, read in order: every score above
+    ``key`` (a float32 bit pattern) and the first ``ties`` scores equal to it. The same mask as a
+    stable descending sort of the concatenation (ties broken by position), found with two passes
+    of 16-bit histograms instead: no concatenation, no sort, one tensor in memory at a time, so it
+    works on checkpoints streamed from disk (``infercomp.stream``). Scores are non-negative (|w|,
+    |w|·||x||)."""
+
+    key: int
+    ties: int
+
+    @classmethod
+    def of(cls, scores: Callable[[], Iterable[torch.Tensor]], k: int) -> Selection:
+        """Where the ``k`` largest end; ``scores()`` yields the tensors in order (called twice)."""
+        if k <= 0:
+            return cls(key=_NAN_KEY + 1, ties=0)  # above every key: nothing kept
+        high = torch.zeros(1 << 16, dtype=torch.int64)
+        for s in scores():
+            high += torch.bincount((_keys(s).flatten() >> 16).long(), minlength=1 << 16)
+        bin_, above = _bin_of(high, k)
+        low = torch.zeros(1 << 16, dtype=torch.int64)
+        for s in scores():
+            keys = _keys(s).flatten()
+            low += torch.bincount((keys[(keys >> 16) == bin_] & 0xFFFF).long(), minlength=1 << 16)
+        lo, above_low = _bin_of(low, k - above)
+        return cls(key=(bin_ << 16) | lo, ties=k - above - above_low)
+
+    def masks(self, scores: Iterable[torch.Tensor]) -> Iterator[torch.Tensor]:
+        """Keep-masks (shaped like each tensor) for the tensors in the order ``of`` read them."""
+        left = self.ties
+        for s in scores:
+            mask, left = self.cut(s, left)
+            yield mask
+
+    def cut(self, s: torch.Tensor, left: int) -> tuple[torch.Tensor, int]:
+        """The keep-mask of the next tensor ``s``, when ``left`` ties remain to be kept (``ties``
+        before the first): (mask, ties left after it)."""
+        keys = _keys(s)
+        mask = keys > self.key
+        if left > 0:
+            tied = (keys == self.key).flatten().nonzero().flatten()[:left]
+            mask.view(-1)[tied] = True
+            left -= tied.numel()
+        return mask, left
+
+    def mask(self, s: torch.Tensor) -> torch.Tensor:
+        """The keep-mask of a single tensor (the selection was made over it alone)."""
+        return next(iter(self.masks([s])))
+
+
+def _bin_of(hist: torch.Tensor, k: int) -> tuple[int, int]:
+    """(the bin holding the ``k``-th largest value, how many values lie in higher bins)."""
+    above = hist.flip(0).cumsum(0).flip(0) - hist  # values in bins higher than each bin
+    b = int(((above < k) & (above + hist >= k)).nonzero().max())
+    return b, int(above[b])

@@ -18,6 +18,7 @@ import infercomp.formats as formats
 import infercomp.formats.grid as grid
 from infercomp.checkpoint import Checkpoint
 from infercomp.errors import UsageError
+from infercomp.formats.base import Spec
 from infercomp.formats.grid import IntFormat, Quantized
 from infercomp.formats.qmodules import fp8_matmul_supported
 from infercomp.formats.quantized import FP8, INT4, INT8, INT8_DYNAMIC
@@ -103,8 +104,7 @@ def quantize(ckpt: Checkpoint, config: QuantizeConfig, ctx: Context) -> Checkpoi
     dense = formats.logical_tensors(ckpt.tensors, ckpt.encodings, ckpt.name)
     if config.scheme in _CASTS:
         return _cast(ckpt, dense, config)
-    chosen = {n: t for n, t in dense.items() if selected_weight(n, t, config.include, config.exclude)}
-    chosen = _check_groups(ckpt, chosen, config, ctx)
+    chosen = quantized_weights(ckpt, dense, config, ctx)
     done: dict[str, Quantized] = {}
     if config.method == "gptq":
         done = _gptq(ckpt, dense, chosen, config, ctx)
@@ -115,16 +115,33 @@ def quantize(ckpt: Checkpoint, config: QuantizeConfig, ctx: Context) -> Checkpoi
             if name not in chosen:
                 out[name] = t
                 continue
-            if config.scheme == "fp8":
-                stored, encs[name] = FP8.encode(name, t)
-            else:
-                qz = done.get(name) or _rtn(t, config)
-                method = "gptq" if name in done else "rtn"
-                stored, encs[name] = _INT_FORMATS[config.scheme].encode(
-                    name, qz, shape=t.shape, dtype=t.dtype, group_size=config.groups, method=method
-                )
+            stored, encs[name] = quantize_tensor(name, t, config, done.get(name))
             out.update(stored)
             task.advance()
+    note_scheme(config, ctx)
+    return Checkpoint(tensors=out, model=ckpt.model, encodings=encs, plan=ckpt.plan)
+
+
+def quantized_weights(ckpt: Checkpoint, dense: dict[str, torch.Tensor], config: QuantizeConfig, ctx: Context) -> dict[str, torch.Tensor]:
+    """The weights ``config`` quantizes (int8 / int4 / fp8 schemes): selected, with rows that split
+    into groups. Reads names and shapes only (``dense`` may hold meta tensors)."""
+    chosen = {n: t for n, t in dense.items() if selected_weight(n, t, config.include, config.exclude)}
+    return _check_groups(ckpt, chosen, config, ctx)
+
+
+def quantize_tensor(
+    name: str, t: torch.Tensor, config: QuantizeConfig, qz: Quantized | None = None
+) -> tuple[dict[str, torch.Tensor], Spec]:
+    """Stored tensors and spec of one weight: fp8, or the integers ``qz`` (from GPTQ) or, without
+    them, round to nearest."""
+    if config.scheme == "fp8":
+        return FP8.encode(name, t)
+    method = "rtn" if qz is None else "gptq"
+    qz = qz or _rtn(t, config)
+    return _INT_FORMATS[config.scheme].encode(name, qz, shape=t.shape, dtype=t.dtype, group_size=config.groups, method=method)
+
+
+def note_scheme(config: QuantizeConfig, ctx: Context) -> None:
     if config.scheme == "fp8":
         how = (
             "torch._scaled_mm"
@@ -132,7 +149,6 @@ def quantize(ckpt: Checkpoint, config: QuantizeConfig, ctx: Context) -> Checkpoi
             else "dequantized to float on the fly (fp8 matmul needs a CUDA GPU of compute capability >= 8.9)"
         )
         ctx.progress.log(f"fp8: stored as float8_e4m3fn with per-channel scales; Linear layers on {ctx.device.type} run {how}")
-    return Checkpoint(tensors=out, model=ckpt.model, encodings=encs, plan=ckpt.plan)
 
 
 def _rtn(t: torch.Tensor, config: QuantizeConfig) -> Quantized:
@@ -202,29 +218,46 @@ def _gptq(
 def _cast(ckpt: Checkpoint, dense: dict[str, torch.Tensor], config: QuantizeConfig) -> Checkpoint:
     """fp16 / bf16: every floating-point tensor of the selected modules, cast (sparse weights
     stay stored sparse)."""
-    dtype = _CASTS[config.scheme]
     out: dict[str, torch.Tensor] = {}
     encs: dict[str, dict[str, Any]] = {}
     cast = 0
     for name, t in dense.items():
-        module = name.rpartition(".")[0]
-        if t.is_floating_point() and selected(module, config.include, config.exclude):
-            t = t.to(dtype)
-            cast += 1
-        old = ckpt.encodings.get(name)
-        sparse = {BITMASK.name: BITMASK, BITMASK_24.name: BITMASK_24}
-        if old is not None and old["codec"] in sparse:
-            stored, spec = sparse[old["codec"]].encode(name, t)
-            out.update(stored)
-            if spec is not None:
-                encs[name] = {**old, **spec}
-        else:
-            out[name] = t
+        stored, spec, was_cast = cast_tensor(name, t, ckpt.encodings.get(name), config)
+        out.update(stored)
+        if spec is not None:
+            encs[name] = spec
+        cast += was_cast
     if not cast:
         raise UsageError(f"{ckpt.name}: no tensor matches --include/--exclude; nothing to cast")
     return Checkpoint(tensors=out, model=ckpt.model, encodings=encs, plan=ckpt.plan)
 
 
+def cast_tensor(name: str, t: torch.Tensor, old: Spec | None, config: QuantizeConfig) -> tuple[dict[str, torch.Tensor], Spec | None, bool]:
+    """fp16 / bf16 of one logical tensor ``t`` (stored before as ``old``): (stored tensors, spec,
+    whether it was cast). A sparse tensor stays stored sparse."""
+    module = name.rpartition(".")[0]
+    was_cast = t.is_floating_point() and selected(module, config.include, config.exclude)
+    if was_cast:
+        t = t.to(_CASTS[config.scheme])
+    sparse = {BITMASK.name: BITMASK, BITMASK_24.name: BITMASK_24}
+    if old is not None and old["codec"] in sparse:
+        stored, spec = sparse[old["codec"]].encode(name, t)
+        return stored, None if spec is None else {**old, **spec}, was_cast
+    return {name: t}, None, was_cast
+
+
 _INT_FORMATS = {"int8": INT8, "int8-dynamic": INT8_DYNAMIC, "int4": INT4}
 
-__all__ = ["GROUP_SIZES", "METHODS", "SCHEMES", "QuantizeConfig", "quantize"]
+__all__ = [
+    "CASTS",
+    "GROUP_SIZES",
+    "METHODS",
+    "SCHEMES",
+    "QuantizeConfig",
+    "cast_tensor",
+    "note_scheme",
+    "quantize",
+    "quantize_tensor",
+    "quantized_weights",
+]
+CASTS = tuple(_CASTS)

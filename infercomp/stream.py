@@ -1,0 +1,281 @@
+"""Streaming weight-only transforms: checkpoints larger than memory, one tensor at a time.
+
+Magnitude and N:M pruning and round-to-nearest quantization (int8, int8-dynamic, int4, fp8,
+fp16, bf16) need no model code: each weight is transformed on its own (global magnitude pruning
+needs one threshold, found exactly in two histogram passes first: ``prune.magnitude.Selection``).
+``run`` reads the input tensor by tensor (``checkpoint.load(lazy=True)``), calls the same
+per-tensor functions as the in-memory transforms (``prune.tensor_mask`` / ``encode_pruned``,
+``quantize.quantize_tensor`` / ``cast_tensor``), and appends what they store to a *spool* file
+beside the output. A safetensors header must list every tensor's size before the data, and
+sparse and quantized sizes depend on the data, so the output is assembled once all is known:
+header, then the spooled bytes in name order copied in the kernel (``os.copy_file_range``), into
+the usual atomic temp file. A Hugging Face directory output is not streamed: its layout
+(compressed-tensors' sparsity and quantization configs) follows the built model's layer types. The output is byte for byte
+what the in-memory path writes. Peak memory: the largest tensor and its transform's temporaries.
+
+``--stream`` forces it, ``--no-stream`` forbids it; by default a transform streams when it can and
+the input is larger than ``STREAM_ABOVE`` on disk. A streamed output that large is compared by its
+static figures only (size, parameters, sparsity, bits per weight), read tensor by tensor too.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+
+import infercomp.checkpoint as checkpoint
+import infercomp.formats as formats
+from infercomp.checkpoint import Checkpoint
+from infercomp.data import load_data
+from infercomp.errors import UsageError
+from infercomp.formats.base import Spec
+from infercomp.measure import Comparison, MeasureOptions, compare
+from infercomp.models import ModelLoader
+from infercomp.progress import Progress
+from infercomp.prune import PruneConfig, encode_pruned, magnitude_targets, note_pattern, tensor_mask
+from infercomp.prune.magnitude import Selection, kept_count
+from infercomp.quantize import CASTS, QuantizeConfig, cast_tensor, note_scheme, quantize_tensor, quantized_weights
+from infercomp.transform import Context, TransformConfig, pinned_threads
+from infercomp.version import __version__
+
+# By default a transform that can stream does so for inputs larger than this on disk (1 GiB):
+# smaller ones are read whole, so the model can be built and measured as usual.
+STREAM_ABOVE = 1 << 30
+
+
+def why_not(source: Path, output: Path, config: TransformConfig) -> str | None:
+    """Why ``config`` cannot stream ``source`` to ``output`` (None: it can)."""
+    if isinstance(config, PruneConfig):
+        if config.method not in ("magnitude", "2:4"):
+            return f"--method {config.method} needs the model (only magnitude and 2:4 / N:M pruning stream)"
+    elif isinstance(config, QuantizeConfig):
+        if config.method != "rtn":
+            return f"--method {config.method} runs the model on calibration data"
+    else:
+        return f"{config.transform} trains a model"
+    if not (source.is_dir() or checkpoint.is_safetensors(source)):
+        return "the input is not safetensors"
+    if source.is_dir() and output.suffix != ".safetensors":
+        return "a Hugging Face directory output is laid out by the built model's layer types (write -o NAME.safetensors to stream)"
+    return None
+
+
+def wanted(source: str | os.PathLike[str], output: str | os.PathLike[str], config: TransformConfig, stream: bool | None) -> bool:
+    """Whether to stream: ``stream`` True (an error when it cannot), False, or None (auto: when it
+    can and the input is larger than ``STREAM_ABOVE``)."""
+    src = Path(source)
+    if stream is False or not src.exists():
+        return False  # a missing input gets the usual error from the reader
+    why = why_not(src, Path(output), config)
+    if stream and why is not None:
+        raise UsageError(f"--stream: cannot stream this transform: {why}; leave out --stream to run it in memory")
+    return why is None and (bool(stream) or checkpoint.disk_size(src) > STREAM_ABOVE)
+
+
+def run(
+    source: str | os.PathLike[str],
+    output: str | os.PathLike[str],
+    config: TransformConfig,
+    *,
+    loader: ModelLoader,
+    options: MeasureOptions,
+    progress: Progress,
+    data: str | os.PathLike[str] | None = None,
+    eval_data: str | os.PathLike[str] | None = None,
+    force: bool = False,
+    measure: bool = True,
+    allow_nonfinite: bool = False,
+    max_shard_size: int = 5 * 10**9,
+    on_saved: Callable[[Path], None] | None = None,
+) -> Comparison:
+    """``pipeline.run`` for a transform that streams (see the module's docstring): the same output,
+    and the same comparison when the input is small enough to build, else the static figures."""
+    src, out = Path(source), Path(output)
+    ckpt = checkpoint.load(src, lazy=True)
+    reads = tuple(Path(p) for p in (data, eval_data) if p is not None)
+    hf_out = src.is_dir() and out.suffix != ".safetensors"
+    checkpoint.check_output(out, force=force, source=src, inputs=reads, directory=hf_out)
+    ctx = Context(loader=loader, data=None, device=options.torch_device(), progress=progress, source=src, output=out)
+    digest: list[str] = []
+    hasher = threading.Thread(target=lambda: digest.append(checkpoint.sha256(src)), daemon=True)  # reads beside the transform
+    hasher.start()
+    spool_at = out.with_name(f"{out.name}-spool")
+    checkpoint.remove_stale_temps(spool_at)
+    with pinned_threads(config.threads), _Spool(spool_at.with_name(f".{spool_at.name}.{os.getpid()}.tmp")) as spool:
+        walk = _Walk(ckpt, spool, allow_nonfinite)
+        if isinstance(config, PruneConfig):
+            _prune(walk, config, ctx)
+        else:
+            _quantize(walk, config, ctx)  # type: ignore[arg-type] (why_not lets only these two through)
+        hasher.join()
+        new = Checkpoint(tensors={}, model=ckpt.model, encodings=walk.encodings, plan=ckpt.plan)
+        if new.model is None:
+            new.model = loader.spec_for(ckpt)
+        entry = {"transform": config.transform, "config": config.to_dict(), "source_sha256": digest[0], "infercomp_version": __version__}
+        new.history = [*ckpt.history, entry]
+        spool.write(out, sorted(spool.index), new.metadata())
+    if on_saved is not None:
+        on_saved(out)
+    buildable = measure and loader.can_build(ckpt)
+    if buildable and checkpoint.disk_size(src) <= STREAM_ABOVE:  # small enough to build: measured as in memory
+        dataset = load_data(data, model=src) if data is not None else None
+        evaluation = load_data(eval_data, model=src) if eval_data is not None else dataset
+        return compare([checkpoint.load(src), checkpoint.load(out)], loader=loader, options=options, data=evaluation, progress=progress)
+    # Static figures, read tensor by tensor: the same numbers the in-memory path gives without a model.
+    result = compare([ckpt, checkpoint.load(out, lazy=True)], loader=loader, options=options, progress=progress, run_models=False)
+    if buildable:
+        for m in result.models:
+            m.notes.append(f"streamed (input over {STREAM_ABOVE >> 20} MiB): static figures only, the model was not built")
+    return result
+
+
+# ---------------------------------------------------------------------------------- the walk
+
+
+class _Walk:
+    """The input's logical tensors in the in-memory path's order (plain ones as stored, then the
+    encoded ones), read one at a time, and what the transform stores of each (into the spool)."""
+
+    def __init__(self, ckpt: Checkpoint, spool: _Spool, allow_nonfinite: bool):
+        self.ckpt, self.spool, self.allow_nonfinite = ckpt, spool, allow_nonfinite
+        self.owned = formats.stored_keys(ckpt.encodings, ckpt.name)
+        # Shape-and-dtype stand-ins of the logical tensors, in order: what selection reads.
+        self.logical = formats.stand_ins(checkpoint.shapes_of(ckpt.tensors), ckpt.encodings, ckpt.name)
+        self.encodings: dict[str, Spec] = {}
+
+    def parts(self, name: str, *, check: bool = True) -> dict[str, torch.Tensor]:
+        """The stored tensors of logical tensor ``name`` as they are, checked finite."""
+        keys = self.owned.get(name, [name])
+        parts = {k: self.ckpt.tensors[k] for k in keys if k in self.ckpt.tensors}
+        if check and not self.allow_nonfinite:
+            checkpoint.check_finite(Checkpoint(tensors=parts, path=self.ckpt.path))
+        return parts
+
+    def dense(self, name: str, *, check: bool = True) -> torch.Tensor:
+        """The logical (decoded) tensor ``name`` (checked finite unless ``check`` is False: the
+        threshold passes leave it to the pass that writes)."""
+        spec = self.ckpt.encodings.get(name)
+        parts = self.parts(name, check=check)
+        return parts[name] if spec is None else formats.decode(parts, name, spec, self.ckpt.name)
+
+    def keep(self, name: str) -> None:
+        """Store ``name`` as it was stored (encoded ones stay encoded)."""
+        self.put(name, self.parts(name), self.ckpt.encodings.get(name))
+
+    def put(self, name: str, stored: dict[str, torch.Tensor], spec: Spec | None) -> None:
+        for k, t in stored.items():
+            self.spool.add(k, t)
+        if spec is not None:
+            self.encodings[name] = spec
+
+
+def _prune(walk: _Walk, config: PruneConfig, ctx: Context) -> None:
+    targets = magnitude_targets(walk.ckpt, walk.logical, config, ctx)
+    pattern = config.pattern()
+    note_pattern(pattern, ctx)
+    selection, left = None, 0
+    if pattern is None and config.scope == "global":
+        total = sum(t.numel() for t in targets.values())
+        with ctx.progress.task("global threshold: two passes over the weights", total=None):
+            selection = Selection.of(lambda: (walk.dense(n, check=False).abs() for n in targets), kept_count(total, config.sparsity))
+        left = selection.ties
+    with ctx.progress.task(f"pruning {len(targets)} weights (streamed)", total=len(walk.logical)) as task:
+        for name in walk.logical:
+            if name not in targets:
+                walk.keep(name)
+            else:
+                w = walk.dense(name)
+                if selection is None:
+                    mask = tensor_mask(w, config)
+                else:
+                    mask, left = selection.cut(w.abs(), left)
+                walk.put(name, *encode_pruned(name, w, mask, pattern))
+                del w, mask
+            task.advance()
+
+
+def _quantize(walk: _Walk, config: QuantizeConfig, ctx: Context) -> None:
+    cast = config.scheme in CASTS
+    chosen = {} if cast else quantized_weights(walk.ckpt, walk.logical, config, ctx)
+    was_cast = 0
+    with ctx.progress.task(f"quantizing to {config.scheme} (streamed)", total=len(walk.logical)) as task:
+        for name in walk.logical:
+            t = walk.dense(name)
+            if cast:
+                stored, spec, did = cast_tensor(name, t, walk.ckpt.encodings.get(name), config)
+                was_cast += did
+                walk.put(name, stored, spec)
+            elif name in chosen:
+                walk.put(name, *quantize_tensor(name, t, config))
+            else:
+                walk.put(name, {name: t}, None)  # decoded, as the in-memory path keeps it
+            del t
+            task.advance()
+    if cast and not was_cast:
+        raise UsageError(f"{walk.ckpt.name}: no tensor matches --include/--exclude; nothing to cast")
+    if not cast:
+        note_scheme(config, ctx)
+
+
+# ---------------------------------------------------------------------------------- the spool
+
+
+class _Spool:
+    """Stored tensors appended to a temp file as they are made; ``write`` assembles safetensors
+    files from it. Removed on exit, whatever happens."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.index: dict[str, tuple[torch.dtype, list[int], int, int]] = {}  # name -> dtype, shape, offset, bytes
+        self.size = 0
+
+    def __enter__(self) -> _Spool:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.f = open(self.path, "w+b")
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.f.close()
+        self.path.unlink(missing_ok=True)
+
+    def add(self, name: str, t: torch.Tensor) -> None:
+        t = t.detach().contiguous()
+        data = t.reshape(-1).view(torch.uint8).numpy()
+        self.f.write(memoryview(data))
+        self.index[name] = (t.dtype, list(t.shape), self.size, data.nbytes)
+        self.size += data.nbytes
+
+    def write(self, path: Path, names: list[str], metadata: dict[str, str]) -> None:
+        """One safetensors file of ``names`` (sorted), atomically; the same bytes as
+        ``checkpoint.write_safetensors`` of those tensors."""
+        header = checkpoint.header_bytes([(n, *self.index[n][:2], self.index[n][3]) for n in names], metadata)
+
+        def fill(f: IO[bytes]) -> None:
+            f.write(struct.pack("<Q", len(header)))
+            f.write(header)
+            f.flush()
+            for n in names:
+                _, _, offset, nbytes = self.index[n]
+                self._copy(f, offset, nbytes)
+
+        self.f.flush()
+        checkpoint.write_atomic(path, fill)
+
+    def _copy(self, f: IO[bytes], offset: int, nbytes: int) -> None:
+        src, dst = self.f.fileno(), f.fileno()
+        while nbytes > 0:
+            try:
+                done = os.copy_file_range(src, dst, min(nbytes, 1 << 30), offset)
+            except (AttributeError, OSError):  # no copy_file_range here: through user space
+                done = os.pwrite(dst, os.pread(src, min(nbytes, 1 << 24), offset), os.lseek(dst, 0, os.SEEK_CUR))
+                os.lseek(dst, done, os.SEEK_CUR)
+            if done <= 0:
+                raise OSError(f"copying from {self.path} stopped short")
+            offset += done
+            nbytes -= done

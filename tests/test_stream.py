@@ -1,0 +1,256 @@
+"""Streaming weight-only transforms (``infercomp.stream``): the same bytes as the in-memory path,
+sharded inputs and outputs, the exact global threshold, and bounded memory on a real subprocess."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import infercomp
+from infercomp import checkpoint, measure
+from infercomp.checkpoint import Checkpoint
+from infercomp.errors import UsageError
+from infercomp.prune import PruneConfig
+from infercomp.prune.magnitude import Selection, keep_largest, kept_count, score_masks
+from infercomp.stream import wanted as stream_wanted
+from tests.conftest import invoke
+
+MB = 1 << 20
+
+
+def _tensors(seed: int = 0) -> dict[str, torch.Tensor]:
+    """Small tensors of every kind a transform meets: Linear / conv / embedding weights, biases,
+    norms, a bf16 weight, rows that 32 does not divide, and many tied magnitudes."""
+    g = torch.Generator().manual_seed(seed)
+    ties = torch.randint(-3, 4, (16, 64), generator=g).float() / 4  # few distinct |w|: ties across tensors
+    return {
+        "emb.weight": torch.randn(40, 64, generator=g),
+        "conv.weight": torch.randn(8, 4, 3, 3, generator=g),
+        "conv.bias": torch.randn(8, generator=g),
+        "fc1.weight": torch.randn(64, 96, generator=g),
+        "fc1.bias": torch.randn(64, generator=g),
+        "fc2.weight": ties,
+        "fc3.weight": torch.randint(-2, 3, (8, 64), generator=g).float() / 4,
+        "odd.weight": torch.randn(6, 20, generator=g),  # 20 inputs: no 32-groups, no 8-groups
+        "norm.weight": torch.ones(64),
+        "half.weight": torch.randn(32, 64, generator=g).to(torch.bfloat16),
+        "steps": torch.arange(5),
+    }
+
+
+@pytest.fixture
+def src(tmp_path: Path) -> Path:
+    """Written by the safetensors library (its own tensor order, not sorted by name)."""
+    p = tmp_path / "src.safetensors"
+    save_file(_tensors(), str(p))
+    return p
+
+
+def _both(verb, src: Path, tmp_path: Path, tag: str, suffix: str = ".safetensors", **kw) -> tuple[Path, Path]:
+    outs = []
+    for stream in (False, True):
+        out = tmp_path / f"{tag}-{'stream' if stream else 'memory'}{suffix}"
+        verb(src, out, stream=stream, measure=False, **kw)
+        outs.append(out)
+    return outs[0], outs[1]
+
+
+def _same_files(a: Path, b: Path) -> None:
+    if a.is_file():
+        assert a.read_bytes() == b.read_bytes(), f"{a.name} and {b.name} differ"
+        return
+    names = sorted(f.name for f in a.iterdir())
+    assert names == sorted(f.name for f in b.iterdir())
+    for n in names:
+        assert (a / n).read_bytes() == (b / n).read_bytes(), f"{n} differs"
+
+
+PRUNES = {
+    "global": {},
+    "layer": {"scope": "layer"},
+    "2:4": {"method": "2:4"},
+    "1:8": {"method": "2:4", "n": 1, "m": 8},
+    "global-include": {"include": ["fc*"], "sparsity": 0.7},
+}
+QUANTS = {
+    "int8": {},
+    "int8-group": {"group_size": 32, "column_scales": False},
+    "int8-dynamic": {"scheme": "int8-dynamic"},
+    "int4": {"scheme": "int4"},
+    "int4-asym": {"scheme": "int4", "asymmetric": True, "group_size": 64, "column_scales": True},
+    "fp8": {"scheme": "fp8"},
+    "fp16": {"scheme": "fp16"},
+    "bf16": {"scheme": "bf16", "exclude": ["emb"]},
+}
+
+
+@pytest.mark.parametrize("case", PRUNES)
+def test_streamed_prune_writes_the_same_bytes(src: Path, tmp_path: Path, case: str) -> None:
+    memory, streamed = _both(infercomp.prune, src, tmp_path, case, **PRUNES[case])
+    _same_files(memory, streamed)
+    assert checkpoint.load(streamed).encodings  # something was stored sparse: the test compares real work
+
+
+@pytest.mark.parametrize("case", QUANTS)
+def test_streamed_quantize_writes_the_same_bytes(src: Path, tmp_path: Path, case: str) -> None:
+    memory, streamed = _both(infercomp.quantize, src, tmp_path, case, **QUANTS[case])
+    _same_files(memory, streamed)
+
+
+@pytest.mark.parametrize("scheme", ["int4", "bf16"])
+def test_streamed_quantize_of_a_pruned_input_writes_the_same_bytes(src: Path, tmp_path: Path, scheme: str) -> None:
+    """Encoded inputs: decoded for int4 (as the in-memory path does), kept sparse by bf16."""
+    pruned = tmp_path / "pruned.safetensors"
+    infercomp.prune(src, pruned, sparsity=0.6, measure=False)
+    memory, streamed = _both(infercomp.quantize, pruned, tmp_path, scheme, scheme=scheme)
+    _same_files(memory, streamed)
+
+
+def test_streamed_prune_of_a_quantized_input_keeps_it_encoded(src: Path, tmp_path: Path) -> None:
+    q = tmp_path / "q.safetensors"
+    infercomp.quantize(src, q, scheme="int8", include=["emb"], measure=False)
+    memory, streamed = _both(infercomp.prune, q, tmp_path, "pq", exclude=["emb"])
+    _same_files(memory, streamed)
+    assert checkpoint.load(streamed).encodings["emb.weight"]["codec"] == "int8"
+
+
+def _hf_dir(tmp_path: Path) -> Path:
+    """A Hugging Face directory in three shards with an index (a tiny BERT)."""
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.BertConfig(
+        vocab_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64, max_position_embeddings=32
+    )
+    d = tmp_path / "bert"
+    transformers.BertModel(cfg).eval().save_pretrained(d, safe_serialization=True, max_shard_size="40KB")
+    assert len(list(d.glob("*.safetensors"))) >= 3 and (d / "model.safetensors.index.json").exists()
+    return d
+
+
+def test_sharded_input_streams_into_one_file(tmp_path: Path) -> None:
+    d = _hf_dir(tmp_path)
+    for scheme in ("int4", "fp8"):
+        memory, streamed = _both(infercomp.quantize, d, tmp_path, scheme, scheme=scheme)  # shards in, one file out
+        _same_files(memory, streamed)
+    memory, streamed = _both(infercomp.prune, d, tmp_path, "prune", method="2:4")
+    _same_files(memory, streamed)
+
+
+def test_a_directory_output_is_not_streamed(tmp_path: Path) -> None:
+    """A Hugging Face directory out is laid out by the built model's layer types: --stream says so,
+    and auto keeps it in memory."""
+    d = _hf_dir(tmp_path)
+    with pytest.raises(UsageError, match="Hugging Face directory"):
+        infercomp.prune(d, tmp_path / "out", stream=True, measure=False)
+    assert not stream_wanted(d, tmp_path / "out", PruneConfig(), None)
+
+
+def test_global_threshold_is_exact_with_ties() -> None:
+    """The two-pass histogram selection keeps exactly what a stable sort of the concatenation
+    keeps, ties broken by position across tensors (and NaN / inf ranked as sort ranks them)."""
+    g = torch.Generator().manual_seed(3)
+    for trial in range(60):
+        parts = []
+        for _ in range(int(torch.randint(1, 5, (1,), generator=g))):
+            n = int(torch.randint(1, 300, (1,), generator=g))
+            t = torch.randint(0, 4, (n,), generator=g).float() * [1.0, 1e-30, 3e8][trial % 3]
+            if trial % 7 == 0:
+                t[::5] = float("inf")
+                t[::9] = float("nan")
+            parts.append(t)
+        sparsity = float(torch.rand(1, generator=g))
+        flat = torch.cat(parts)
+        expected = keep_largest(flat, kept_count(flat.numel(), sparsity))
+        masks = score_masks({str(i): p for i, p in enumerate(parts)}, sparsity, "global")
+        assert torch.equal(torch.cat(list(masks.values())), expected), trial
+        assert int(expected.sum()) == kept_count(flat.numel(), sparsity)
+    s = torch.zeros(10)
+    assert Selection.of(lambda: [s], 0).mask(s).sum() == 0 and Selection.of(lambda: [s], 10).mask(s).all()
+
+
+def test_streamed_global_prune_breaks_ties_like_memory(tmp_path: Path) -> None:
+    """All weights of equal magnitude: which ones survive is decided by position alone."""
+    p = tmp_path / "flat.safetensors"
+    save_file({"b.weight": torch.full((8, 8), -0.5), "a.weight": torch.full((4, 8), 0.5)}, str(p))
+    memory, streamed = _both(infercomp.prune, p, tmp_path, "ties", sparsity=0.4)
+    _same_files(memory, streamed)
+    ck = checkpoint.load(streamed)
+    assert measure.static_stats(ck)["nonzero"] == 96 - round(0.4 * 96)
+
+
+def test_stream_that_cannot_is_a_usage_error(src: Path, tmp_path: Path, runner) -> None:
+    with pytest.raises(UsageError, match="--stream"):
+        infercomp.prune(src, tmp_path / "c.safetensors", method="channel", stream=True, measure=False)
+    result = invoke(runner, "quantize", src, "-o", tmp_path / "g.safetensors", "--method", "gptq", "--stream")
+    assert result.exit_code == 2 and "--stream" in result.stderr
+
+
+def test_cli_stream_flag_and_static_report(src: Path, tmp_path: Path, runner) -> None:
+    out = tmp_path / "cli.safetensors"
+    result = invoke(runner, "prune", src, "-o", out, "--stream", "--format", "json", "--no-latency")
+    assert result.exit_code == 0, result.output
+    doc = json.loads(result.stdout)
+    assert doc["models"][1]["sparsity"] > 0.3
+    lazy = checkpoint.load(out, lazy=True)
+    assert measure.static_stats(lazy) == measure.static_stats(checkpoint.load(out))
+    result = invoke(runner, "report", out, "--format", "json", "--layers")
+    assert result.exit_code == 0, result.output
+    model = json.loads(result.stdout)["models"][0]
+    assert set(model) >= {"size_bytes", "parameters", "nonzero", "sparsity", "bits_per_weight", "layers"}
+    assert {row["name"] for row in model["layers"]} >= {"fc1.weight", "conv.weight"}
+
+
+def test_a_failed_stream_leaves_nothing(src: Path, tmp_path: Path) -> None:
+    bad = tmp_path / "nan.safetensors"
+    t = _tensors()
+    t["fc1.weight"][3, 3] = float("nan")
+    save_file(t, str(bad))
+    with pytest.raises(infercomp.errors.CheckpointError, match="fc1.weight"):
+        infercomp.quantize(bad, tmp_path / "out.safetensors", stream=True, measure=False)
+    assert sorted(f.name for f in tmp_path.iterdir()) == ["nan.safetensors", "src.safetensors"]
+
+
+# ------------------------------------------------------------------------- bounded memory
+
+
+def _peak_rss(*args: str) -> tuple[int, subprocess.CompletedProcess[str]]:
+    """Peak RSS (bytes) of a fresh Python child running ``args`` (getrusage of that child alone)."""
+    code = (
+        "import os, resource, subprocess, sys\n"
+        "p = subprocess.run(sys.argv[1:], capture_output=True, text=True)\n"
+        "sys.stdout.write(p.stdout[-2000:]); sys.stderr.write(p.stderr[-2000:])\n"
+        "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024); sys.exit(p.returncode)\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=600, env={**os.environ, "NO_COLOR": "1"}
+    )
+    return int(proc.stdout.strip().splitlines()[-1]), proc
+
+
+@pytest.mark.slow
+def test_streaming_keeps_memory_bounded(tmp_path: Path) -> None:
+    """A ~200 MB checkpoint of 8 MB tensors: the CLI quantizing or pruning it (streaming forced) peaks
+    far below the file size on top of what the interpreter takes to import infercomp."""
+    g = torch.Generator().manual_seed(0)
+    big = tmp_path / "big.safetensors"
+    tensors = {f"layers.{i}.fc.weight": torch.randn(1024, 2048, generator=g) for i in range(24)}  # 24 x 8 MiB
+    checkpoint.save(Checkpoint(tensors=tensors), big)
+    del tensors
+    size = big.stat().st_size
+    assert size > 190 * MB
+    base, _ = _peak_rss(sys.executable, "-c", "import infercomp.cli, infercomp.stream")
+    cli = [sys.executable, "-m", "infercomp"]
+    for args in (["quantize", "--scheme", "int8"], ["prune", "--sparsity", "0.5"]):
+        out = tmp_path / f"{args[0]}.safetensors"
+        peak, proc = _peak_rss(*cli, args[0], str(big), "-o", str(out), *args[1:], "--stream", "--no-latency", "-q")
+        assert proc.returncode == 0, proc.stderr
+        # One 8 MiB tensor and its transform's temporaries (a few times its size), never the file.
+        assert peak - base < 80 * MB < size / 2, (args, peak / MB, base / MB)
+        assert checkpoint.load(out, lazy=True).encodings
