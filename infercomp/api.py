@@ -27,6 +27,7 @@ import infercomp.checkpoint as checkpoint
 from infercomp.data import load_data
 from infercomp.distill import DistillConfig, ddp, run_rank, state_path
 from infercomp.errors import UsageError
+from infercomp.export import ExportConfig
 from infercomp.measure import Comparison, MeasureOptions, compare
 from infercomp.models import ModelLoader, example_batch
 from infercomp.pipeline import run
@@ -104,6 +105,8 @@ def _transform(config: TransformConfig, args: dict[str, Any], *, loader: ModelLo
         max_shard_size=checkpoint.parse_size(str(args["max_shard_size"])),
         progress=args["progress"],
         on_saved=on_saved,
+        stream=args.get("stream"),
+        export=args.get("export"),
     )
 
 
@@ -125,6 +128,8 @@ def prune(
     measure: bool = True,
     allow_nonfinite: bool = False,
     max_shard_size: str | int = "5GB",
+    export: str | None = None,
+    stream: bool | None = None,
     model: str | None = None,
     model_config: dict[str, Any] | None = None,
     trust_model_code: bool = False,
@@ -132,7 +137,8 @@ def prune(
     **measure_options: Any,
 ) -> Comparison:
     """``infercomp prune``: remove weights (``method``: magnitude, channel, 2:4, wanda; see
-    ``PruneConfig``), write ``output``, and compare it with ``source``."""
+    ``PruneConfig``), write ``output``, and compare it with ``source``. ``stream`` (None: auto)
+    prunes by magnitude / N:M tensor by tensor (``infercomp.stream``)."""
     config = PruneConfig(
         method=method, sparsity=sparsity, scope=scope, include=tuple(include), exclude=tuple(exclude), n=n, m=m, importance=importance
     )
@@ -157,6 +163,8 @@ def quantize(
     measure: bool = True,
     allow_nonfinite: bool = False,
     max_shard_size: str | int = "5GB",
+    export: str | None = None,
+    stream: bool | None = None,
     model: str | None = None,
     model_config: dict[str, Any] | None = None,
     trust_model_code: bool = False,
@@ -164,7 +172,8 @@ def quantize(
     **measure_options: Any,
 ) -> Comparison:
     """``infercomp quantize``: store weights in fewer bits (``scheme``: int8, int8-dynamic, int4,
-    fp8, fp16, bf16; see ``QuantizeConfig``), write ``output``, and compare it with ``source``."""
+    fp8, fp16, bf16; see ``QuantizeConfig``), write ``output``, and compare it with ``source``.
+    ``stream`` (None: auto) quantizes round-to-nearest tensor by tensor (``infercomp.stream``)."""
     config = QuantizeConfig(
         scheme=scheme,
         group_size=group_size,
@@ -203,6 +212,7 @@ def distill(
     measure: bool = True,
     allow_nonfinite: bool = False,
     max_shard_size: str | int = "5GB",
+    export: str | None = None,
     model: str | None = None,
     model_config: dict[str, Any] | None = None,
     trust_model_code: bool = False,
@@ -241,6 +251,29 @@ def distill(
     return _transform(config, locals(), loader=loader, on_saved=on_saved)
 
 
+def export(
+    source: PathLike,
+    output: PathLike,
+    *,
+    dtype: str | None = None,
+    data: PathLike | None = None,
+    force: bool = False,
+    measure: bool = True,
+    allow_nonfinite: bool = False,
+    max_shard_size: str | int = "5GB",
+    model: str | None = None,
+    model_config: dict[str, Any] | None = None,
+    trust_model_code: bool = False,
+    progress: Progress = NULL,
+    **measure_options: Any,
+) -> Comparison:
+    """``infercomp export``: write ``source`` as plain dense tensors (``dtype``: fp32, fp16, bf16;
+    None keeps each tensor's logical dtype) in its own layout, for loaders that know no compression
+    format, and compare the two."""
+    config = ExportConfig(dtype=dtype)
+    return _transform(config, locals())
+
+
 def report(
     paths: Sequence[PathLike],
     *,
@@ -260,12 +293,14 @@ def report(
     compressing each alone does on ``data``, and suggests an exclude list within ``max_drop``."""
     if not paths:
         raise UsageError("report needs at least one checkpoint")
-    ckpts = [checkpoint.load(p) for p in paths]
+    loader = _loader(model, model_config, trust_model_code)
+    # Read lazily (one tensor at a time, bounded memory) unless a model will be built from it.
+    ckpts = [checkpoint.load(p, lazy=True) for p in paths]
+    ckpts = [c if sensitivity is None and not loader.can_build(c) else checkpoint.load(p) for c, p in zip(ckpts, paths)]
     if not allow_nonfinite:
         for c in ckpts:
             checkpoint.check_finite(c)
     dataset = load_data(data, model=paths[0]) if data is not None else None
-    loader = _loader(model, model_config, trust_model_code)
     if sensitivity is not None and dataset is None:
         raise UsageError("--sensitivity measures each layer's damage on --data: pass --data FILE")
     result = compare(ckpts, loader=loader, options=_measure_options(measure_options), data=dataset, progress=progress)

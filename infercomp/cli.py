@@ -7,6 +7,7 @@ from typing import Annotated
 import typer
 
 from infercomp.commands.distill import distill
+from infercomp.commands.export import export
 from infercomp.commands.prune import prune
 from infercomp.commands.quantize import quantize
 from infercomp.commands.report import report
@@ -25,6 +26,7 @@ app = typer.Typer(
 app.command()(prune)
 app.command()(quantize)
 app.command()(distill)
+app.command()(export)
 app.command()(report)
 app.command()(run)
 

@@ -7,6 +7,7 @@ transformers is optional: only these paths import it, and a missing install is a
 from __future__ import annotations
 
 import json
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -20,13 +21,26 @@ from infercomp.errors import DataError, ModelError, UsageError
 HF_REF = "hf-auto"
 
 
+# Loggers that transformers' import wakes (its torchao integration loads torchao when installed,
+# which logs about CUDA-only extensions and deprecated pytree calls): noise for our users.
+_NOISY = ("torchao", "torch.utils._pytree")
+
+
 def _transformers() -> Any:
+    loggers = [logging.getLogger(n) for n in _NOISY]
+    levels = [lg.level for lg in loggers]
+    for lg in loggers:
+        lg.setLevel(logging.ERROR)
     try:
         import transformers
+        import transformers.quantizers.auto  # noqa: F401  (imports torchao while the loggers are quiet)
     except ImportError as e:
         raise ModelError(
             "running a Hugging Face model needs transformers: pip install 'infercomp[hf]' (or pip install transformers)"
         ) from e
+    finally:
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
     transformers.logging.set_verbosity_error()
     return transformers
 
@@ -35,20 +49,15 @@ def build(config: dict[str, Any]) -> nn.Module:
     """An untrained module of the architecture ``config.json`` names (its first ``architectures``
     entry when transformers has that class, else AutoModel for its ``model_type``)."""
     tf = _transformers()
-    cfg_dict = {k: v for k, v in config.items() if not k.startswith("_")}
-    model_type = cfg_dict.pop("model_type", None)
-    if model_type is None:
-        raise ModelError("config.json has no 'model_type'; cannot pick a transformers class")
-    try:
-        cfg = tf.AutoConfig.for_model(model_type, **cfg_dict)
-    except (ValueError, KeyError) as e:
-        raise ModelError(f"transformers does not know model_type {model_type!r}: {e}") from e
+    cfg = build_config(config)
     archs = config.get("architectures") or []
     cls = getattr(tf, archs[0], None) if archs else None
     if cls is None or not isinstance(cls, type) or not issubclass(cls, nn.Module):
         model = tf.AutoModel.from_config(cfg)
     else:
         model = cls(cfg)
+    if hasattr(model.config, "use_cache"):
+        model.config.use_cache = False  # infercomp runs whole sequences, never generates: no KV cache
     pad = getattr(cfg, "pad_token_id", None)
     if pad is not None:
         model.register_forward_pre_hook(_mask_padding(pad), with_kwargs=True)
@@ -68,9 +77,10 @@ def _mask_padding(pad: int) -> Any:
     return hook
 
 
-def tokenize(path: Path, tokenizer_dir: Path, *, max_length: int = 128) -> tuple[torch.Tensor, torch.Tensor | None]:
+def tokenize(path: Path, tokenizer_dir: Path, *, max_length: int = 128) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """``.txt`` (one example a line) or ``.jsonl`` (``{"text": ..., "label": ...}``) -> (token ids
-    (N, T) int64 padded to the longest example, labels (N,) or None)."""
+    (N, T) int64 padded on the right to the longest example, attention mask (N, T) int64 with 0 at
+    the padding, labels (N,) or None)."""
     tf = _transformers()
     texts: list[str] = []
     labels: list[int] = []
@@ -95,56 +105,145 @@ def tokenize(path: Path, tokenizer_dir: Path, *, max_length: int = 128) -> tuple
         tok = tf.AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
     except (OSError, ValueError) as e:
         raise DataError(f"{tokenizer_dir}: no tokenizer found to tokenize {path} (pass --tokenizer DIR)") from e
+    # Right padding: a causal LM's real tokens then never see the padding (it comes after them),
+    # even when its config names no pad id for the masking hook. Many LLM tokenizers have no pad
+    # token; the end-of-text one stands in (the mask, not the id, says what is padding).
+    tok.padding_side = "right"
+    if tok.pad_token is None and tok.eos_token is not None:
+        tok.pad_token = tok.eos_token
     enc = tok(texts, padding="longest", truncation=True, max_length=max_length, return_tensors="pt")
-    return enc["input_ids"].long(), torch.tensor(labels) if labels else None
+    return enc["input_ids"].long(), enc["attention_mask"].long(), torch.tensor(labels) if labels else None
+
+
+# ---------------------------------------------------------------------- structure after pruning
+
+# config.json keys that hold the FFN width, by the names transformers' architectures use.
+_FFN_KEYS = ("intermediate_size", "ffn_dim", "n_inner", "d_ff", "encoder_ffn_dim")
+
+
+def describes_heads(config: dict[str, Any]) -> bool:
+    """Whether this architecture's config can describe fewer attention heads of the same size: it
+    needs an explicit ``head_dim`` (Llama-style); BERT-style models derive the head size from
+    ``hidden_size / num_attention_heads``, and transformers 5 dropped ``pruned_heads``."""
+    try:
+        return "head_dim" in build_config(config).to_dict()
+    except ModelError:
+        return False
+
+
+def build_config(config: dict[str, Any]) -> Any:
+    """transformers' config object for a ``config.json`` dict."""
+    tf = _transformers()
+    cfg_dict = {k: v for k, v in config.items() if not k.startswith("_")}
+    model_type = cfg_dict.pop("model_type", None)
+    if model_type is None:
+        raise ModelError("config.json has no 'model_type'; cannot pick a transformers class")
+    try:
+        return tf.AutoConfig.for_model(model_type, **cfg_dict)
+    except (ValueError, KeyError) as e:
+        raise ModelError(f"transformers does not know model_type {model_type!r}: {e}") from e
+
+
+def resized_config(config: dict[str, Any], plan: dict[str, Any]) -> dict[str, Any]:
+    """``config.json`` rewritten for the widths a channel-pruning ``plan`` left (``intermediate_size``;
+    ``num_attention_heads`` / ``num_key_value_heads`` / ``head_dim`` where the architecture has
+    ``head_dim``). Layers of different widths cannot be described: their sizes stay as they were,
+    and ``mismatch`` reports it."""
+    out = dict(config)
+    widths = {len(g["kept"]) for g in plan.get("groups", []) if g["unit"] == 1}
+    heads = {(len(g["kept"]) // g["unit"], g["unit"]) for g in plan.get("groups", []) if g["unit"] > 1}
+    if len(widths) == 1:
+        key = next((k for k in _FFN_KEYS if k in config), "intermediate_size")
+        out[key] = widths.pop()
+    if len(heads) == 1 and describes_heads(config):
+        n, head_dim = heads.pop()
+        out.update(num_attention_heads=n, num_key_value_heads=n, head_dim=head_dim)
+    return out
+
+
+def mismatch(config: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> str | None:
+    """The first tensor whose stored shape differs from what ``config`` builds (on the meta device,
+    nothing allocated), or None when config.json describes the checkpoint."""
+    with torch.device("meta"):
+        model = build(config)
+    for name, t in model.state_dict().items():
+        if name in shapes and tuple(shapes[name]) != tuple(t.shape):
+            return f"{name} is {tuple(shapes[name])} in the checkpoint, config.json builds {tuple(t.shape)}"
+    return None
 
 
 # ------------------------------------------------------------------------------ Hugging Face out
 
-# What compressed-tensors (and so transformers and vLLM) reads as we store it: int8 weights with
-# int8 activations (W8A8, "int-quantized") and fp8 weights ("float-quantized"). Weight-only int8 and
-# int4 are "pack-quantized" there (int32 words), a layout we do not write.
-_CT_FORMATS = {"int8-dynamic": "int-quantized", "fp8": "float-quantized"}
+# Our codec -> the compressed-tensors format that transformers and vLLM read it as: int8 weights
+# with int8 activations (W8A8) and fp8 weights as we store them; weight-only int8 / int4 converted
+# to int32 words (``formats.quantized.PackQuantized``).
+_CT_FORMATS = {"int8-dynamic": "int-quantized", "fp8": "float-quantized", "int8": "pack-quantized", "int4": "pack-quantized"}
+_SPARSE = {"sparse-bitmask": "unstructured", "sparse-24-bitmask": "2:4"}
 
 
 def output_checkpoint(
-    ckpt: Checkpoint, module_types: dict[str, str], config: dict[str, Any]
+    ckpt: Checkpoint, module_types: dict[str, str], config: dict[str, Any], *, sentence_transformers: bool = False
 ) -> tuple[Checkpoint, dict[str, Any], list[str]]:
     """``ckpt`` made loadable by transformers as a Hugging Face directory: (checkpoint to write,
     its config.json, notes for the user).
 
-    Quantized Linear weights that compressed-tensors describes as we store them (int8 with dynamic
-    per-token activations, fp8 per channel) stay stored and get a ``quantization_config`` in that
-    format; everything else (sparse bitmasks, quantized embeddings or convolutions, column scales,
-    which compressed-tensors has no field for) is written dense. Weight-only int8 / int4 are
-    refused: compressed-tensors packs them into int32 words (``pack-quantized``), we do not.
+    Quantized Linear weights get a ``quantization_config`` in the compressed-tensors format
+    (``int-quantized`` for int8-dynamic, ``float-quantized`` for fp8, ``pack-quantized`` for
+    weight-only int8 / int4, converted to int32 words); sparse Linear weights are written dense
+    with a ``sparsity_config`` that records their structure (unstructured or 2:4), as
+    compressed-tensors' ``dense`` sparsity format does. Everything else (quantized embeddings or
+    convolutions, column scales, which compressed-tensors has no field for) is written dense.
+    A config.json that cannot describe the tensors' shapes (pruned heads of a BERT-style model,
+    layers of different widths) is refused.
+
+    ``sentence_transformers``: the directory is a sentence-transformers model. Its loader calls the
+    model's ``forward`` directly, which skips the hook through which compressed-tensors decompresses
+    on the first call; ``dequantize: true`` makes transformers decompress at load instead (the same
+    float weights the hook would give), so ``SentenceTransformer(OUT)`` runs.
     """
     notes: list[str] = []
     tensors, _ = formats.stored_form(ckpt.tensors, ckpt.encodings, ckpt.encodings, ckpt.name)  # the plain tensors
     kept: dict[str, dict[str, Any]] = {}
+    sparse: dict[str, str] = {}
     dense_names = []
     for name, spec in ckpt.encodings.items():
         codec = spec.get("codec")
-        module = name.removesuffix(".weight")
-        if codec in ("int4", "int8"):
-            raise UsageError(
-                f"{ckpt.name}: weight-only {codec} is stored as plain bytes, while the compressed-tensors format that transformers "
-                "and vLLM read packs it into int32 words ('pack-quantized'); write one file (-o NAME.safetensors, infercomp loads "
-                "it), or use --scheme int8-dynamic, fp8, bf16 or fp16 for a Hugging Face directory"
-            )
-        if codec in _CT_FORMATS and module_types.get(module) == "Linear" and not spec.get("column_scale"):
+        linear = module_types.get(name.removesuffix(".weight")) == "Linear"
+        if codec in _CT_FORMATS and linear and not spec.get("column_scale"):
+            stored = {k: ckpt.tensors[k] for k in formats.format_for(name, spec, ckpt.name).keys(name, spec)}
+            if _CT_FORMATS[codec] == "pack-quantized":
+                stored, spec = formats.FORMATS["pack-quantized"].from_ours(stored, name, spec)
             kept[name] = spec
-            tensors.update({k: ckpt.tensors[k] for k in formats.format_for(name, spec, ckpt.name).keys(name, spec)})
+            tensors.update(stored)
         else:
             dense_names.append(name)
+            if codec in _SPARSE and linear:
+                sparse[name] = _SPARSE[codec]
     if dense_names:
         dense = formats.logical_tensors(ckpt.tensors, ckpt.encodings, ckpt.name)
         tensors.update({n: dense[n].contiguous() for n in dense_names})
-        why = "sparse or column-scaled weights, or layers compressed-tensors does not quantize (embeddings, convolutions)"
-        notes.append(f"{len(dense_names)} tensor(s) written dense for transformers ({why}), e.g. {dense_names[0]!r}")
-    out = dict(config)
+        others = [n for n in dense_names if n not in sparse]
+        if others:
+            why = "column-scaled weights, or layers compressed-tensors does not quantize (embeddings, convolutions)"
+            notes.append(f"{len(others)} tensor(s) written dense for transformers ({why}), e.g. {others[0]!r}")
+    shapes = formats.logical_shapes(ckpt.tensors, ckpt.encodings, ckpt.name)
+    problem = mismatch(config, shapes)
+    if problem:
+        raise UsageError(
+            f"{ckpt.name}: config.json cannot describe this model's shapes for transformers ({problem}); write one file with "
+            "-o NAME.safetensors (infercomp loads it), or prune uniformly (channel pruning of every layer, --scope ffn)"
+        )
+    out = {k: v for k, v in config.items() if k != "quantization_config"}  # ours describes what is written now
+    qconfig: dict[str, Any] = {}
     if kept:
-        out["quantization_config"] = _quantization_config(kept, module_types)
+        qconfig = _quantization_config(kept, module_types)
+        if sentence_transformers:
+            qconfig["dequantize"] = True
+    if sparse:
+        qconfig.setdefault("quant_method", "compressed-tensors")
+        qconfig["sparsity_config"] = _sparsity_config(sparse, module_types, tensors)
+    if qconfig:
+        out["quantization_config"] = qconfig
     floats = {str(t.dtype).removeprefix("torch.") for n, t in tensors.items() if t.is_floating_point() and n not in kept and t.dim() >= 2}
     if len(floats) == 1 and floats != {"float32"}:
         out["torch_dtype"] = floats.pop()
@@ -154,8 +253,9 @@ def output_checkpoint(
 def _quantization_config(kept: dict[str, dict[str, Any]], module_types: dict[str, str]) -> dict[str, Any]:
     spec = next(iter(kept.values()))
     codec = spec["codec"]
+    ct_format = _CT_FORMATS.get(codec, codec)  # pack-quantized specs are already named so
     weights = {
-        "num_bits": 8,
+        "num_bits": int(spec.get("bits", 8)),
         "type": "float" if codec == "fp8" else "int",
         "symmetric": bool(spec.get("symmetric", True)),
         "strategy": "group" if spec.get("granularity") == "group" else "channel",
@@ -169,8 +269,24 @@ def _quantization_config(kept: dict[str, dict[str, Any]], module_types: dict[str
     ignore = sorted(name for name, kind in module_types.items() if kind == "Linear" and name not in quantized)
     return {
         "quant_method": "compressed-tensors",
-        "format": _CT_FORMATS[codec],
+        "format": ct_format,
         "quantization_status": "compressed",
         "config_groups": {"group_0": {"targets": ["Linear"], "weights": weights, "input_activations": activations}},
         "ignore": ignore,
+    }
+
+
+def _sparsity_config(sparse: dict[str, str], module_types: dict[str, str], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """compressed-tensors' ``dense`` sparsity format: the weights are stored whole, the config says
+    which Linear layers are sparse and how (vLLM can pick 2:4 kernels from it)."""
+    structures = set(sparse.values())
+    modules = {n.removesuffix(".weight") for n in sparse}
+    zeros = sum(int((tensors[n] == 0).sum()) for n in sparse)
+    total = sum(tensors[n].numel() for n in sparse)
+    return {
+        "format": "dense",
+        "sparsity_structure": structures.pop() if len(structures) == 1 else "unstructured",
+        "global_sparsity": zeros / total if total else 0.0,
+        "targets": ["Linear"],
+        "ignore": sorted(name for name, kind in module_types.items() if kind == "Linear" and name not in modules),
     }

@@ -6,47 +6,52 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
-
-import torch
+from typing import Any
 
 import infercomp.checkpoint as checkpoint
 import infercomp.hf as hf
 from infercomp.data import load_data
 from infercomp.distill import DistillConfig, distill
 from infercomp.errors import InfercompError, UsageError
+from infercomp.export import EXPORTS, ExportConfig, dense, export
 from infercomp.measure import Comparison, MeasureOptions, compare
 from infercomp.models import ModelLoader
 from infercomp.progress import NULL, Progress
 from infercomp.prune import PruneConfig, prune
 from infercomp.quantize import QuantizeConfig, quantize
-from infercomp.transform import Context, Transform, TransformConfig
+from infercomp.stream import run as run_streamed
+from infercomp.stream import wanted as stream_wanted
+from infercomp.transform import Context, Transform, TransformConfig, pinned_threads
 from infercomp.version import __version__
 
 # Config type -> transform function: the explicit dispatch table.
-TRANSFORMS: dict[type[TransformConfig], Transform] = {PruneConfig: prune, QuantizeConfig: quantize, DistillConfig: distill}
+TRANSFORMS: dict[type[TransformConfig], Transform] = {
+    PruneConfig: prune,
+    QuantizeConfig: quantize,
+    DistillConfig: distill,
+    ExportConfig: export,
+}
 
 
-@contextmanager
-def pinned_threads(n: int | None) -> Iterator[None]:
-    """Run the block with ``n`` torch threads (None: as it is), restoring the count after."""
-    old = torch.get_num_threads()
-    if n is not None:
-        torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(old)
-
-
-def _for_hf_output(config: TransformConfig, progress: Progress) -> TransformConfig:
+def _for_hf_output(config: TransformConfig, model_config: dict[str, Any], progress: Progress) -> TransformConfig:
     """What changes when the output is a Hugging Face directory that transformers must load."""
-    if isinstance(config, PruneConfig) and config.method == "channel":
+    if isinstance(config, PruneConfig) and config.method == "channel" and config.scope != "ffn" and not hf.describes_heads(model_config):
+        kind = model_config.get("model_type", "this architecture")
+        if config.scope == "heads":
+            raise UsageError(
+                f"{kind}'s config.json cannot describe pruned attention heads (transformers derives the head size from "
+                "hidden_size / num_attention_heads): use --scope ffn for a Hugging Face directory, or write one file with "
+                "-o NAME.safetensors (infercomp loads it)"
+            )
+        progress.log(f"--scope ffn for a Hugging Face directory: {kind}'s config.json cannot describe pruned attention heads")
+        return dataclasses.replace(config, scope="ffn")
+    if isinstance(config, QuantizeConfig) and config.asymmetric:
         raise UsageError(
-            "channel pruning leaves layers of different widths, which config.json cannot describe: "
-            "write one file with -o NAME.safetensors (infercomp loads it), or use --method magnitude / 2:4"
+            "transformers cannot load asymmetric pack-quantized weights (its compressed-tensors loader expects the zero points "
+            "unpacked; llm-compressor issue 1618): drop --asymmetric for a Hugging Face directory, or write one file with "
+            "-o NAME.safetensors (infercomp loads it)"
         )
     if isinstance(config, QuantizeConfig) and config.column_scales is None and config.scheme in ("int8", "int4"):
         progress.log(
@@ -71,6 +76,8 @@ def run(
     max_shard_size: int = 5 * 10**9,
     progress: Progress = NULL,
     on_saved: Callable[[Path], None] | None = None,
+    stream: bool | None = None,
+    export: str | None = None,
 ) -> Comparison:
     """Load ``source``, apply the transform ``config`` describes, write ``output`` atomically, and
     compare the two (the output is read back from disk, so what is measured is what was written).
@@ -79,9 +86,20 @@ def run(
     is given for the comparison. With ``measure=False`` the comparison holds the static figures
     only (size, parameters, sparsity; no model is run). ``on_saved(output)`` runs once the output
     is safely written (distill drops its resumable training state there). A source holding NaN or
-    infinite values is refused unless ``allow_nonfinite``.
+    infinite values is refused unless ``allow_nonfinite``. ``stream`` (True, False, None: auto)
+    runs a weight-only transform tensor by tensor (``infercomp.stream``). ``export="dense"`` writes
+    plain dense tensors (``infercomp.export``) instead of the compressed forms.
     """
     src, out = Path(source), Path(output)
+    if export is not None and export not in EXPORTS:
+        raise UsageError(f"--export {export}: choose one of {', '.join(EXPORTS)}")
+    if export is not None and stream:
+        raise UsageError("--export dense reads the whole checkpoint; drop --stream")
+    if export is None and stream_wanted(src, out, config, stream):  # weight-only, tensor by tensor: see infercomp.stream (--stream)
+        return run_streamed(
+            src, out, config, loader=loader, options=options, progress=progress, data=data, eval_data=eval_data, force=force,
+            measure=measure, allow_nonfinite=allow_nonfinite, max_shard_size=max_shard_size, on_saved=on_saved,
+        )  # fmt: skip
     ckpt = checkpoint.load(src)
     if not allow_nonfinite:
         checkpoint.check_finite(ckpt)
@@ -90,11 +108,13 @@ def run(
     hf_out = src.is_dir() and out.suffix != ".safetensors"
     checkpoint.check_output(out, force=force, source=src, inputs=reads, directory=hf_out)  # fail before any expensive work
     if hf_out:
-        config = _for_hf_output(config, progress)
+        config = _for_hf_output(config, dict((ckpt.model or {}).get("config") or {}), progress)
     dataset = load_data(data, model=src) if data is not None else None
     ctx = Context(loader=loader, data=dataset, device=options.torch_device(), progress=progress, source=src, output=out)
     with progress.task(f"{config.transform}: {src.name}", total=None), pinned_threads(config.threads):
         new = TRANSFORMS[type(config)](ckpt, config, ctx)
+        if export == "dense":  # --export dense: plain tensors for loaders that know no compression format
+            new = dense(new)
     if new.model is None:
         new.model = loader.spec_for(ckpt)
     new.history = [
@@ -115,7 +135,8 @@ def run(
             raise type(e)(f"{e} (nothing was written)") from e
     if hf_out:
         types = {name: type(m).__name__ for name, m in (built.named_modules() if built is not None else [])}
-        to_write, hf_config, notes = hf.output_checkpoint(new, types, dict((new.model or {}).get("config") or {}))
+        st = (src / "modules.json").exists()
+        to_write, hf_config, notes = hf.output_checkpoint(new, types, dict((new.model or {}).get("config") or {}), sentence_transformers=st)
         for note in notes:
             progress.log(note)
         checkpoint.save_dir(to_write, out, source=src, config=hf_config, force=force, max_shard_size=max_shard_size)

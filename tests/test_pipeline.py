@@ -14,6 +14,7 @@ from infercomp import checkpoint, pipeline
 from infercomp.checkpoint import Checkpoint
 from infercomp.distill import DistillConfig, distill
 from infercomp.errors import CheckpointError
+from infercomp.export import ExportConfig, export
 from infercomp.measure import MeasureOptions
 from infercomp.models import ModelLoader
 from infercomp.prune import PruneConfig, prune
@@ -49,7 +50,7 @@ def recorder(monkeypatch: pytest.MonkeyPatch) -> _Recorder:
 
 
 def test_transforms_dispatch_on_the_config_type() -> None:
-    assert pipeline.TRANSFORMS == {PruneConfig: prune, QuantizeConfig: quantize, DistillConfig: distill}
+    assert pipeline.TRANSFORMS == {PruneConfig: prune, QuantizeConfig: quantize, DistillConfig: distill, ExportConfig: export}
 
 
 def test_run_writes_what_the_transform_returned_with_its_history(recorder: _Recorder, tmp_path: Path) -> None:

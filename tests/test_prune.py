@@ -275,13 +275,30 @@ def test_transformer_channels_prune_whole_heads_and_ffn() -> None:
     for layer in model.layers:
         assert layer.q.out_features == layer.k.out_features == layer.v.out_features == 32  # 2 of 4 heads of 16
         assert layer.o.in_features == 32 and layer.fc1.out_features == 64 == layer.fc2.in_features
-    assert model.embed.out_features == 32 and model.pos.shape == (1, 8, 32) and model.head.out_features == 10
+    # The hidden size (embedding, residual stream, LayerNorms) is the transformer's: never pruned.
+    assert model.embed.out_features == 64 and model.pos.shape == (1, 8, 64) and model.head.out_features == 10
+    assert all(layer.norm1.normalized_shape == (64,) for layer in model.layers)
     heads = [g for g in ck.plan["prune"][0]["groups"] if g["unit"] == 16]
     assert len(heads) == 2
     for g in heads:
         starts = g["kept"][::16]
         assert all(s % 16 == 0 for s in starts) and g["kept"] == [s + i for s in starts for i in range(16)]
     assert model(torch.rand(3, 1, 8, 8)).shape == (3, 10)
+
+
+@pytest.mark.parametrize(("scope", "ffn", "qkv"), [("ffn", 64, 64), ("heads", 128, 32), ("all", 64, 32)])
+def test_scope_picks_ffn_channels_or_heads(scope: str, ffn: int, qkv: int) -> None:
+    ck = prune(sample("transformer"), PruneConfig(method="channel", sparsity=0.5, scope=scope), ctx())
+    model = ModelLoader().build(ck)
+    assert {(layer.fc1.out_features, layer.q.out_features, layer.k.out_features) for layer in model.layers} == {(ffn, qkv, qkv)}
+    assert model(torch.rand(3, 1, 8, 8)).shape == (3, 10)
+
+
+def test_channel_scopes_belong_to_channel_pruning() -> None:
+    with pytest.raises(UsageError, match="--scope ffn does not apply to --method magnitude"):
+        PruneConfig(method="magnitude", scope="ffn")
+    with pytest.raises(UsageError, match="--scope layer does not apply to --method channel; it takes all, ffn or heads"):
+        PruneConfig(method="channel", scope="layer")
 
 
 def test_zero_heads_removed_by_include_leave_outputs_unchanged() -> None:
@@ -321,7 +338,7 @@ def test_two_four_checkpoint_loads_with_runtime_modules(tmp_path: Path) -> None:
 
 def test_default_scope_is_global_for_magnitude_and_recorded() -> None:
     assert PruneConfig().scope == "global" and PruneConfig().to_dict()["scope"] == "global"
-    assert PruneConfig(method="channel").scope == "layer"
+    assert PruneConfig(method="channel").scope == "all"
     with pytest.raises(UsageError, match="--scope global works with --method magnitude only"):
         PruneConfig(method="channel", scope="global")
 

@@ -94,6 +94,25 @@ MaxShardSize = Annotated[
     str,
     typer.Option("--max-shard-size", help="Hugging Face directory output: the largest safetensors shard (5GB, 500MB, 2GiB)."),
 ]
+Stream = Annotated[
+    bool | None,
+    typer.Option(
+        "--stream/--no-stream",
+        help="Weight-only transforms (magnitude / 2:4 pruning, rtn quantization): read, transform and write one tensor at a "
+        "time, so memory stays bounded whatever the checkpoint's size; the report then holds static figures only. "
+        "Default: stream inputs larger than 1 GiB.",
+        show_default=False,
+    ),
+]
+Export = Annotated[
+    str | None,
+    typer.Option(
+        "--export",
+        help="dense: write plain dense tensors (pruned, distilled or dequantized weights, no compression format) in the "
+        "input's layout, for loaders that know none; a Hugging Face directory then carries no quantization_config.",
+        show_default=False,
+    ),
+]
 Columns = Annotated[
     str | None,
     typer.Option(

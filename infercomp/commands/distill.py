@@ -61,6 +61,7 @@ def distill(
     ] = False,
     force: c.Force = False,
     max_shard_size: c.MaxShardSize = "5GB",
+    export: c.Export = None,
     model: c.Model = None,
     model_config: c.ModelConfig = None,
     trust_model_code: c.TrustCode = False,
@@ -113,4 +114,5 @@ def distill(
         resume=resume,
         force=force,
         max_shard_size=max_shard_size,
+        export=export,
     )

@@ -25,8 +25,9 @@ def prune(
         str | None,
         typer.Option(
             "--scope",
-            help="layer: every tensor reaches --sparsity; global: one threshold over all (magnitude only). "
-            "Default: global for magnitude, layer otherwise.",
+            help="layer: every tensor reaches --sparsity; global: one threshold over all (magnitude only); "
+            "channel: ffn (FFN channels), heads (attention heads) or all (both; a transformer's hidden size never "
+            "changes). Default: global for magnitude, all for channel, layer otherwise.",
             show_default=False,
         ),
     ] = None,
@@ -42,6 +43,8 @@ def prune(
     exclude: c.Exclude = None,
     force: c.Force = False,
     max_shard_size: c.MaxShardSize = "5GB",
+    export: c.Export = None,
+    stream: c.Stream = None,
     data: c.Data = None,
     model: c.Model = None,
     model_config: c.ModelConfig = None,
@@ -74,7 +77,8 @@ def prune(
       channel    structured: remove whole output channels / conv filters / attention heads / FFN
                  channels and everything that depends on them (next layer inputs, BatchNorm,
                  residual-coupled layers); tensors shrink, the model runs faster. Ranked by L1
-                 row norm, --importance l2, or activation (with --data). Output sizes never change.
+                 row norm, --importance l2, or activation (with --data). Output sizes never change;
+                 a transformer keeps its hidden size (--scope ffn, heads, or all of both).
       2:4        semi-structured N:M (--n 2 --m 4): in every 4 consecutive inputs keep the 2
                  largest |w|; runs torch's sparse kernels on CUDA, dense on CPU.
       wanda      |w| x ||input activation|| from --data calibration: per output row, or N:M with --n/--m.
@@ -99,4 +103,6 @@ def prune(
         eval_data=eval_data,
         force=force,
         max_shard_size=max_shard_size,
+        export=export,
+        stream=stream,
     )

@@ -49,6 +49,8 @@ def quantize(
     exclude: c.Exclude = None,
     force: c.Force = False,
     max_shard_size: c.MaxShardSize = "5GB",
+    export: c.Export = None,
+    stream: c.Stream = None,
     data: c.Data = None,
     model: c.Model = None,
     model_config: c.ModelConfig = None,
@@ -109,4 +111,6 @@ def quantize(
         eval_data=eval_data,
         force=force,
         max_shard_size=max_shard_size,
+        export=export,
+        stream=stream,
     )

@@ -23,6 +23,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 
 FP16_NORMAL_MIN = 6.2e-5  # smallest normal float16 is 6.104e-5
 FP16_MAX = 6.0e4
@@ -169,6 +170,26 @@ def unpack_int4(packed: torch.Tensor, symmetric: bool) -> torch.Tensor:
     hi = (packed >> 4).to(torch.int8)
     q = torch.stack((lo, hi), dim=-1).reshape(packed.shape[0], -1)
     return q - 8 if symmetric else q
+
+
+def pack_int32(u: torch.Tensor, bits: int) -> torch.Tensor:
+    """(rows, cols) unsigned values < 2**bits -> (rows, ceil(cols * bits / 32)) int32, 32 / bits
+    values a word, value j of a row at bit (j mod 32/bits) * bits of word j div (32/bits): the
+    dense packing of compressed-tensors' ``pack-quantized`` (bits 4 or 8)."""
+    per = 32 // bits
+    rows, cols = u.shape
+    pad = (-cols) % per
+    v = F.pad(u.to(torch.int64), (0, pad)).reshape(rows, -1, per)
+    words = (v << (torch.arange(per, dtype=torch.int64) * bits)).sum(-1)  # (rows, words) in [0, 2**32)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def unpack_int32(words: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
+    """Inverse of ``pack_int32``: (rows, words) int32 -> (rows, cols) int16 unsigned values."""
+    per = 32 // bits
+    w = words.to(torch.int64) & 0xFFFFFFFF
+    v = (w.unsqueeze(-1) >> (torch.arange(per, dtype=torch.int64) * bits)) & ((1 << bits) - 1)
+    return v.reshape(words.shape[0], -1)[:, :cols].to(torch.int16)
 
 
 # ----------------------------------------------------------------------------------------- fp8

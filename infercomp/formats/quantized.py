@@ -6,8 +6,11 @@
 | int8-dynamic  | same as int8 (per channel)                                                   | int8 x int8 kernels, activations quantized per call (``--compute int8``; ``auto`` may pick it) |
 | int4          | ``<m>.weight_packed`` uint8 (two per byte), ``<m>.weight_scale``, ``<m>.weight_zero_point`` (asymmetric) [, ``<m>.weight_column_scale``] | weight-only int4 |
 | fp8           | ``<m>.weight`` float8_e4m3fn, ``<m>.weight_scale`` (out, 1)                  | fp8 matmul on CUDA >= sm89, else dequantized |
+| pack-quantized | ``<m>.weight_packed`` int32, ``<m>.weight_scale``, ``<m>.weight_shape`` int64 [, ``<m>.weight_zero_point`` int32] | as int4 / int8 (converted once at load) |
 
-Names follow the compressed-tensors format where it has an equivalent. The integer formats are
+Names follow the compressed-tensors format where it has an equivalent. ``pack-quantized`` IS
+compressed-tensors' layout for weight-only int4 / int8 (what transformers and vLLM read): the
+Hugging Face directory output converts int4 / int8 to it (``PackQuantized.from_ours``). The integer formats are
 encoded from a ``grid.Quantized`` (the quantizer — RTN or GPTQ — chooses the integers; this module
 only stores them), fp8 from the dense weight.
 """
@@ -147,7 +150,67 @@ class Fp8(_Quantized):
         return w.reshape(spec["shape"]).to(spec_dtype(spec))
 
 
+class PackQuantized(Format):
+    """compressed-tensors' ``pack-quantized``: weight-only int4 / int8 integers packed into int32
+    words (``grid.pack_int32``) as unsigned values (symmetric ones offset by 2**(bits-1)); an
+    asymmetric zero point (out, groups) is packed the same way along the output dimension.
+    Dequantized as (u - zp) * scale, the same numbers as our ``int4`` / ``int8`` stored them."""
+
+    name = "pack-quantized"
+
+    def keys(self, name: str, spec: Spec) -> list[str]:
+        keys = [f"{name}_packed", f"{name}_scale", f"{name}_shape"]
+        return keys if spec.get("symmetric", True) else [*keys, f"{name}_zero_point"]
+
+    def from_ours(self, tensors: Tensors, name: str, spec: Spec) -> tuple[dict[str, torch.Tensor], Spec]:
+        """Our ``int4`` / ``int8`` tensor ``name`` (without column scales) in this layout."""
+        ours: Int8 = INT4 if spec["codec"] == "int4" else INT8
+        bits, sym = ours.bits, spec.get("symmetric", True)
+        offset = 1 << (bits - 1)
+        q = ours._ints(tensors, name, spec).to(torch.int16)  # (out, in): signed if symmetric, else [0, 2**bits)
+        stored = {
+            f"{name}_packed": grid.pack_int32(q + offset if sym else q, bits),
+            f"{name}_scale": tensors[f"{name}_scale"],
+            f"{name}_shape": torch.tensor(spec["shape"][:2], dtype=torch.int64),
+        }
+        if not sym:
+            stored[f"{name}_zero_point"] = grid.pack_int32(tensors[f"{name}_zero_point"].to(torch.int16).t(), bits).t().contiguous()
+        keep = ("shape", "dtype", "symmetric", "granularity", "group_size", "method")
+        return stored, {"codec": self.name, "bits": bits, **{k: spec[k] for k in keep if k in spec}}
+
+    def to_ours(self, tensors: Tensors, name: str, spec: Spec) -> tuple[dict[str, torch.Tensor], Spec]:
+        """The inverse of ``from_ours``."""
+        bits, sym = spec["bits"], spec.get("symmetric", True)
+        out, cols = spec["shape"][0], spec["shape"][1]
+        u = grid.unpack_int32(tensors[f"{name}_packed"], bits, cols)
+        q = (u - (1 << (bits - 1)) if sym else u).to(torch.int8)
+        ours: Int8 = INT4 if bits == 4 else INT8
+        stored = {ours._data_key(name): grid.pack_int4(q, sym) if bits == 4 else q, f"{name}_scale": tensors[f"{name}_scale"]}
+        if not sym:
+            groups = tensors[f"{name}_zero_point"].shape[1]
+            stored[f"{name}_zero_point"] = grid.unpack_int32(tensors[f"{name}_zero_point"].t(), bits, out).t().to(torch.int8)
+            stored[f"{name}_zero_point"] = stored[f"{name}_zero_point"].reshape(out, groups).contiguous()
+        return stored, {**spec, "codec": ours.name}
+
+    def decode(self, tensors: Tensors, name: str, spec: Spec) -> torch.Tensor:
+        stored, ours = self.to_ours(tensors, name, spec)
+        return FORMATS_BY_BITS[spec["bits"]].decode(stored, name, ours)
+
+    def runtime(self, old: nn.Module, tensors: Tensors, name: str, spec: Spec) -> nn.Module | None:
+        stored, ours = self.to_ours(tensors, name, spec)
+        bias = name.removesuffix("weight") + "bias"
+        if bias in tensors:
+            stored[bias] = tensors[bias]
+        return FORMATS_BY_BITS[spec["bits"]].runtime(old, stored, name, ours)
+
+    def version(self, spec: Spec) -> int:
+        del spec
+        return 3  # format 3 added pack-quantized
+
+
 INT8 = Int8()
 INT8_DYNAMIC = Int8Dynamic()
 INT4 = Int4()
 FP8 = Fp8()
+PACK_QUANTIZED = PackQuantized()
+FORMATS_BY_BITS: dict[int, Int8] = {4: INT4, 8: INT8}

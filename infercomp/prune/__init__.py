@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 import torch
 
 import infercomp.formats as formats
+import infercomp.hf as hf
 from infercomp.checkpoint import Checkpoint
 from infercomp.errors import DataError, UsageError
 from infercomp.formats.sparse import BITMASK, BITMASK_24
@@ -25,11 +26,11 @@ from infercomp.models import example_batch, first_output
 from infercomp.patterns import selected_weight
 from infercomp.prune.magnitude import magnitude_masks, score_masks
 from infercomp.prune.nm import is_nm, nm_fits, nm_mask
-from infercomp.prune.structured import IMPORTANCES, prune_channels
+from infercomp.prune.structured import CHANNEL_SCOPES, IMPORTANCES, prune_channels
 from infercomp.prune.wanda import input_norms, wanda_scores
 from infercomp.transform import Context, Transform, TransformConfig, choice
 
-SCOPES = ("layer", "global")
+SCOPES = ("layer", "global", *CHANNEL_SCOPES)
 
 
 @dataclass(frozen=True)
@@ -42,8 +43,10 @@ class PruneConfig(TransformConfig):
             each layer's channels / heads (``channel``). N:M methods take their sparsity from N/M.
         scope: ``layer`` (each tensor reaches ``sparsity``) or ``global`` (one threshold for all;
             ``magnitude`` only). None picks ``global`` for magnitude (small first layers stay whole:
-            on the digits CNN at 50 % it loses 0.0 points where ``layer`` loses 10.8) and ``layer``
-            for the other methods.
+            on the digits CNN at 50 % it loses 0.0 points where ``layer`` loses 10.8), ``all`` for
+            channel and ``layer`` for the other methods. ``channel`` takes ``all``, ``ffn`` (FFN
+            intermediate channels) or ``heads`` (whole attention heads); a transformer's hidden
+            size is never pruned (``structured``).
         include / exclude: glob patterns on module names (``fc*``, ``layers.*.q``).
         n / m: keep N of every M consecutive inputs (``2:4`` defaults to 2 and 4; ``wanda`` with them
             is N:M instead of unstructured).
@@ -63,13 +66,17 @@ class PruneConfig(TransformConfig):
     def __post_init__(self) -> None:
         choice(self.method, tuple(METHODS), "--method")
         if self.scope is None:  # frozen dataclass: resolve the default once, so it is recorded
-            object.__setattr__(self, "scope", "global" if self.method == "magnitude" else "layer")
+            default = {"magnitude": "global", "channel": "all"}.get(self.method, "layer")
+            object.__setattr__(self, "scope", default)
         choice(self.scope, SCOPES, "--scope")
         choice(self.importance, IMPORTANCES, "--importance")
         if not 0.0 <= self.sparsity < 1.0:
             raise UsageError(f"--sparsity must be in [0, 1) (a fraction: 0.5 removes half), got {self.sparsity}")
         if self.scope == "global" and self.method != "magnitude":
             raise UsageError(f"--scope global works with --method magnitude only, not {self.method}")
+        if (self.scope in CHANNEL_SCOPES) != (self.method == "channel"):
+            allowed = "all, ffn or heads" if self.method == "channel" else "layer or global"
+            raise UsageError(f"--scope {self.scope} does not apply to --method {self.method}; it takes {allowed}")
         if self.importance != "l1" and self.method != "channel":
             raise UsageError(f"--importance applies to --method channel, not {self.method}")
         if (self.n is None) != (self.m is None):
@@ -123,13 +130,29 @@ def _nm_targets(ckpt: Checkpoint, targets: dict[str, torch.Tensor], m: int, ctx:
     return fits
 
 
-def _magnitude(ckpt: Checkpoint, config: PruneConfig, ctx: Context) -> Checkpoint:
-    dense = formats.logical_tensors(ckpt.tensors, ckpt.encodings, ckpt.name)
+def magnitude_targets(ckpt: Checkpoint, dense: dict[str, torch.Tensor], config: PruneConfig, ctx: Context) -> dict[str, torch.Tensor]:
+    """The weights magnitude / N:M pruning cuts: selected by --include/--exclude, and for N:M with
+    inputs in groups of M. Reads names and shapes only (``dense`` may hold meta tensors)."""
     targets = _targets(ckpt, dense, config)
     pattern = config.pattern()
+    return targets if pattern is None else _nm_targets(ckpt, targets, pattern[1], ctx)
+
+
+def tensor_mask(weight: torch.Tensor, config: PruneConfig) -> torch.Tensor:
+    """Keep-mask of one weight on its own: N:M, or ``layer`` scope (``global`` needs them all:
+    ``magnitude_masks``, or ``magnitude.Selection`` over a stream)."""
+    pattern = config.pattern()
     if pattern is not None:
-        targets = _nm_targets(ckpt, targets, pattern[1], ctx)
-        masks = {n: nm_mask(t.abs(), *pattern) for n, t in targets.items()}
+        return nm_mask(weight.abs(), *pattern)
+    return magnitude_masks({"w": weight}, config.sparsity, "layer")["w"]
+
+
+def _magnitude(ckpt: Checkpoint, config: PruneConfig, ctx: Context) -> Checkpoint:
+    dense = formats.logical_tensors(ckpt.tensors, ckpt.encodings, ckpt.name)
+    targets = magnitude_targets(ckpt, dense, config, ctx)
+    pattern = config.pattern()
+    if pattern is not None or config.scope == "layer":
+        masks = {n: tensor_mask(t, config) for n, t in targets.items()}
     else:
         masks = magnitude_masks(targets, config.sparsity, config.scope)
     return _masked(ckpt, dense, masks, pattern, ctx)
@@ -175,18 +198,30 @@ def _masked(
     ckpt: Checkpoint, dense: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], pattern: tuple[int, int] | None, ctx: Context
 ) -> Checkpoint:
     """Zero the masked weights; store them sparse; keep every other tensor as it was stored."""
-    if pattern == (2, 4) and ctx.device.type != "cuda":
-        ctx.progress.log("2:4 weights run dense on CPU (torch's semi-structured kernels are CUDA-only): expect no speed-up here")
+    note_pattern(pattern, ctx)
     # Untouched tensors keep their stored form (quantized ones stay quantized).
     tensors, encs = formats.stored_form(ckpt.tensors, ckpt.encodings, masks, ckpt.name)
-    fmt = BITMASK_24 if pattern == (2, 4) else BITMASK
-    extra = None if pattern is None else {"pattern": f"{pattern[0]}:{pattern[1]}"}
     for name, mask in masks.items():
-        stored, spec = fmt.encode(name, dense[name] * mask, extra=extra)
+        stored, spec = encode_pruned(name, dense[name], mask, pattern)
         tensors.update(stored)
         if spec is not None:
             encs[name] = spec
     return Checkpoint(tensors=tensors, model=ckpt.model, encodings=encs, plan=ckpt.plan)
+
+
+def note_pattern(pattern: tuple[int, int] | None, ctx: Context) -> None:
+    if pattern == (2, 4) and ctx.device.type != "cuda":
+        ctx.progress.log("2:4 weights run dense on CPU (torch's semi-structured kernels are CUDA-only): expect no speed-up here")
+
+
+def encode_pruned(
+    name: str, weight: torch.Tensor, mask: torch.Tensor, pattern: tuple[int, int] | None
+) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    """Stored tensors and spec of ``weight`` with the weights outside ``mask`` zeroed (bitmask form
+    where smaller; 2:4 always)."""
+    fmt = BITMASK_24 if pattern == (2, 4) else BITMASK
+    extra = None if pattern is None else {"pattern": f"{pattern[0]}:{pattern[1]}"}
+    return fmt.encode(name, weight * mask, extra=extra)
 
 
 # ------------------------------------------------------------------------------------- structured
@@ -214,6 +249,7 @@ def _channel(ckpt: Checkpoint, config: PruneConfig, ctx: Context) -> Checkpoint:
             include=config.include,
             exclude=config.exclude,
             calibration=calibration,
+            scope=config.scope,
             progress=ctx.progress,
         )
     with torch.no_grad():
@@ -232,7 +268,10 @@ def _channel(ckpt: Checkpoint, config: PruneConfig, ctx: Context) -> Checkpoint:
         else:
             tensors[name] = t
     stages = list((ckpt.plan or {}).get("prune", []))
-    return Checkpoint(tensors=tensors, model=ckpt.model, encodings=encs, plan={**(ckpt.plan or {}), "prune": [*stages, stage]})
+    spec = ckpt.model
+    if spec is not None and spec.get("ref") == hf.HF_REF and isinstance(spec.get("config"), dict):
+        spec = {**spec, "config": hf.resized_config(spec["config"], stage)}  # config.json's intermediate_size, heads
+    return Checkpoint(tensors=tensors, model=spec, encodings=encs, plan={**(ckpt.plan or {}), "prune": [*stages, stage]})
 
 
 METHODS: dict[str, Transform] = {
@@ -241,4 +280,16 @@ METHODS: dict[str, Transform] = {
     "2:4": _magnitude,
     "wanda": _wanda,
 }
-__all__ = ["METHODS", "PruneConfig", "is_nm", "magnitude_masks", "nm_mask", "prune", "prune_channels"]
+__all__ = [
+    "METHODS",
+    "PruneConfig",
+    "encode_pruned",
+    "is_nm",
+    "magnitude_masks",
+    "magnitude_targets",
+    "nm_mask",
+    "note_pattern",
+    "prune",
+    "prune_channels",
+    "tensor_mask",
+]

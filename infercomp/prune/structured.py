@@ -13,8 +13,14 @@ Importance of channel c of a group (``--importance``):
 - ``l2``: the same with the L2 norm;
 - ``activation`` (needs ``--data``): Σ over the layers that consume channel c of ||x_c||_2 ·
   ||W[:, c]||_2, the size of the channel's contribution to the next layer on real inputs.
-Attention projections (q/k/v of a module with a ``head_dim`` or ``num_heads`` attribute) are
-pruned by whole heads, scored by the sum over the head's channels.
+Attention projections (q/k/v of a module with a ``head_dim``, ``attention_head_size`` or
+``num_heads`` attribute) are pruned by whole heads, scored by the sum over the head's channels.
+
+Transformers keep their hidden size: the group of the residual stream (embeddings, every block's
+LayerNorm / RMSNorm, the output of each attention and FFN block) is never pruned, nor a group whose
+channels no later layer consumes (a pooler). What is left is ``--scope``: ``ffn`` (the FFN
+intermediate channels), ``heads`` (whole attention heads) or ``all`` (both; for models without
+attention, every prunable group), as Torch-Pruning's LLM examples do.
 """
 
 from __future__ import annotations
@@ -36,6 +42,9 @@ from infercomp.prune.magnitude import keep_largest
 from infercomp.prune.wanda import input_norms
 
 IMPORTANCES = ("l1", "l2", "activation")
+CHANNEL_SCOPES = ("all", "ffn", "heads")
+# Modules that carry the residual stream of a transformer: a group touching one is its hidden size.
+_RESIDUAL = (nn.LayerNorm, nn.Embedding)
 _PRUNABLE = (nn.Linear, nn.modules.conv._ConvNd)
 
 
@@ -73,7 +82,7 @@ def build_graph(model: nn.Module, example: torch.Tensor) -> tp.DependencyGraph:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
-            return tp.DependencyGraph().build_dependency(model, example_inputs=example, verbose=False)
+            return tp.DependencyGraph().build_dependency(model, example_inputs=example, output_transform=first_output, verbose=False)
         except Exception as e:  # tracing runs arbitrary model code
             raise ModelError(f"channel pruning could not trace the model ({type(e).__name__}: {e}); try --method magnitude") from e
 
@@ -87,6 +96,7 @@ def prune_channels(
     include: tuple[str, ...] = (),
     exclude: tuple[str, ...] = (),
     calibration: torch.Tensor | None = None,
+    scope: str = "all",
     progress: Progress = NULL,
 ) -> dict[str, Any]:
     """Remove ``sparsity`` of the channels of every prunable group of ``model`` (in place).
@@ -99,6 +109,7 @@ def prune_channels(
         include / exclude: globs on module names; a group is pruned when its root layer is selected
             and none of the layers whose outputs it shrinks is excluded.
         calibration: inputs for ``activation`` importance.
+        scope: ``all``, ``ffn`` (channels of groups that are not attention heads) or ``heads``.
         progress: for warnings.
 
     Returns:
@@ -107,9 +118,17 @@ def prune_channels(
     names = {m: n for n, m in model.named_modules()}
     frozen = set(output_layers(model, example))
     graph = build_graph(model, example)
-    groups = _groups(model, graph, names, frozen, include, exclude, l2=importance == "l2")
+    grouped = _grouped_query_projections(model)
+    if grouped and scope != "ffn":
+        progress.log("attention heads of grouped-query attention are kept whole (only their FFN channels are pruned)")
+    groups = _groups(model, graph, names, frozen | grouped, include, exclude, l2=importance == "l2")
+    if scope != "all":
+        groups = [g for g in groups if (g.unit > 1) == (scope == "heads")]
     if not groups:
-        raise ModelError("channel pruning found no layer to prune (output layers never change; check --include/--exclude)")
+        raise ModelError(
+            f"channel pruning found no {'' if scope == 'all' else scope + ' '}layer to prune "
+            "(output layers and a transformer's hidden size never change; check --scope/--include/--exclude)"
+        )
     if importance == "activation":
         if calibration is None:
             raise ModelError("--importance activation needs --data (calibration inputs)")
@@ -167,8 +186,23 @@ def _in_column_norms(mod: nn.Module) -> torch.Tensor:
     return w.transpose(0, 1).reshape(w.shape[1], -1).pow(2).sum(1).sqrt()
 
 
+def _grouped_query_projections(model: nn.Module) -> set[nn.Module]:
+    """The q/k/v/o projections of grouped-query attention (several query heads share one key /
+    value head): Torch-Pruning 1.6 does not finish tracing their coupling, so they are left whole."""
+    out: set[nn.Module] = set()
+    for m in model.modules():
+        if isinstance(getattr(m, "num_key_value_groups", None), int) and m.num_key_value_groups > 1:
+            out.update(c for c in m.children() if isinstance(c, nn.Linear))
+    return out
+
+
+def _is_residual(mod: nn.Module) -> bool:
+    return isinstance(mod, _RESIDUAL) or type(mod).__name__.endswith(("RMSNorm", "LayerNorm"))
+
+
 def _groups(model, graph, names, frozen, include, exclude, *, l2: bool) -> list[_Group]:
     out: list[_Group] = []
+    transformer = any(_is_residual(m) for m in model.modules())
     for group in graph.get_all_groups(ignored_layers=list(frozen), root_module_types=_PRUNABLE):
         root = group[0].dep.target.module
         name = names.get(root)
@@ -176,11 +210,14 @@ def _groups(model, graph, names, frozen, include, exclude, *, l2: bool) -> list[
             continue
         size = len(group[0].idxs)
         scores = torch.zeros(size)
-        layers, blocked, projections = [], False, []
+        layers, blocked, projections, consumed = [], False, [], False
         for item in group.items:
             dep, idxs = item.dep, item.idxs
             mod = dep.target.module
             is_out = graph.is_out_channel_pruning_fn(dep.handler)
+            if transformer and _is_residual(mod):
+                blocked = True  # the hidden size: embeddings, norms and every block's output share it
+            consumed = consumed or (not is_out and isinstance(mod, _PRUNABLE))
             mname = names.get(mod)
             if mname is None:
                 continue  # functional ops (reshape, add) and unwrapped parameters carry no name here
@@ -195,7 +232,7 @@ def _groups(model, graph, names, frozen, include, exclude, *, l2: bool) -> list[
                 scores.index_add_(0, root_idxs, rows.pow(2).sum(1) if l2 else rows.abs().sum(1))
                 if isinstance(mod, nn.Linear):
                     projections.append(mod)
-        if blocked:
+        if blocked or (transformer and not consumed):  # a pooler's outputs are the model's
             continue
         unit = _head_dim(model, names, projections, size)
         out.append(_Group(root, name, size, unit, scores.sqrt() if l2 else scores, sorted(set(layers), key=layers.index)))
@@ -211,7 +248,7 @@ def _head_dim(model: nn.Module, names, projections: list[nn.Linear], size: int) 
     if len(parents) != 1:
         return 1
     parent = model.get_submodule(parents.pop())
-    head_dim = getattr(parent, "head_dim", None)
+    head_dim = getattr(parent, "head_dim", None) or getattr(parent, "attention_head_size", None)
     heads = getattr(parent, "num_heads", None) or getattr(parent, "heads", None)
     if not isinstance(head_dim, int) and isinstance(heads, int) and heads > 0:
         head_dim = size // heads

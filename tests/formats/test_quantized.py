@@ -139,3 +139,43 @@ def test_int8_dynamic_with_column_scales_declares_format_2() -> None:
         return  # refusing column scales is a fix too
     assert spec["column_scale"] is True
     assert FORMATS["int8-dynamic"].version(spec) == 2
+
+
+# ------------------------------------------------------------------------- pack-quantized
+
+
+@pytest.mark.parametrize(
+    ("codec", "group_size", "symmetric"), [("int4", 32, True), ("int4", 64, False), ("int8", None, True), ("int8", 32, True)]
+)
+def test_pack_quantized_holds_the_same_numbers_as_ours(codec: str, group_size: int | None, symmetric: bool) -> None:
+    """Converting our int4 / int8 to compressed-tensors' int32 packing and back loses nothing: the
+    same stored bytes, the same decoded weight, and a runtime module that computes the same."""
+    w = torch.randn(256, 512, generator=torch.Generator().manual_seed(1))  # big enough to run quantized
+    stored, spec, expected = _encode(codec, w, group_size=group_size, symmetric=symmetric)
+    pack = FORMATS["pack-quantized"]
+    packed, pspec = pack.from_ours(stored, "m.weight", spec)
+    assert set(packed) == set(pack.keys("m.weight", pspec)) and packed["m.weight_packed"].dtype == torch.int32
+    assert packed["m.weight_packed"].shape == (256, 512 * INT_BITS[codec] // 32)
+    assert packed["m.weight_shape"].tolist() == [256, 512] and format_version({"m.weight": pspec}) == 3
+    assert torch.equal(pack.decode(packed, "m.weight", pspec), expected)
+    back, bspec = pack.to_ours(packed, "m.weight", pspec)
+    assert bspec["codec"] == codec and all(torch.equal(back[k], stored[k]) for k in stored)
+    old = nn.Linear(512, 256)
+    packed["m.bias"] = old.bias.detach()
+    mod = pack.runtime(old, packed, "m.weight", pspec)
+    x = torch.randn(3, 512)
+    assert type(mod) is qmodules.QuantLinear
+    torch.testing.assert_close(mod(x), torch.nn.functional.linear(x, expected, old.bias.detach()))
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_int32_packing_is_compressed_tensors_own(bits: int) -> None:
+    """Word for word what compressed-tensors' packer writes (the library transformers and vLLM load
+    it with), for weights and for zero points packed along the output dimension."""
+    helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
+    g = torch.Generator().manual_seed(bits)
+    q = torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (6, 40), dtype=torch.int8, generator=g)  # 40: not a whole word multiple
+    offset = 1 << (bits - 1)
+    assert torch.equal(grid.pack_int32(q.to(torch.int16) + offset, bits), helpers.pack_to_int32(q, bits))
+    assert torch.equal(grid.pack_int32(q.to(torch.int16).t() + offset, bits).t(), helpers.pack_to_int32(q, bits, packed_dim=0))
+    assert torch.equal(grid.unpack_int32(grid.pack_int32(q.to(torch.int16) + offset, bits), bits, 40), q.to(torch.int16) + offset)

@@ -21,7 +21,7 @@ def _mixed() -> tuple[dict[str, torch.Tensor], dict]:
 
 
 def test_registry_holds_every_codec() -> None:
-    assert set(FORMATS) == {"int8", "int8-dynamic", "int4", "fp8", "sparse-bitmask", "sparse-24-bitmask"}
+    assert set(FORMATS) == {"int8", "int8-dynamic", "int4", "fp8", "pack-quantized", "sparse-bitmask", "sparse-24-bitmask"}
     assert all(fmt.name == codec for codec, fmt in FORMATS.items())
 
 
