@@ -192,7 +192,8 @@ def output_checkpoint(
     weight-only int8 / int4, converted to int32 words); sparse Linear weights are written dense
     with a ``sparsity_config`` that records their structure (unstructured or 2:4), as
     compressed-tensors' ``dense`` sparsity format does. Everything else (quantized embeddings or
-    convolutions, column scales, which compressed-tensors has no field for) is written dense.
+    convolutions) is written dense. Column scales (``--column-scales``), which compressed-tensors has
+    no field for, are kept in our format, and the notes say only infercomp loads the result.
     A config.json that cannot describe the tensors' shapes (pruned heads of a BERT-style model,
     layers of different widths) is refused.
 
@@ -204,12 +205,16 @@ def output_checkpoint(
     notes: list[str] = []
     tensors, _ = formats.stored_form(ckpt.tensors, ckpt.encodings, ckpt.encodings, ckpt.name)  # the plain tensors
     kept: dict[str, dict[str, Any]] = {}
+    ours: dict[str, dict[str, Any]] = {}
     sparse: dict[str, str] = {}
     dense_names = []
     for name, spec in ckpt.encodings.items():
         codec = spec.get("codec")
         linear = module_types.get(name.removesuffix(".weight")) == "Linear"
-        if codec in _CT_FORMATS and linear and not spec.get("column_scale"):
+        if spec.get("column_scale"):  # --column-scales forced: ours, which only infercomp reads
+            ours[name] = spec
+            tensors.update({k: ckpt.tensors[k] for k in formats.format_for(name, spec, ckpt.name).keys(name, spec)})
+        elif codec in _CT_FORMATS and linear:
             stored = {k: ckpt.tensors[k] for k in formats.format_for(name, spec, ckpt.name).keys(name, spec)}
             if _CT_FORMATS[codec] == "pack-quantized":
                 stored, spec = formats.FORMATS["pack-quantized"].from_ours(stored, name, spec)
@@ -224,8 +229,13 @@ def output_checkpoint(
         tensors.update({n: dense[n].contiguous() for n in dense_names})
         others = [n for n in dense_names if n not in sparse]
         if others:
-            why = "column-scaled weights, or layers compressed-tensors does not quantize (embeddings, convolutions)"
+            why = "layers compressed-tensors does not quantize: embeddings, convolutions"
             notes.append(f"{len(others)} tensor(s) written dense for transformers ({why}), e.g. {others[0]!r}")
+    if ours:
+        notes.append(
+            f"{len(ours)} tensor(s) keep infercomp's column scales (--column-scales), which compressed-tensors cannot describe: "
+            "this directory loads with infercomp.load, not with transformers"
+        )
     shapes = formats.logical_shapes(ckpt.tensors, ckpt.encodings, ckpt.name)
     problem = mismatch(config, shapes)
     if problem:
@@ -247,7 +257,7 @@ def output_checkpoint(
     floats = {str(t.dtype).removeprefix("torch.") for n, t in tensors.items() if t.is_floating_point() and n not in kept and t.dim() >= 2}
     if len(floats) == 1 and floats != {"float32"}:
         out["torch_dtype"] = floats.pop()
-    return Checkpoint(tensors=tensors, model=ckpt.model, history=ckpt.history, encodings=kept, plan=ckpt.plan), out, notes
+    return Checkpoint(tensors=tensors, model=ckpt.model, history=ckpt.history, encodings={**kept, **ours}, plan=ckpt.plan), out, notes
 
 
 def _quantization_config(kept: dict[str, dict[str, Any]], module_types: dict[str, str]) -> dict[str, Any]:

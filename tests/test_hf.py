@@ -318,3 +318,53 @@ def test_sentence_transformers_loads_int8_minilm_with_its_embeddings_kept(tmp_pa
     ref = st.SentenceTransformer(str(src), device="cpu").encode(sentences, convert_to_tensor=True)
     got = st.SentenceTransformer(str(out), device="cpu").encode(sentences, convert_to_tensor=True)
     assert torch.nn.functional.cosine_similarity(got, ref).min() >= 0.999
+
+
+def test_interrupted_directory_write_leaves_no_directory(tiny_bert_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C between two shards: neither the output directory nor its temp directory is left,
+    and an existing output (--force) is still the old one."""
+    import infercomp
+
+    out = tmp_path / "out"
+    real, calls = checkpoint.write_safetensors, []
+
+    def interrupted(path: Path, *args, **kwargs) -> None:
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint, "write_safetensors", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        infercomp.quantize(tiny_bert_dir, out, scheme="fp16", measure=False, max_shard_size="20KB")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny-bert", "vocab.txt"]
+    monkeypatch.setattr(checkpoint, "write_safetensors", real)
+    infercomp.quantize(tiny_bert_dir, out, scheme="fp16", measure=False)
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    calls.clear()
+    monkeypatch.setattr(checkpoint, "write_safetensors", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        infercomp.quantize(tiny_bert_dir, out, scheme="bf16", measure=False, max_shard_size="20KB", force=True)
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "tiny-bert", "vocab.txt"]
+
+
+def test_forced_column_scales_stay_ours_and_say_so(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    import infercomp
+
+    logs: list[str] = []
+
+    class Log(Progress):
+        def log(self, text: str) -> None:
+            logs.append(text)
+
+    out = tmp_path / "cs"
+    infercomp.quantize(tiny_bert_dir, out, scheme="int8", column_scales=True, measure=False, progress=Log())
+    assert any("loads with infercomp.load, not with transformers" in line for line in logs)
+    back = checkpoint.load(out)
+    spec = back.encodings["encoder.layer.0.attention.self.query.weight"]
+    assert spec["codec"] == "int8" and spec["column_scale"] is True
+    assert "encoder.layer.0.attention.self.query.weight_column_scale" in back.tensors
+    ref = _outputs(transformers.AutoModel.from_pretrained(tiny_bert_dir).eval(), _ids())
+    got = _outputs(infercomp.load(out), _ids())
+    assert torch.nn.functional.cosine_similarity(got.flatten(1), ref.flatten(1)).min() > 0.99
