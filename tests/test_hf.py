@@ -159,7 +159,9 @@ def test_int8_dynamic_directory_uses_compressed_tensors_and_shards(tiny_bert_dir
     assert index["weight_map"]["encoder.layer.0.attention.self.query.weight"] in shards
     back = checkpoint.load(out)  # infercomp reads its own directory back, encodings included
     assert back.encodings["encoder.layer.0.attention.self.query.weight"]["codec"] == "int8-dynamic"
-    pytest.importorskip("compressed_tensors")
+    ct = pytest.importorskip("compressed_tensors")
+    parsed = ct.QuantizationConfig.model_validate(qc)  # the library's own schema
+    assert parsed.format == "int-quantized" and parsed.config_groups["group_0"].input_activations.dynamic is True
     ids = torch.tensor([[2, 6, 7, 8, 9, 3]])
     ref = _outputs(transformers.AutoModel.from_pretrained(tiny_bert_dir).eval(), ids)
     got = _outputs(transformers.AutoModel.from_pretrained(out).eval(), ids)
