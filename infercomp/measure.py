@@ -12,7 +12,7 @@ import os
 import platform
 import subprocess
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -130,21 +130,26 @@ def is_weight(name: str, t: torch.Tensor) -> bool:
     return t.is_floating_point() and not name.endswith(_NOT_PARAMETERS)
 
 
-def static_stats(ckpt: Checkpoint) -> dict[str, Any]:
+def static_stats(ckpt: Checkpoint, counted: Mapping[str, int] | None = None) -> dict[str, Any]:
     """Parameters, non-zeros, sparsity, bits per weight and dtype mix, from the tensors alone (one
-    at a time: a checkpoint read with ``checkpoint.load(lazy=True)`` stays in bounded memory)."""
+    at a time: a checkpoint read with ``checkpoint.load(lazy=True)`` stays in bounded memory).
+    ``counted``: non-zeros of logical tensors already counted (by a streamed transform), not read."""
     shapes = shapes_of(ckpt.tensors)
     dense = formats.LogicalView(ckpt.tensors, ckpt.encodings, ckpt.name, shapes=shapes)
     nbytes = formats.stored_bytes(shapes, ckpt.encodings, ckpt.name)
     params = nonzero = 0
     bits = 0
     mix: dict[str, int] = {}
-    for name, t in dense.items():
-        if not is_weight(name, t):
+    for name, stand_in in dense.order.items():
+        if not is_weight(name, stand_in):
             continue
-        n = t.numel()
+        n = stand_in.numel()
         params += n
-        nonzero += int(torch.count_nonzero(t.float() if t.element_size() == 1 else t))  # fp8 has no count_nonzero
+        if counted is not None and name in counted:
+            nonzero += counted[name]
+        else:
+            t = dense[name]
+            nonzero += int(torch.count_nonzero(t.float() if t.element_size() == 1 else t))  # fp8 has no count_nonzero
         bits += 8 * nbytes[name]
         spec = ckpt.encodings.get(name)
         kind = spec["codec"] if spec else str(shapes[name].dtype).removeprefix("torch.")
@@ -208,9 +213,11 @@ def compare(
     data: Dataset | None = None,
     progress: Progress = NULL,
     run_models: bool = True,
+    counted: Sequence[Mapping[str, int] | None] = (),
 ) -> Comparison:
     """Measure every checkpoint; the first is the baseline for ratios and fidelity. With
-    ``run_models=False`` only the static figures (size, parameters, sparsity) are taken."""
+    ``run_models=False`` only the static figures (size, parameters, sparsity) are taken.
+    ``counted``: per checkpoint, non-zeros already counted (``static_stats``)."""
     device = options.torch_device()
     if options.threads is not None:
         cores = os.cpu_count() or 1
@@ -227,7 +234,7 @@ def compare(
         "compile": options.compile,
         "cpu_features": cpu_features(),
     }
-    entries = [_Entry(c, _static_report(c)) for c in ckpts]
+    entries = [_Entry(c, _static_report(c, counted[i] if i < len(counted) else None)) for i, c in enumerate(ckpts)]
     if not run_models:
         _ratios([e.report for e in entries])
         return Comparison(settings=settings, models=[e.report for e in entries])
@@ -289,13 +296,13 @@ def weight_memory(module: nn.Module) -> int:
     return total + sum(m.weight_bytes() for m in module.modules() if isinstance(m, Int8Linear))
 
 
-def _static_report(c: Checkpoint) -> ModelReport:
+def _static_report(c: Checkpoint, counted: Mapping[str, int] | None = None) -> ModelReport:
     return ModelReport(
         path=c.name,
         size_bytes=c.size_bytes,
         history=[h.get("transform", "?") for h in c.history],
         model=(c.model or {}).get("ref"),
-        **static_stats(c),
+        **static_stats(c, counted),
     )
 
 

@@ -11,7 +11,10 @@ sparse and quantized sizes depend on the data, so the output is assembled once a
 header, then the spooled bytes in name order copied in the kernel (``os.copy_file_range``), into
 the usual atomic temp file. A Hugging Face directory output is not streamed: its layout
 (compressed-tensors' sparsity and quantization configs) follows the built model's layer types. The output is byte for byte
-what the in-memory path writes. Peak memory: the largest tensor and its transform's temporaries.
+what the in-memory path writes. Peak memory: the largest tensor and its transform's temporaries
+(one tensor at a time; only the threshold passes read the next weight ahead on a thread). The
+walk counts the non-zeros of what it reads, and of what it stores where that needs no decoding
+(pruned and untouched tensors), so the static comparison reads only the rest again.
 
 ``--stream`` forces it, ``--no-stream`` forbids it; by default a transform streams when it can and
 the input is larger than ``STREAM_ABOVE`` on disk. A streamed output that large is compared by its
@@ -23,46 +26,54 @@ from __future__ import annotations
 import os
 import struct
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import IO, Any
+from typing import IO, Any, TypeVar
 
 import torch
 
+import infercomp.blocks as blocks
 import infercomp.checkpoint as checkpoint
 import infercomp.formats as formats
 from infercomp.checkpoint import Checkpoint
 from infercomp.data import load_data
 from infercomp.errors import UsageError
 from infercomp.formats.base import Spec
-from infercomp.measure import Comparison, MeasureOptions, compare
+from infercomp.measure import Comparison, MeasureOptions, compare, is_weight
 from infercomp.models import ModelLoader
 from infercomp.progress import Progress
-from infercomp.prune import PruneConfig, encode_pruned, magnitude_targets, note_pattern, tensor_mask
+from infercomp.prune import PruneConfig, encode_pruned, magnitude_targets, note_pattern, tensor_mask, wanda_masks
 from infercomp.prune.magnitude import Selection, kept_count
-from infercomp.quantize import CASTS, QuantizeConfig, cast_tensor, note_scheme, quantize_tensor, quantized_weights
+from infercomp.quantize import CASTS, QuantizeConfig, cast_tensor, gptq_integers, note_scheme, quantize_tensor, quantized_weights
 from infercomp.transform import Context, TransformConfig, pinned_threads
 from infercomp.version import __version__
 
 # By default a transform that can stream does so for inputs larger than this on disk (1 GiB):
 # smaller ones are read whole, so the model can be built and measured as usual.
 STREAM_ABOVE = 1 << 30
+_COUNT_BLOCK = 1 << 18  # values counted at a time (in cache, no page faulted in per block)
+T = TypeVar("T")
 
 
 def why_not(source: Path, output: Path, config: TransformConfig) -> str | None:
     """Why ``config`` cannot stream ``source`` to ``output`` (None: it can)."""
+    calibrated = (
+        isinstance(config, PruneConfig) and config.method == "wanda" or isinstance(config, QuantizeConfig) and config.method == "gptq"
+    )
     if isinstance(config, PruneConfig):
-        if config.method not in ("magnitude", "2:4"):
-            return f"--method {config.method} needs the model (only magnitude and 2:4 / N:M pruning stream)"
-    elif isinstance(config, QuantizeConfig):
-        if config.method != "rtn":
-            return f"--method {config.method} runs the model on calibration data"
-    else:
+        if config.method not in ("magnitude", "2:4", "wanda"):
+            return f"--method {config.method} needs the whole model (magnitude, 2:4 / N:M and wanda pruning stream)"
+    elif not isinstance(config, QuantizeConfig):
         return f"{config.transform} trains a model"
     if not (source.is_dir() or checkpoint.is_safetensors(source)):
         return "the input is not safetensors"
     if source.is_dir() and output.suffix != ".safetensors":
         return "a Hugging Face directory output is laid out by the built model's layer types (write -o NAME.safetensors to stream)"
+    if calibrated:
+        ckpt = checkpoint.load(source, lazy=True)  # the header: names and shapes
+        if ckpt.encodings or blocks.skeleton(ckpt.model, ckpt.tensors) is None:
+            return f"--method {config.method} streams a Hugging Face causal LM stored in float only (calibrated one block at a time)"
     return None
 
 
@@ -101,7 +112,8 @@ def run(
     reads = tuple(Path(p) for p in (data, eval_data) if p is not None)
     hf_out = src.is_dir() and out.suffix != ".safetensors"
     checkpoint.check_output(out, force=force, source=src, inputs=reads, directory=hf_out)
-    ctx = Context(loader=loader, data=None, device=options.torch_device(), progress=progress, source=src, output=out)
+    dataset = load_data(data, model=src) if data is not None else None  # calibration (gptq, wanda)
+    ctx = Context(loader=loader, data=dataset, device=options.torch_device(), progress=progress, source=src, output=out)
     digest: list[str] = []
     hasher = threading.Thread(target=lambda: digest.append(checkpoint.sha256(src)), daemon=True)  # reads beside the transform
     hasher.start()
@@ -128,7 +140,11 @@ def run(
         evaluation = load_data(eval_data, model=src) if eval_data is not None else dataset
         return compare([checkpoint.load(src), checkpoint.load(out)], loader=loader, options=options, data=evaluation, progress=progress)
     # Static figures, read tensor by tensor: the same numbers the in-memory path gives without a model.
-    result = compare([ckpt, checkpoint.load(out, lazy=True)], loader=loader, options=options, progress=progress, run_models=False)
+    # Non-zeros the walk counted are not read again (the input's, and the output's it knows).
+    counted = [walk.counted, walk.out_counted]
+    result = compare(
+        [ckpt, checkpoint.load(out, lazy=True)], loader=loader, options=options, progress=progress, run_models=False, counted=counted
+    )
     if buildable:
         for m in result.models:
             m.notes.append(f"streamed (input over {STREAM_ABOVE >> 20} MiB): static figures only, the model was not built")
@@ -140,7 +156,9 @@ def run(
 
 class _Walk:
     """The input's logical tensors in the in-memory path's order (plain ones as stored, then the
-    encoded ones), read one at a time, and what the transform stores of each (into the spool)."""
+    encoded ones), read one at a time, and what the transform stores of each (into the spool).
+    Counts the non-zeros of what it reads (``counted``) and of what it stores when it knows them
+    without decoding (``out_counted``), so that the static comparison need not read them again."""
 
     def __init__(self, ckpt: Checkpoint, spool: _Spool, allow_nonfinite: bool):
         self.ckpt, self.spool, self.allow_nonfinite = ckpt, spool, allow_nonfinite
@@ -148,6 +166,8 @@ class _Walk:
         # Shape-and-dtype stand-ins of the logical tensors, in order: what selection reads.
         self.logical = formats.stand_ins(checkpoint.shapes_of(ckpt.tensors), ckpt.encodings, ckpt.name)
         self.encodings: dict[str, Spec] = {}
+        self.counted: dict[str, int] = {}  # logical name -> non-zeros (as ``measure.static_stats`` counts)
+        self.out_counted: dict[str, int] = {}
 
     def parts(self, name: str, *, check: bool = True) -> dict[str, torch.Tensor]:
         """The stored tensors of logical tensor ``name`` as they are, checked finite."""
@@ -157,16 +177,30 @@ class _Walk:
             checkpoint.check_finite(Checkpoint(tensors=parts, path=self.ckpt.path))
         return parts
 
-    def dense(self, name: str, *, check: bool = True) -> torch.Tensor:
+    def dense(self, name: str, *, check: bool = True, count: bool = False) -> torch.Tensor:
         """The logical (decoded) tensor ``name`` (checked finite unless ``check`` is False: the
-        threshold passes leave it to the pass that writes)."""
+        threshold passes leave it to the pass that writes); ``count``: its non-zeros noted."""
         spec = self.ckpt.encodings.get(name)
         parts = self.parts(name, check=check)
-        return parts[name] if spec is None else formats.decode(parts, name, spec, self.ckpt.name)
+        t = parts[name] if spec is None else formats.decode(parts, name, spec, self.ckpt.name)
+        if count:
+            self.note(name, t)
+        return t
+
+    def note(self, name: str, t: torch.Tensor) -> None:
+        """Count the non-zeros of the input's logical tensor ``t``."""
+        if is_weight(name, t):
+            self.counted[name] = nonzero(t)
 
     def keep(self, name: str) -> None:
         """Store ``name`` as it was stored (encoded ones stay encoded)."""
-        self.put(name, self.parts(name), self.ckpt.encodings.get(name))
+        spec = self.ckpt.encodings.get(name)
+        parts = self.parts(name)
+        self.put(name, parts, spec)
+        if spec is None:  # the same stored bytes: the same logical tensor
+            self.note(name, parts[name])
+            if name in self.counted:
+                self.out_counted[name] = self.counted[name]
 
     def put(self, name: str, stored: dict[str, torch.Tensor], spec: Spec | None) -> None:
         for k, t in stored.items():
@@ -175,46 +209,96 @@ class _Walk:
             self.encodings[name] = spec
 
 
+def nonzero(t: torch.Tensor) -> int:
+    """``torch.count_nonzero`` of ``t`` as ``measure.static_stats`` takes it (float8 as float32),
+    in blocks: a count, the same in any order, without a tensor-sized temporary."""
+    flat = t.reshape(-1)
+    total = 0
+    for i in range(0, flat.numel(), _COUNT_BLOCK):
+        x = flat[i : i + _COUNT_BLOCK]
+        total += int(torch.count_nonzero(x.float() if x.element_size() == 1 else x))
+    return total
+
+
+def ahead(fn: Callable[[str], T], names: Iterable[str]) -> Iterator[tuple[str, T]]:
+    """``(name, fn(name))`` in order, the next one made on a thread while the caller works on this
+    one (reading from disk and checking overlap the transform; two tensors in memory at most)."""
+    todo = list(names)
+    with ThreadPoolExecutor(1, thread_name_prefix="infercomp-read") as pool:
+        nxt: Future[T] | None = pool.submit(fn, todo[0]) if todo else None
+        for i, name in enumerate(todo):
+            assert nxt is not None
+            value = nxt.result()
+            nxt = pool.submit(fn, todo[i + 1]) if i + 1 < len(todo) else None
+            yield name, value
+            del value
+
+
 def _prune(walk: _Walk, config: PruneConfig, ctx: Context) -> None:
-    targets = magnitude_targets(walk.ckpt, walk.logical, config, ctx)
     pattern = config.pattern()
+    masks: dict[str, torch.Tensor] = {}
+    if config.method == "wanda":  # calibrated block by block on the lazily read file (infercomp.blocks)
+        masks = wanda_masks(walk.ckpt, walk.ckpt.tensors, config, ctx)
+        targets: Mapping[str, Any] = masks
+    else:
+        targets = magnitude_targets(walk.ckpt, walk.logical, config, ctx)
     note_pattern(pattern, ctx)
     selection, left = None, 0
     if pattern is None and config.scope == "global":
         total = sum(t.numel() for t in targets.values())
+
+        def weights() -> Iterator[torch.Tensor]:
+            return (t for _, t in ahead(lambda n: walk.dense(n, check=False), targets))
+
         with ctx.progress.task("global threshold: two passes over the weights", total=None):
-            selection = Selection.of(lambda: (walk.dense(n, check=False).abs() for n in targets), kept_count(total, config.sparsity))
+            selection = Selection.of(weights, kept_count(total, config.sparsity), magnitudes=True)
         left = selection.ties
+
+    # One weight at a time (encoding it beside the next one's masking was faster but broke 1 GB).
     with ctx.progress.task(f"pruning {len(targets)} weights (streamed)", total=len(walk.logical)) as task:
         for name in walk.logical:
             if name not in targets:
                 walk.keep(name)
             else:
-                w = walk.dense(name)
-                if selection is None:
+                w = walk.dense(name, count=True)
+                if masks:
+                    mask = masks.pop(name)
+                elif selection is None:
                     mask = tensor_mask(w, config)
                 else:
-                    mask, left = selection.cut(w.abs(), left)
-                walk.put(name, *encode_pruned(name, w, mask, pattern))
+                    mask, left = selection.cut(w, left, magnitudes=True)
+                _encode(walk, name, w, mask, pattern)
                 del w, mask
             task.advance()
+
+
+def _encode(walk: _Walk, name: str, w: torch.Tensor, mask: torch.Tensor, pattern: tuple[int, int] | None) -> None:
+    stored, spec = encode_pruned(name, w, mask, pattern, in_place=True)
+    walk.put(name, stored, spec)
+    # The bitmask form decodes to the pruned weight bit for bit (-0.0 as 0.0): its non-zeros are
+    # the encoder's nnz, or the weight's own when it stays dense.
+    walk.out_counted[name] = int(spec["nnz"]) if spec is not None and "nnz" in spec else nonzero(w)
 
 
 def _quantize(walk: _Walk, config: QuantizeConfig, ctx: Context) -> None:
     cast = config.scheme in CASTS
     chosen = {} if cast else quantized_weights(walk.ckpt, walk.logical, config, ctx)
+    # GPTQ: integers chosen block by block on the lazily read file (infercomp.blocks), the rest RTN.
+    done = gptq_integers(walk.ckpt, walk.ckpt.tensors, chosen, config, ctx) if config.method == "gptq" else {}
     was_cast = 0
     with ctx.progress.task(f"quantizing to {config.scheme} (streamed)", total=len(walk.logical)) as task:
-        for name in walk.logical:
-            t = walk.dense(name)
+        for name in walk.logical:  # not read ahead: a second tensor in memory would break 1 GB at 11008x4096
+            t = walk.dense(name, count=True)
             if cast:
                 stored, spec, did = cast_tensor(name, t, walk.ckpt.encodings.get(name), config)
                 was_cast += did
                 walk.put(name, stored, spec)
             elif name in chosen:
-                walk.put(name, *quantize_tensor(name, t, config))
+                walk.put(name, *quantize_tensor(name, t, config, done.pop(name, None)))
             else:
                 walk.put(name, {name: t}, None)  # decoded, as the in-memory path keeps it
+                if name in walk.counted:
+                    walk.out_counted[name] = walk.counted[name]
             del t
             task.advance()
     if cast and not was_cast:

@@ -286,6 +286,7 @@ def test_llama_heads_and_ffn_pruned_into_its_config(tmp_path: Path) -> None:
         torch.testing.assert_close(model(ids).logits, infercomp.load(out)(ids).logits)
 
 
+@pytest.mark.slow
 def test_export_dense_gives_plain_tensors_any_loader_reads(tiny_bert_dir: Path, tmp_path: Path) -> None:
     import infercomp
 

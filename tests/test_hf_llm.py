@@ -169,6 +169,7 @@ SCHEMES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(SCHEMES))
 def test_each_transform_writes_a_causal_lm_transformers_generates_with(name: str, tiny_llama: tuple[Path, Path], tmp_path: Path) -> None:
     d, text = tiny_llama
@@ -194,6 +195,7 @@ def test_each_transform_writes_a_causal_lm_transformers_generates_with(name: str
     assert after.perplexity == pytest.approx(_hf_perplexity(out), rel=1e-3)  # what we report is what transformers sees
 
 
+@pytest.mark.slow
 def test_distill_a_pruned_causal_lm_back_towards_its_teacher(tiny_llama: tuple[Path, Path], tmp_path: Path) -> None:
     d, text = tiny_llama
     pruned, out = tmp_path / "pruned", tmp_path / "distilled"
@@ -234,6 +236,7 @@ def before_sparsity(path: Path) -> float:
     return infercomp.report([path], latency=False).models[0].sparsity
 
 
+@pytest.mark.slow
 def test_cli_json_and_table_for_a_causal_lm(tiny_llama: tuple[Path, Path], tmp_path: Path, runner) -> None:
     d, text = tiny_llama
     out = tmp_path / "w8a8"

@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("hf", "zoo"),
     ("data",),
     ("models",),
-    ("transform",),
+    ("transform", "blocks"),
     ("prune", "quantize", "distill", "export"),
     ("measure",),
     ("gates", "sensitivity", "stream"),

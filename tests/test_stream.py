@@ -113,6 +113,22 @@ def test_streamed_quantize_of_a_pruned_input_writes_the_same_bytes(src: Path, tm
     _same_files(memory, streamed)
 
 
+@pytest.mark.parametrize(
+    ("verb", "case"),
+    [(infercomp.prune, "global"), (infercomp.prune, "layer"), (infercomp.quantize, "int8"), (infercomp.quantize, "int4")],
+)
+def test_streamed_static_figures_match_reading_both_files(src: Path, tmp_path: Path, verb, case: str) -> None:
+    """The walk counts the non-zeros it reads and writes; the comparison built from those counts
+    gives the figures ``static_stats`` reads from the two files."""
+    pruned = tmp_path / "pruned.safetensors"  # an encoded input too: some tensors are kept sparse
+    infercomp.prune(src, pruned, sparsity=0.3, include=["fc1"], measure=False)
+    out = tmp_path / "out.safetensors"
+    result = verb(pruned, out, stream=True, latency=False, **(PRUNES if verb is infercomp.prune else QUANTS)[case])
+    for report, path in zip(result.models, (pruned, out)):
+        stats = measure.static_stats(checkpoint.load(path))
+        assert {k: getattr(report, k) for k in stats} == stats, path.name
+
+
 def test_streamed_prune_of_a_quantized_input_keeps_it_encoded(src: Path, tmp_path: Path) -> None:
     q = tmp_path / "q.safetensors"
     infercomp.quantize(src, q, scheme="int8", include=["emb"], measure=False)

@@ -12,14 +12,16 @@ Zeroed weights are stored as a bitmask plus the non-zero values where that is sm
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
+import infercomp.blocks as blocks
 import infercomp.formats as formats
 import infercomp.hf as hf
-from infercomp.checkpoint import Checkpoint
+from infercomp.checkpoint import Checkpoint, shapes_of
 from infercomp.errors import DataError, UsageError
 from infercomp.formats.sparse import BITMASK, BITMASK_24
 from infercomp.models import example_batch, first_output
@@ -27,7 +29,7 @@ from infercomp.patterns import selected_weight
 from infercomp.prune.magnitude import magnitude_masks, score_masks
 from infercomp.prune.nm import is_nm, nm_fits, nm_mask
 from infercomp.prune.structured import CHANNEL_SCOPES, IMPORTANCES, prune_channels
-from infercomp.prune.wanda import input_norms, wanda_scores
+from infercomp.prune.wanda import input_norms, norms_of, wanda_scores
 from infercomp.transform import Context, Transform, TransformConfig, choice
 
 SCOPES = ("layer", "global", *CHANNEL_SCOPES)
@@ -159,14 +161,25 @@ def _magnitude(ckpt: Checkpoint, config: PruneConfig, ctx: Context) -> Checkpoin
 
 
 def _wanda(ckpt: Checkpoint, config: PruneConfig, ctx: Context) -> Checkpoint:
+    """Wanda: |w| · ||x|| per output row (or N:M). A Hugging Face causal LM goes one block at a
+    time (``infercomp.blocks``), each block's layers scored on the inputs that passed the blocks
+    before it pruned, as the Wanda authors' code does; other models run whole, every layer scored
+    on the original model's inputs."""
+    dense = formats.logical_tensors(ckpt.tensors, ckpt.encodings, ckpt.name)
+    return _masked(ckpt, dense, wanda_masks(ckpt, dense, config, ctx), config.pattern(), ctx)
+
+
+def wanda_masks(ckpt: Checkpoint, dense: Mapping[str, torch.Tensor], config: PruneConfig, ctx: Context) -> dict[str, torch.Tensor]:
+    """Keep-masks of the weights wanda prunes (``ctx.data`` calibrates). ``dense``: the logical
+    tensors, or a ``checkpoint.LazyTensors`` of them: a causal LM then reads one block at a time."""
     if ctx.data is None:
         raise DataError("--method wanda needs --data: calibration inputs whose activations weight |w| (a few hundred samples)")
-    dense = formats.logical_tensors(ckpt.tensors, ckpt.encodings, ckpt.name)
-    targets = _targets(ckpt, dense, config)
+    targets = _targets(ckpt, shapes_of(dense), config)  # names and shapes: nothing read yet
     pattern = config.pattern()
     if pattern is not None:
         targets = _nm_targets(ckpt, targets, pattern[1], ctx)
-    model = ctx.loader.build(ckpt, runtime=False)
+    decoder = blocks.skeleton(ctx.loader.spec_for(ckpt), dense)
+    model = decoder.model if decoder is not None else ctx.loader.build(ckpt, runtime=False)
     # |w| * ||x|| needs the layer's input features along the weight's columns: plain Linear and
     # ungrouped, non-transposed convolutions. Embeddings (token ids in), depthwise and transposed
     # convs are left alone, with a note.
@@ -176,15 +189,34 @@ def _wanda(ckpt: Checkpoint, config: PruneConfig, ctx: Context) -> Checkpoint:
         targets = {n: t for n, t in targets.items() if n not in odd}
     if not targets:
         raise UsageError(f"{ckpt.name}: --method wanda found no Linear or ungrouped Conv weight to prune")
+
+    def masks_of(weights: dict[str, torch.Tensor], norms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        scores = wanda_scores(weights, norms)
+        if pattern is not None:
+            return {n: nm_mask(s, *pattern) for n, s in scores.items()}
+        return score_masks(scores, config.sparsity, "row")  # Wanda compares weights within an output row
+
     modules = [n.rpartition(".")[0] for n in targets]
-    with ctx.progress.task(f"wanda: calibrating on {len(ctx.data)} samples", total=None):
-        norms = input_norms(model, modules, ctx.data.inputs)
-    scores = wanda_scores(targets, norms)
-    if pattern is not None:
-        masks = {n: nm_mask(s, *pattern) for n, s in scores.items()}
+    if decoder is not None:
+        masks: dict[str, torch.Tensor] = {}
+
+        def compress(stage: blocks.Stage) -> None:
+            norms = norms_of(dict(stage.layers), lambda: [stage.run(i) for i in stage.batches])
+            weights = {f"{n}.weight": m.weight for n, m in stage.layers}
+            found = masks_of(weights, norms)
+            for n, mask in found.items():
+                weights[n].mul_(mask)  # the next blocks calibrate on the pruned block
+            masks.update(found)
+
+        blocks.calibrate(decoder, dense, ctx.data.inputs, set(modules), compress, batch_size=WANDA_BATCH, progress=ctx.progress)
     else:
-        masks = score_masks(scores, config.sparsity, "row")  # Wanda compares weights within an output row
-    return _masked(ckpt, dense, masks, pattern, ctx)
+        with ctx.progress.task(f"wanda: calibrating on {len(ctx.data)} samples", total=None):
+            norms = input_norms(model, modules, ctx.data.inputs, batch_size=WANDA_BATCH)
+        masks = masks_of({n: dense[n] for n in targets}, norms)
+    return masks
+
+
+WANDA_BATCH = 128
 
 
 def _wanda_fits(module: torch.nn.Module) -> bool:
@@ -215,13 +247,14 @@ def note_pattern(pattern: tuple[int, int] | None, ctx: Context) -> None:
 
 
 def encode_pruned(
-    name: str, weight: torch.Tensor, mask: torch.Tensor, pattern: tuple[int, int] | None
+    name: str, weight: torch.Tensor, mask: torch.Tensor, pattern: tuple[int, int] | None, *, in_place: bool = False
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     """Stored tensors and spec of ``weight`` with the weights outside ``mask`` zeroed (bitmask form
-    where smaller; 2:4 always)."""
+    where smaller; 2:4 always). ``in_place``: zero them in ``weight`` itself (the caller's copy is
+    spent; the same values, one tensor fewer)."""
     fmt = BITMASK_24 if pattern == (2, 4) else BITMASK
     extra = None if pattern is None else {"pattern": f"{pattern[0]}:{pattern[1]}"}
-    return fmt.encode(name, weight * mask, extra=extra)
+    return fmt.encode(name, weight.mul_(mask) if in_place else weight * mask, extra=extra)
 
 
 # ------------------------------------------------------------------------------------- structured
@@ -292,4 +325,5 @@ __all__ = [
     "prune",
     "prune_channels",
     "tensor_mask",
+    "wanda_masks",
 ]

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 def keep_largest(scores: torch.Tensor, k: int) -> torch.Tensor:
@@ -52,14 +57,38 @@ def kept_count(total: int, sparsity: float) -> int:
 
 _INF_KEY = 0x7F800000
 _NAN_KEY = 0x7FC00000  # every NaN ranks as one value above +inf, as torch.sort ranks NaNs
+_SIGN = 0x7FFFFFFF
+# Keys are made and counted in blocks of BLOCK values (in cache, below glibc's mmap threshold), on
+# up to WORKERS threads: histograms are integer counts and masks are comparisons, the same whatever
+# the block or thread count.
+BLOCK = 1 << 18
+WORKERS = 4
 
 
-def _keys(s: torch.Tensor) -> torch.Tensor:
+def _keys(s: torch.Tensor, magnitudes: bool = False) -> torch.Tensor:
     """int32 keys ordered like the non-negative scores ``s`` as float32 (their bit patterns; a view,
-    no copy, for float32 scores)."""
+    no copy, for float32 scores). ``magnitudes``: the scores are ``|s|`` (the sign bit cleared:
+    the bits of ``s.abs().float()``)."""
     keys = s.float().view(torch.int32)
-    nan = keys > _INF_KEY  # NaN bit patterns lie above +inf's
-    return torch.where(nan, _NAN_KEY, keys) if bool(nan.any()) else keys
+    if magnitudes:
+        keys = keys & _SIGN
+    if int(keys.max()) > _INF_KEY:  # NaN bit patterns lie above +inf's
+        keys = torch.where(keys > _INF_KEY, _NAN_KEY, keys)
+    return keys
+
+
+def _flat_blocks(s: torch.Tensor) -> tuple[torch.Tensor, list[slice]]:
+    flat = s.reshape(-1)
+    return flat, [slice(i, min(i + BLOCK, flat.numel())) for i in range(0, flat.numel(), BLOCK)]
+
+
+def _each(fn: Callable[[slice], T], blocks: list[slice]) -> list[T]:
+    """``[fn(b) for b in blocks]``, on up to ``WORKERS`` threads (torch releases the GIL)."""
+    workers = min(WORKERS, os.cpu_count() or 1, len(blocks))
+    if workers <= 1:
+        return [fn(b) for b in blocks]
+    with ThreadPoolExecutor(workers) as pool:
+        return list(pool.map(fn, blocks))
 
 
 @dataclass(frozen=True)
@@ -69,24 +98,33 @@ class Selection:
     stable descending sort of the concatenation (ties broken by position), found with two passes
     of 16-bit histograms instead: no concatenation, no sort, one tensor in memory at a time, so it
     works on checkpoints streamed from disk (``infercomp.stream``). Scores are non-negative (|w|,
-    |w|·||x||)."""
+    |w|·||x||); with ``magnitudes`` the tensors given are weights and their |w| are the scores
+    (no |w| tensor is made)."""
 
     key: int
     ties: int
 
     @classmethod
-    def of(cls, scores: Callable[[], Iterable[torch.Tensor]], k: int) -> Selection:
+    def of(cls, scores: Callable[[], Iterable[torch.Tensor]], k: int, *, magnitudes: bool = False) -> Selection:
         """Where the ``k`` largest end; ``scores()`` yields the tensors in order (called twice)."""
         if k <= 0:
             return cls(key=_NAN_KEY + 1, ties=0)  # above every key: nothing kept
         high = torch.zeros(1 << 16, dtype=torch.int64)
         for s in scores():
-            high += torch.bincount((_keys(s).flatten() >> 16).long(), minlength=1 << 16)
+            flat, blocks = _flat_blocks(s)
+            for h in _each(lambda b, flat=flat: torch.bincount(_keys(flat[b], magnitudes) >> 16, minlength=1 << 16), blocks):
+                high += h
         bin_, above = _bin_of(high, k)
         low = torch.zeros(1 << 16, dtype=torch.int64)
+
+        def lows(flat: torch.Tensor, b: slice) -> torch.Tensor:
+            keys = _keys(flat[b], magnitudes)
+            return torch.bincount(keys[(keys >> 16) == bin_] & 0xFFFF, minlength=1 << 16)
+
         for s in scores():
-            keys = _keys(s).flatten()
-            low += torch.bincount((keys[(keys >> 16) == bin_] & 0xFFFF).long(), minlength=1 << 16)
+            flat, blocks = _flat_blocks(s)
+            for h in _each(lambda b, flat=flat: lows(flat, b), blocks):
+                low += h
         lo, above_low = _bin_of(low, k - above)
         return cls(key=(bin_ << 16) | lo, ties=k - above - above_low)
 
@@ -97,16 +135,26 @@ class Selection:
             mask, left = self.cut(s, left)
             yield mask
 
-    def cut(self, s: torch.Tensor, left: int) -> tuple[torch.Tensor, int]:
-        """The keep-mask of the next tensor ``s``, when ``left`` ties remain to be kept (``ties``
-        before the first): (mask, ties left after it)."""
-        keys = _keys(s)
-        mask = keys > self.key
-        if left > 0:
-            tied = (keys == self.key).flatten().nonzero().flatten()[:left]
-            mask.view(-1)[tied] = True
-            left -= tied.numel()
-        return mask, left
+    def cut(self, s: torch.Tensor, left: int, *, magnitudes: bool = False) -> tuple[torch.Tensor, int]:
+        """The keep-mask of the next tensor ``s`` (scores, or weights with ``magnitudes``), when
+        ``left`` ties remain to be kept (``ties`` before the first): (mask, ties left after it)."""
+        flat, blocks = _flat_blocks(s)
+        mask = torch.empty(flat.shape, dtype=torch.bool)
+
+        def block(b: slice) -> int:
+            keys = _keys(flat[b], magnitudes)
+            torch.gt(keys, self.key, out=mask[b])
+            return int(torch.count_nonzero(keys == self.key)) if left > 0 else 0
+
+        tied = _each(block, blocks)
+        for b, n in zip(blocks, tied):  # the first ``left`` ties, in order
+            if left <= 0:
+                break
+            if n:
+                at = (_keys(flat[b], magnitudes) == self.key).nonzero().flatten()[:left]
+                mask[b][at] = True
+                left -= at.numel()
+        return mask.view(s.shape), left
 
     def mask(self, s: torch.Tensor) -> torch.Tensor:
         """The keep-mask of a single tensor (the selection was made over it alone)."""

@@ -3,7 +3,7 @@ feature j of the layer over the calibration data (all samples and positions)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 from torch import nn
@@ -14,6 +14,17 @@ from infercomp.errors import ModelError
 def input_norms(model: nn.Module, names: Iterable[str], inputs: torch.Tensor, *, batch_size: int = 128) -> dict[str, torch.Tensor]:
     """||x_j||_2 of every input feature of the named Linear / Conv modules, from forward hooks
     while ``inputs`` run through ``model``. Linear: (in_features,); Conv: (in_channels,)."""
+
+    def run() -> None:
+        for i in range(0, len(inputs), batch_size):
+            model(inputs[i : i + batch_size])
+
+    return norms_of({n: model.get_submodule(n) for n in names}, run)
+
+
+def norms_of(modules: dict[str, nn.Module], run: Callable[[], object]) -> dict[str, torch.Tensor]:
+    """``input_norms`` of ``modules`` (name -> Linear / Conv) over whatever ``run()`` runs through
+    them (the whole model, or one block at a time: ``infercomp.blocks``)."""
     sums: dict[str, torch.Tensor] = {}
     hooks = []
 
@@ -26,17 +37,15 @@ def input_norms(model: nn.Module, names: Iterable[str], inputs: torch.Tensor, *,
 
         return fn
 
-    for name in names:
-        module = model.get_submodule(name)
+    for name, module in modules.items():
         hooks.append(module.register_forward_pre_hook(hook(name, isinstance(module, nn.modules.conv._ConvNd))))
     try:
         with torch.inference_mode():
-            for i in range(0, len(inputs), batch_size):
-                model(inputs[i : i + batch_size])
+            run()
     finally:
         for h in hooks:
             h.remove()
-    missing = [n for n in names if n not in sums]
+    missing = [n for n in modules if n not in sums]
     if missing:
         raise ModelError(f"layer {missing[0]!r} never ran on the calibration data; exclude it with --exclude {missing[0]}")
     return {n: s.sqrt() for n, s in sums.items()}

@@ -9,11 +9,14 @@ optional column scales, or GPTQ); the formats store them.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
+from torch import nn
 
+import infercomp.blocks as blocks
 import infercomp.formats as formats
 import infercomp.formats.grid as grid
 from infercomp.checkpoint import Checkpoint
@@ -107,7 +110,7 @@ def quantize(ckpt: Checkpoint, config: QuantizeConfig, ctx: Context) -> Checkpoi
     chosen = quantized_weights(ckpt, dense, config, ctx)
     done: dict[str, Quantized] = {}
     if config.method == "gptq":
-        done = _gptq(ckpt, dense, chosen, config, ctx)
+        done = gptq_integers(ckpt, dense, chosen, config, ctx)
     out: dict[str, torch.Tensor] = {}
     encs: dict[str, dict[str, Any]] = {}
     with ctx.progress.task(f"quantizing {len(chosen)} tensors to {config.scheme}", total=len(chosen)) as task:
@@ -185,34 +188,60 @@ def _check_groups(ckpt: Checkpoint, chosen: dict[str, torch.Tensor], config: Qua
     return keep
 
 
-def _gptq(
+def gptq_integers(
     ckpt: Checkpoint, dense: dict[str, torch.Tensor], chosen: dict[str, torch.Tensor], config: QuantizeConfig, ctx: Context
 ) -> dict[str, Quantized]:
-    """GPTQ for the Linear / Conv2d layers among ``chosen``; the others are left to RTN."""
+    """GPTQ for the Linear / Conv2d layers among ``chosen``; the others are left to RTN. Layers go in
+    the model's order, each calibrated on inputs that passed the layers before it quantized; a
+    Hugging Face causal LM goes one block at a time (``infercomp.blocks``: the same inputs, so the
+    same integers, without building the whole model)."""
     if ctx.data is None:
         raise UsageError("--method gptq needs calibration inputs: pass --data FILE (its first --calib-samples inputs are used)")
     if not ctx.loader.can_build(ckpt):
         raise UsageError(f"{ckpt.name}: --method gptq runs the model and needs its code: pass --model REF")
-    model = ctx.loader.build(Checkpoint(tensors=dense, model=ckpt.model, plan=ckpt.plan, path=ckpt.path), runtime=False).float()
     calib = ctx.data.inputs[: config.calib_samples]
+    done: dict[str, Quantized] = {}
+    decoder = blocks.skeleton(ctx.loader.spec_for(ckpt), dense)
+    if decoder is not None:
+        targets = {n for n, m in decoder.model.named_modules() if f"{n}.weight" in chosen and gptq.supported(m)}
+
+        def compress(stage: blocks.Stage) -> None:
+            for n, m in stage.layers:
+                _gptq_layer(n, m, stage.run, stage.batches, config=config, ctx=ctx, done=done)
+
+        blocks.calibrate(decoder, dense, calib, targets, compress, batch_size=32, progress=ctx.progress)
+        return done
+    model = ctx.loader.build(Checkpoint(tensors=dense, model=ckpt.model, plan=ckpt.plan, path=ckpt.path), runtime=False).float()
     batches = [calib[i : i + 32] for i in range(0, len(calib), 32)]
     layers = [(n, m) for n, m in model.named_modules() if f"{n}.weight" in chosen and gptq.supported(m)]
-    done: dict[str, Quantized] = {}
     with ctx.progress.task(f"gptq on {len(calib)} calibration inputs", total=len(layers)) as task:
         for n, m in layers:
-            h, rows = gptq.hessian(model, m, batches)
-            if rows == 0:
-                ctx.progress.log(f"gptq: layer {n!r} did not run on the calibration inputs; using round-to-nearest")
-                task.advance()
-                continue
-            qz = gptq.gptq(m.weight.detach(), h, config.format, config.groups)
-            done[f"{n}.weight"] = qz
-            # Later layers calibrate against this layer's quantized output.
-            deq = grid.dequantize(qz.q, qz.scale, qz.zero_point).reshape(m.weight.shape)
-            with torch.no_grad():
-                m.weight.copy_(deq)
+            _gptq_layer(n, m, model, batches, config=config, ctx=ctx, done=done)
             task.advance()
     return done
+
+
+def _gptq_layer(
+    name: str,
+    m: nn.Module,
+    run: Callable[[Any], Any],
+    batches: Iterable[Any],
+    *,
+    config: QuantizeConfig,
+    ctx: Context,
+    done: dict[str, Quantized],
+) -> None:
+    """GPTQ of layer ``name`` on the inputs that reach it while ``run(batch)`` runs each batch;
+    the layer's weight becomes its dequantized self, so later layers calibrate against it."""
+    h, rows = gptq.hessian(run, m, batches)
+    if rows == 0:
+        ctx.progress.log(f"gptq: layer {name!r} did not run on the calibration inputs; using round-to-nearest")
+        return
+    qz = gptq.gptq(m.weight.detach(), h, config.format, config.groups)
+    done[f"{name}.weight"] = qz
+    deq = grid.dequantize(qz.q, qz.scale, qz.zero_point).reshape(m.weight.shape)
+    with torch.no_grad():
+        m.weight.copy_(deq)
 
 
 def _cast(ckpt: Checkpoint, dense: dict[str, torch.Tensor], config: QuantizeConfig) -> Checkpoint:
@@ -255,6 +284,7 @@ __all__ = [
     "SCHEMES",
     "QuantizeConfig",
     "cast_tensor",
+    "gptq_integers",
     "note_scheme",
     "quantize",
     "quantize_tensor",

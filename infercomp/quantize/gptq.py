@@ -3,14 +3,16 @@ columns not yet quantized, weighted by the inverse Hessian of the layer's output
 (H = 2 X^T X over calibration inputs X). Frantar et al., 2022 (arXiv:2210.17323).
 
 Layers are done in the order the model defines them; each layer's Hessian is collected with the
-layers before it already quantized, so later layers correct for the error of earlier ones.
+layers before it already quantized, so later layers correct for the error of earlier ones (a
+Hugging Face causal LM goes one block at a time, ``infercomp.blocks``: the same order and inputs).
 Linear and (ungrouped) Conv2d layers are handled (a convolution is a matmul over its unfolded
 input patches, whose column order matches ``weight.reshape(out, -1)``); other tensors use RTN.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -43,9 +45,11 @@ def _columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def hessian(model: nn.Module, module: nn.Module, batches: Iterable[torch.Tensor]) -> tuple[torch.Tensor, int]:
+def hessian(model: Callable[[Any], Any], module: nn.Module, batches: Iterable[Any]) -> tuple[torch.Tensor, int]:
     """2/n * X^T X of ``module``'s inputs over the calibration batches; the forward pass stops at
-    the module. Returns (H, n) with n the number of input rows seen (0: the module never ran)."""
+    the module. ``model(batch)`` runs one batch: the model on its inputs, or one block of it on
+    batch ``i`` (``blocks.Stage.run``). Returns (H, n) with n the number of input rows seen (0: the
+    module never ran)."""
     cols = module.weight[0].numel()
     h = torch.zeros(cols, cols, dtype=torch.float32)
     n = 0

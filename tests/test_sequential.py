@@ -1,0 +1,175 @@
+"""GPTQ and wanda on a Hugging Face causal LM go one block at a time (``infercomp.blocks``): one
+block's weights held at once, read tensor by tensor; GPTQ gives the whole-model path's integers
+exactly; wanda the Wanda authors' sequential masks (block 0 exactly the whole-model path's); the
+output loads in transformers with its perplexity close to the original's."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import infercomp
+import infercomp.blocks as blocks
+from infercomp import checkpoint
+from infercomp.checkpoint import Checkpoint
+from infercomp.errors import UsageError
+from infercomp.models import ModelLoader
+from tests.test_hf_llm import SENTENCES, WORDS, _hf_perplexity, _tokenizer
+
+transformers = pytest.importorskip("transformers")
+pytestmark = pytest.mark.slow  # trains and calibrates small LLMs: make test runs them, make test-fast does not
+
+
+def _llama(d: Path, *, layers: int, tied: bool, steps: int) -> None:
+    d.mkdir()
+    _tokenizer(d)
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(
+        vocab_size=len(WORDS),
+        hidden_size=64,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=64,
+        pad_token_id=0,
+        bos_token_id=2,
+        eos_token_id=3,
+        tie_word_embeddings=tied,
+    )
+    model = transformers.LlamaForCausalLM(cfg)
+    if steps:  # trained a little, so that a damaged copy scores measurably worse
+        enc = transformers.AutoTokenizer.from_pretrained(d)(SENTENCES, padding=True, return_tensors="pt")
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        opt = torch.optim.AdamW(model.parameters(), lr=6e-3)
+        for _ in range(steps):
+            loss = model(**enc, labels=labels).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval().save_pretrained(d)
+
+
+@pytest.fixture(scope="module")
+def llama3(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(a 3-block Llama, untied output layer, trained 20 steps; its sentences as .txt)."""
+    root = tmp_path_factory.mktemp("seq")
+    _llama(root / "llama3", layers=3, tied=False, steps=20)
+    text = root / "sentences.txt"
+    text.write_text("\n".join(SENTENCES) + "\n")
+    return root / "llama3", text
+
+
+def _both(fn, src: Path, tmp_path: Path, text: Path, monkeypatch: pytest.MonkeyPatch, **kw) -> tuple[dict, dict]:
+    """Stored tensors of the block-by-block and of the whole-model outputs."""
+    out = {}
+    for seq in (True, False):
+        monkeypatch.setattr(blocks, "SEQUENTIAL", seq)
+        path = tmp_path / f"{seq}.safetensors"
+        fn(src, path, data=text, measure=False, **kw)
+        out[seq] = checkpoint.load(path).tensors
+    return out[True], out[False]
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_one_block_is_held_at_a_time_and_read_tensor_by_tensor(tmp_path: Path, llama3: tuple[Path, Path], tied: bool) -> None:
+    src = llama3[0] if not tied else tmp_path / "tied"
+    if tied:  # lm_head is the embedding: stored once, read once
+        _llama(src, layers=3, tied=True, steps=0)
+    lazy = checkpoint.load(src, lazy=True)  # read from disk when asked: nothing is held
+    decoder = blocks.skeleton(ModelLoader().spec_for(lazy), lazy.tensors)
+    assert decoder is not None and decoder.path == "model.layers"
+    seen: list[tuple[str, list[int]]] = []
+    targets = {n for n, m in decoder.model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+    def compress(stage: blocks.Stage) -> None:
+        assert all(m.weight.device.type == "cpu" for _, m in stage.layers)
+        seen.append((stage.name, blocks.materialised(decoder)))
+
+    ids = torch.randint(4, len(WORDS), (5, 7))
+    blocks.calibrate(decoder, lazy.tensors, ids, targets, compress, batch_size=2)
+    assert seen == [(f"model.layers.{j}", [j]) for j in range(3)] + [("tail", [])]  # lm_head after the blocks
+    assert blocks.materialised(decoder) == []
+    # Each stored tensor read once: what lies outside the blocks first, then block after block.
+    assert sorted(decoder.reads) == sorted(lazy.tensors)
+    order = [int(n.split(".")[2]) for n in decoder.reads if n.startswith("model.layers.")]
+    assert order == sorted(order) and not any(n.startswith("model.layers.") for n in decoder.reads[: -len(order)])
+
+
+def test_gptq_block_by_block_gives_the_whole_model_integers(
+    tmp_path: Path, llama3: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src, text = llama3
+    built = []
+    real = ModelLoader.build
+    monkeypatch.setattr(ModelLoader, "build", lambda self, ckpt, **kw: built.append(ckpt.name) or real(self, ckpt, **kw))
+    seq, whole = _both(infercomp.quantize, src, tmp_path, text, monkeypatch, scheme="int4", method="gptq")
+    assert built == [str(src)]  # only the whole-model path built the model
+    assert sorted(seq) == sorted(whole)
+    assert checkpoint.load(tmp_path / "True.safetensors").encodings["lm_head.weight"]["method"] == "gptq"  # the tail stage
+    assert [k for k in seq if not torch.equal(seq[k], whole[k])] == []
+
+
+def test_wanda_block_by_block_matches_the_whole_model_on_block_0_and_stays_close(
+    tmp_path: Path, llama3: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    src, text = llama3
+    seq, whole = _both(infercomp.prune, src, tmp_path, text, monkeypatch, method="wanda", sparsity=0.5)
+    assert sorted(seq) == sorted(whole)
+    first = [k for k in seq if k.startswith("model.layers.0.")]
+    assert first and all(torch.equal(seq[k], whole[k]) for k in first)  # the same inputs reach block 0
+    # Later blocks see the pruned blocks' outputs (as the Wanda authors' code does): most of the
+    # kept weights are the same ones.
+    bits = torch.arange(8, dtype=torch.uint8)
+    masks = [
+        (seq[k][..., None] >> bits & 1, whole[k][..., None] >> bits & 1)
+        for k in seq
+        if k.endswith(".bitmask") and not k.startswith("model.layers.0.")
+    ]
+    same = sum(int((a == b).sum()) for a, b in masks) / sum(a.numel() for a, _ in masks)
+    print(f"mask bits agreeing after block 0: {same:.3f}")
+    assert 0.9 < same < 1.0
+
+
+@pytest.mark.parametrize("verb,kw,bound", [("quantize", {"scheme": "int4", "method": "gptq"}, 1.5), ("prune", {"method": "wanda"}, 3.0)])
+def test_output_loads_in_transformers_with_perplexity_close(
+    tmp_path: Path, llama3: tuple[Path, Path], verb: str, kw: dict, bound: float
+) -> None:
+    src, text = llama3
+    out = tmp_path / "out"
+    getattr(infercomp, verb)(src, out, data=text, measure=False, **kw)
+    before, after = _hf_perplexity(src), _hf_perplexity(out)
+    assert before < after < bound * before
+
+
+def test_other_models_are_built_whole(tiny_ckpt: Path) -> None:
+    """No Hugging Face reference, or a config that does not build a causal LM: None."""
+    ckpt = checkpoint.load(tiny_ckpt)
+    assert blocks.skeleton(ModelLoader().spec_for(ckpt), ckpt.tensors) is None
+    assert blocks.skeleton({"ref": "hf-auto", "config": {"model_type": "bert", "num_hidden_layers": 1}}, {}) is None
+    assert blocks.skeleton(None, Checkpoint(tensors={}).tensors) is None
+
+
+@pytest.mark.parametrize(
+    ("verb", "kw"),
+    [
+        ("quantize", {"scheme": "int4", "method": "gptq"}),
+        ("prune", {"method": "wanda", "sparsity": 0.5}),
+        ("prune", {"method": "wanda", "n": 2, "m": 4}),
+    ],
+)
+def test_streamed_calibration_writes_the_in_memory_bytes(tmp_path: Path, llama3: tuple[Path, Path], verb: str, kw: dict) -> None:
+    """--stream on a causal LM: read lazily, calibrated block by block, written through the spool:
+    the same file as the in-memory run (which loads everything first)."""
+    src, text = llama3
+    streamed, whole = tmp_path / "streamed.safetensors", tmp_path / "whole.safetensors"
+    getattr(infercomp, verb)(src, streamed, data=text, measure=False, stream=True, **kw)
+    getattr(infercomp, verb)(src, whole, data=text, measure=False, stream=False, **kw)
+    assert streamed.read_bytes() == whole.read_bytes()
+
+
+def test_calibrated_streaming_is_for_causal_lms_stored_in_float(tiny_ckpt: Path, tiny_data: Path, tmp_path: Path) -> None:
+    with pytest.raises(UsageError, match="streams a Hugging Face causal LM stored in float only"):
+        infercomp.prune(tiny_ckpt, tmp_path / "o.safetensors", method="wanda", data=tiny_data, stream=True, measure=False)
