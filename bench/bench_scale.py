@@ -102,7 +102,10 @@ def main() -> None:
     hidden, ffn, layers = (2048, 5504, 2) if quick else (4096, 11008, 5)
     py = sys.executable
     print(f"CPU: {cpu_model()} ({os.cpu_count()} cores); features: {', '.join(cpu_features()) or 'none'}")
-    print(f"torch {torch.__version__}; transforms run on 1 torch thread (byte-identical output); the input's SHA-256 on a second")
+    print(
+        f"torch {torch.__version__}; transforms run on 1 torch thread (byte-identical output), round-to-nearest and the "
+        "threshold histograms also on up to 4 Python threads (elementwise work and maxima only); the input's SHA-256 on a second"
+    )
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         src = Path(tmp) / "src"
         t = time.perf_counter()

@@ -5,13 +5,14 @@ Makes a Llama-style model with random weights (hidden 2048, 8 blocks, FFN 5632, 
 tokenizer, then, for ``--method gptq`` (int4) and ``wanda`` (50 %), runs children and prints each
 one's peak RSS (``os.wait4``'s rusage) and wall time:
 
-- ``library``: the input read lazily (``checkpoint.load(lazy=True)``), calibrated block by block,
-  each tensor encoded and spooled to disk as it comes: what a streamed run of these methods does.
-  Once under ``RLIMIT_AS`` set below what loading the whole model needs, block by block and whole
-  model (``blocks.SEQUENTIAL = False``, which builds the model): the second must fail.
-- ``cli``: ``infercomp quantize|prune DIR -o OUT ... --no-latency``, block by block and whole
-  model, without a limit: the command as users run it today (the pipeline reads the input whole
-  and builds both models to measure them, so its peak is the pipeline's, not the calibration's).
+- ``streamed, block by block``: ``infercomp.quantize|prune(..., stream=True, measure=False)``: the
+  input read lazily, calibrated one decoder block at a time (``infercomp.blocks``), each tensor
+  encoded and spooled to disk as it comes (``infercomp.stream``; the CLI's ``--stream``);
+- ``in memory``: the same verb with ``stream=False``: the whole input read first.
+Measured once without a limit, then both under an ``RLIMIT_AS`` set between the streamed run's
+virtual peak and what reading every weight once needs: the in-memory run must fail there. The
+two unlimited outputs are compared byte for byte. ``--cli`` adds the command as users run it
+(``--no-latency``, comparison included), block by block and whole model, without a limit.
 
 The limit. ``RLIMIT_AS`` caps *virtual* memory, and a process that has imported torch and
 transformers has reserved a lot of it before any weight is read (thread stacks, allocator arenas,
@@ -86,50 +87,15 @@ def sentences(path: Path, n: int) -> None:
 # ------------------------------------------------------------------------------------- children
 
 
-def child_library(src: str, out: str, method: str, text: str, sequential: bool) -> None:
-    """Calibrate from a lazily read input and spool each encoded tensor to ``out``."""
-    import torch
+def child_api(src: str, out: str, method: str, text: str, stream: bool) -> None:
+    """The public verb, streamed (read lazily, calibrated block by block, spooled) or in memory
+    (the whole input read first); measure=False: the transform's own memory, no comparison run."""
+    import infercomp
 
-    import infercomp.blocks as blocks
-    from infercomp import checkpoint
-    from infercomp.checkpoint import Checkpoint
-    from infercomp.data import load_data
-    from infercomp.models import ModelLoader
-    from infercomp.prune import PruneConfig, encode_pruned, wanda_masks
-    from infercomp.quantize import QuantizeConfig, gptq_integers, quantize_tensor, quantized_weights
-    from infercomp.stream import _Spool
-    from infercomp.transform import Context
-
-    torch.set_num_threads(1)  # as the pipeline runs prune and quantize
-    blocks.SEQUENTIAL = sequential
-    ckpt = checkpoint.load(src, lazy=True)
-    lazy = ckpt.tensors
-    ctx = Context(loader=ModelLoader(), data=load_data(text, model=src), device=torch.device("cpu"))
-    encodings = {}
-    with _Spool(Path(out + ".spool")) as spool:
-        if method == "gptq":
-            config = QuantizeConfig(scheme="int4", method="gptq", calib_samples=32)
-            chosen = quantized_weights(ckpt, checkpoint.shapes_of(lazy), config, ctx)
-            done = gptq_integers(ckpt, lazy, chosen, config, ctx)  # the transform's own calibration
-            for name in lazy:
-                stored, spec = (
-                    quantize_tensor(name, lazy[name], config, done.pop(name, None)) if name in chosen else ({name: lazy[name]}, None)
-                )
-                for k, t in stored.items():
-                    spool.add(k, t)
-                if spec is not None:
-                    encodings[name] = spec
-        else:
-            config = PruneConfig(method="wanda", sparsity=0.5)
-            masks = wanda_masks(ckpt, lazy, config, ctx)
-            for name in lazy:
-                stored, spec = encode_pruned(name, lazy[name], masks.pop(name), None) if name in masks else ({name: lazy[name]}, None)
-                for k, t in stored.items():
-                    spool.add(k, t)
-                if spec is not None:
-                    encodings[name] = spec
-        meta = Checkpoint(tensors={}, model=ckpt.model, encodings=encodings).metadata()
-        spool.write(Path(out), sorted(spool.index), meta)
+    if method == "gptq":
+        infercomp.quantize(src, out, scheme="int4", method="gptq", calib_samples=32, data=text, stream=stream, measure=False, force=True)
+    else:
+        infercomp.prune(src, out, method="wanda", sparsity=0.5, data=text, stream=stream, measure=False, force=True)
     print(json.dumps({"vm": _vm_peak()}))
 
 
@@ -194,8 +160,8 @@ def main() -> None:
             make_model(Path(rest[0]), quick=rest[1] == "1")
         elif kind == "baseline":
             child_baseline()
-        elif kind == "library":
-            child_library(rest[0], rest[1], rest[2], rest[3], rest[4] == "1")
+        elif kind == "api":
+            child_api(rest[0], rest[1], rest[2], rest[3], rest[4] == "1")
         else:
             child_cli(rest[1:], rest[0] == "1")
         return
@@ -220,37 +186,40 @@ def main() -> None:
     print(f"virtual size of a child that imported torch, transformers and infercomp (VmPeak): {base / 2**30:.2f} GiB")
     print(f"reading every weight once needs at least {(base + size) / 2**30:.2f} GiB of address space")
     print()
-    print(
-        f"{'method':<7} {'route':<8} {'path':<14} {'RLIMIT_AS':>9} {'exit':>5} {'peak RSS MiB':>13} {'VmPeak MiB':>11} {'wall s':>7}  note"
-    )
+    print(f"{'method':<7} {'run':<24} {'RLIMIT_AS':>9} {'exit':>5} {'peak RSS MiB':>13} {'VmPeak MiB':>11} {'wall s':>7}  note")
 
-    def show(method: str, route: str, seq: bool, limit: int | None, args: list[str]) -> int:
+    def show(method: str, path: str, limit: int | None, args: list[str]) -> int:
         rc, peak, wall, line = run_child(args, limit=limit)
         vm = json.loads(line)["vm"] if rc == 0 and line.startswith("{") else 0
-        path = "block by block" if seq else "whole model"
         cap = f"{limit / 2**30:.2f} GiB" if limit else "none"
         note = "ok" if rc == 0 else line[:80]
         vm_s = f"{vm / 2**20:.0f}" if vm else "-"
-        print(f"{method:<7} {route:<8} {path:<14} {cap:>9} {rc:>5} {peak:>13.0f} {vm_s:>11} {wall:>7.1f}  {note}", flush=True)
+        print(f"{method:<7} {path:<24} {cap:>9} {rc:>5} {peak:>13.0f} {vm_s:>11} {wall:>7.1f}  {note}", flush=True)
         return vm
 
     for method in a.methods.split(","):
 
-        def lib(seq: bool, m: str = method) -> list[str]:
-            out = root / f"{m}-lib-{int(seq)}.safetensors"
+        def api(stream: bool, m: str = method) -> list[str]:
+            out = root / f"{m}-{'streamed' if stream else 'memory'}.safetensors"
             out.unlink(missing_ok=True)
-            return ["--child", "library", str(src), str(out), m, str(text), str(int(seq))]
+            return ["--child", "api", str(src), str(out), m, str(text), str(int(stream))]
 
-        # Measured first without a limit; then the limit halfway between the block-by-block path's
-        # virtual peak and what reading the weights once needs, and both paths again under it.
-        vm_seq = show(method, "library", True, None, lib(True))
+        # Measured first without a limit; then the limit halfway between the streamed run's
+        # virtual peak and what reading the weights once needs, and both runs again under it.
+        vm_seq = show(method, "streamed, block by block", None, api(True))
         if vm_seq and vm_seq < base + size:
             limit = int((vm_seq + base + size) / 2)
-        else:  # the fixed costs outweigh the weights (a small model): just above the block-by-block peak
+        else:  # the fixed costs outweigh the weights (a small model): just above the streamed peak
             limit = int(vm_seq * 1.05) if vm_seq else int(base + 0.75 * size)
-            print(f"  (block by block's virtual peak is not below reading the weights once at this size: limit {limit / 2**30:.2f} GiB)")
-        show(method, "library", False, limit, lib(False))
-        show(method, "library", True, limit, lib(True))
+            print(f"  (the streamed virtual peak is not below reading the weights once at this size: limit {limit / 2**30:.2f} GiB)")
+        show(method, "in memory", limit, api(False))
+        show(method, "streamed, block by block", limit, api(True))
+        same = (
+            (root / f"{method}-streamed.safetensors").read_bytes() == (root / f"{method}-memory.safetensors").read_bytes()
+            if (root / f"{method}-memory.safetensors").exists()
+            else None
+        )
+        print(f"  streamed output == in-memory output (unlimited runs): {same}")
         if a.cli:
             for seq in (True, False):
                 out = root / f"{method}-cli-{int(seq)}"
@@ -258,7 +227,7 @@ def main() -> None:
                 if method == "wanda":
                     verb = ["prune", str(src), "-o", str(out), "--method", "wanda", "--sparsity", "0.5"]
                 cli = [*verb, "--data", str(text), "--no-latency", "--force", "--quiet"]
-                show(method, "cli", seq, None, ["--child", "cli", str(int(seq)), *cli])
+                show(method, f"cli, {'blocks' if seq else 'whole model'}", None, ["--child", "cli", str(int(seq)), *cli])
 
 
 if __name__ == "__main__":
