@@ -58,13 +58,22 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     damaged copy scores measurably worse."""
     root = tmp_path_factory.mktemp("tiny-llama")
     d = root / "tiny-llama"
+    make_llama(d, layers=2, tied=False, steps=20)
+    text = root / "sentences.txt"
+    text.write_text("\n".join(SENTENCES) + "\n")
+    return d, text
+
+
+def make_llama(d: Path, *, layers: int, tied: bool, steps: int) -> None:
+    """A Llama-style causal LM with the word tokenizer saved in ``d``: hidden 64, 4 query / 2
+    key-value heads, FFN 128, trained ``steps`` steps on the sentences."""
     d.mkdir()
     _tokenizer(d)
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(
         vocab_size=len(WORDS),
         hidden_size=64,
-        num_hidden_layers=2,
+        num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
         intermediate_size=128,
@@ -72,21 +81,19 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
         pad_token_id=0,
         bos_token_id=2,
         eos_token_id=3,
-        tie_word_embeddings=False,
+        tie_word_embeddings=tied,
     )
     model = transformers.LlamaForCausalLM(cfg)
-    enc = transformers.AutoTokenizer.from_pretrained(d)(SENTENCES, padding=True, return_tensors="pt")
-    labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-    opt = torch.optim.AdamW(model.parameters(), lr=6e-3)
-    for _ in range(20):
-        loss = model(**enc, labels=labels).loss
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+    if steps:  # trained a little, so that a damaged copy scores measurably worse
+        enc = transformers.AutoTokenizer.from_pretrained(d)(SENTENCES, padding=True, return_tensors="pt")
+        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
+        opt = torch.optim.AdamW(model.parameters(), lr=6e-3)
+        for _ in range(steps):
+            loss = model(**enc, labels=labels).loss
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
     model.eval().save_pretrained(d)
-    text = root / "sentences.txt"
-    text.write_text("\n".join(SENTENCES) + "\n")
-    return d, text
 
 
 def _tokenize(d: Path, texts: list[str]) -> dict[str, torch.Tensor]:

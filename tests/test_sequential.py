@@ -16,47 +16,17 @@ from infercomp import checkpoint
 from infercomp.checkpoint import Checkpoint
 from infercomp.errors import UsageError
 from infercomp.models import ModelLoader
-from tests.test_hf_llm import SENTENCES, WORDS, _hf_perplexity, _tokenizer
+from tests.test_hf_llm import SENTENCES, WORDS, _hf_perplexity, make_llama
 
 transformers = pytest.importorskip("transformers")
 pytestmark = pytest.mark.slow  # trains and calibrates small LLMs: make test runs them, make test-fast does not
-
-
-def _llama(d: Path, *, layers: int, tied: bool, steps: int) -> None:
-    d.mkdir()
-    _tokenizer(d)
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(
-        vocab_size=len(WORDS),
-        hidden_size=64,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        intermediate_size=128,
-        max_position_embeddings=64,
-        pad_token_id=0,
-        bos_token_id=2,
-        eos_token_id=3,
-        tie_word_embeddings=tied,
-    )
-    model = transformers.LlamaForCausalLM(cfg)
-    if steps:  # trained a little, so that a damaged copy scores measurably worse
-        enc = transformers.AutoTokenizer.from_pretrained(d)(SENTENCES, padding=True, return_tensors="pt")
-        labels = enc["input_ids"].masked_fill(enc["attention_mask"] == 0, -100)
-        opt = torch.optim.AdamW(model.parameters(), lr=6e-3)
-        for _ in range(steps):
-            loss = model(**enc, labels=labels).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    model.eval().save_pretrained(d)
 
 
 @pytest.fixture(scope="module")
 def llama3(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     """(a 3-block Llama, untied output layer, trained 20 steps; its sentences as .txt)."""
     root = tmp_path_factory.mktemp("seq")
-    _llama(root / "llama3", layers=3, tied=False, steps=20)
+    make_llama(root / "llama3", layers=3, tied=False, steps=20)
     text = root / "sentences.txt"
     text.write_text("\n".join(SENTENCES) + "\n")
     return root / "llama3", text
@@ -77,7 +47,7 @@ def _both(fn, src: Path, tmp_path: Path, text: Path, monkeypatch: pytest.MonkeyP
 def test_one_block_is_held_at_a_time_and_read_tensor_by_tensor(tmp_path: Path, llama3: tuple[Path, Path], tied: bool) -> None:
     src = llama3[0] if not tied else tmp_path / "tied"
     if tied:  # lm_head is the embedding: stored once, read once
-        _llama(src, layers=3, tied=True, steps=0)
+        make_llama(src, layers=3, tied=True, steps=0)
     lazy = checkpoint.load(src, lazy=True)  # read from disk when asked: nothing is held
     decoder = blocks.skeleton(ModelLoader().spec_for(lazy), lazy.tensors)
     assert decoder is not None and decoder.path == "model.layers"
