@@ -9,9 +9,9 @@ one's peak RSS (``os.wait4``'s rusage) and wall time:
   input read lazily, calibrated one decoder block at a time (``infercomp.blocks``), each tensor
   encoded and spooled to disk as it comes (``infercomp.stream``; the CLI's ``--stream``);
 - ``in memory``: the same verb with ``stream=False``: the whole input read first.
-Measured once without a limit, then both under an ``RLIMIT_AS`` set between the streamed run's
-virtual peak and what reading every weight once needs: the in-memory run must fail there. The
-two unlimited outputs are compared byte for byte. ``--cli`` adds the command as users run it
+Both run once without a limit (their outputs compared byte for byte), then both under an
+``RLIMIT_AS`` set between the streamed run's virtual peak and what reading every weight once
+needs: the in-memory run must fail there. ``--cli`` adds the command as users run it
 (``--no-latency``, comparison included), block by block and whole model, without a limit.
 
 The limit. ``RLIMIT_AS`` caps *virtual* memory, and a process that has imported torch and
@@ -199,27 +199,24 @@ def main() -> None:
 
     for method in a.methods.split(","):
 
-        def api(stream: bool, m: str = method) -> list[str]:
-            out = root / f"{m}-{'streamed' if stream else 'memory'}.safetensors"
+        def api(stream: bool, tag: str, m: str = method) -> list[str]:
+            out = root / f"{m}-{'streamed' if stream else 'memory'}-{tag}.safetensors"
             out.unlink(missing_ok=True)
             return ["--child", "api", str(src), str(out), m, str(text), str(int(stream))]
 
-        # Measured first without a limit; then the limit halfway between the streamed run's
-        # virtual peak and what reading the weights once needs, and both runs again under it.
-        vm_seq = show(method, "streamed, block by block", None, api(True))
+        # Both runs without a limit (their outputs compared byte for byte); then the limit between
+        # the streamed run's virtual peak and what reading the weights once needs, both again.
+        vm_seq = show(method, "streamed, block by block", None, api(True, "free"))
+        show(method, "in memory", None, api(False, "free"))
+        same = (root / f"{method}-streamed-free.safetensors").read_bytes() == (root / f"{method}-memory-free.safetensors").read_bytes()
+        print(f"  streamed output == in-memory output: {same}")
         if vm_seq and vm_seq < base + size:
             limit = int((vm_seq + base + size) / 2)
         else:  # the fixed costs outweigh the weights (a small model): just above the streamed peak
             limit = int(vm_seq * 1.05) if vm_seq else int(base + 0.75 * size)
             print(f"  (the streamed virtual peak is not below reading the weights once at this size: limit {limit / 2**30:.2f} GiB)")
-        show(method, "in memory", limit, api(False))
-        show(method, "streamed, block by block", limit, api(True))
-        same = (
-            (root / f"{method}-streamed.safetensors").read_bytes() == (root / f"{method}-memory.safetensors").read_bytes()
-            if (root / f"{method}-memory.safetensors").exists()
-            else None
-        )
-        print(f"  streamed output == in-memory output (unlimited runs): {same}")
+        show(method, "in memory", limit, api(False, "capped"))
+        show(method, "streamed, block by block", limit, api(True, "capped"))
         if a.cli:
             for seq in (True, False):
                 out = root / f"{method}-cli-{int(seq)}"
