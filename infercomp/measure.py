@@ -145,13 +145,16 @@ def static_stats(ckpt: Checkpoint, counted: Mapping[str, int] | None = None) -> 
             continue
         n = stand_in.numel()
         params += n
-        if counted is not None and name in counted:
-            nonzero += counted[name]
+        spec = ckpt.encodings.get(name)
+        known = counted.get(name) if counted is not None else None
+        if known is None and spec is not None:
+            known = formats.nonzero(ckpt.tensors, name, spec, ckpt.name)  # integers counted, not decoded
+        if known is not None:
+            nonzero += known
         else:
             t = dense[name]
             nonzero += int(torch.count_nonzero(t.float() if t.element_size() == 1 else t))  # fp8 has no count_nonzero
         bits += 8 * nbytes[name]
-        spec = ckpt.encodings.get(name)
         kind = spec["codec"] if spec else str(shapes[name].dtype).removeprefix("torch.")
         mix[kind] = mix.get(kind, 0) + n
     return {

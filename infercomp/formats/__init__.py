@@ -67,6 +67,12 @@ def decode(tensors: Tensors, name: str, spec: Spec, where: str = "checkpoint") -
         raise CheckpointError(f"{where}: encoded tensor {name!r} cannot be decoded from its stored parts ({detail[:200]})") from e
 
 
+def nonzero(tensors: Tensors, name: str, spec: Spec, where: str = "checkpoint") -> int | None:
+    """``count_nonzero`` of encoded tensor ``name`` from its stored form (no decoding), where its
+    format can tell; None otherwise."""
+    return format_for(name, spec, where).nonzero(tensors, name, spec)
+
+
 def logical_shapes(tensors: Tensors, encodings: Encodings, where: str = "checkpoint") -> dict[str, tuple[int, ...]]:
     """Shapes of the logical tensors without decoding (encodings record ``shape``)."""
     _, plain = _split(tensors, encodings, where)

@@ -46,6 +46,12 @@ class Format:
         del old, tensors, name, spec
         return None
 
+    def nonzero(self, tensors: Tensors, name: str, spec: Spec) -> int | None:
+        """``count_nonzero`` of the decoded tensor, read from the stored form without decoding it,
+        or None when only decoding can tell."""
+        del tensors, name, spec
+        return None
+
     def version(self, spec: Spec) -> int:
         """The oldest checkpoint format version that describes this tensor (raise it when a spec
         gains a field that older readers would silently ignore)."""

@@ -95,6 +95,18 @@ class Int8(_Quantized):
         )
         return w.reshape(spec["shape"]).to(spec_dtype(spec))
 
+    def nonzero(self, tensors: Tensors, name: str, spec: Spec) -> int | None:
+        """Integers off their zero point: each decodes to (q - zp) * scale [* column scale], and
+        those factors are at least 1e-12 and 2**-9, so in float32 (and bfloat16, the same range)
+        the product is never 0. float16 could underflow: decoded there."""
+        if spec_dtype(spec) not in (torch.float32, torch.bfloat16):
+            return None
+        q = self._ints(tensors, name, spec)  # (out, in)
+        if spec.get("symmetric", True):
+            return int(torch.count_nonzero(q))
+        zp = tensors[f"{name}_zero_point"].reshape(q.shape[0], -1)  # (out, groups)
+        return int((q.reshape(q.shape[0], zp.shape[1], -1) != zp.unsqueeze(-1)).sum())
+
     def version(self, spec: Spec) -> int:
         return 2 if spec.get("column_scale") else 1  # format 2 added column scales
 
@@ -195,6 +207,10 @@ class PackQuantized(Format):
     def decode(self, tensors: Tensors, name: str, spec: Spec) -> torch.Tensor:
         stored, ours = self.to_ours(tensors, name, spec)
         return FORMATS_BY_BITS[spec["bits"]].decode(stored, name, ours)
+
+    def nonzero(self, tensors: Tensors, name: str, spec: Spec) -> int | None:
+        stored, ours = self.to_ours(tensors, name, spec)
+        return FORMATS_BY_BITS[spec["bits"]].nonzero(stored, name, ours)
 
     def runtime(self, old: nn.Module, tensors: Tensors, name: str, spec: Spec) -> nn.Module | None:
         stored, ours = self.to_ours(tensors, name, spec)

@@ -179,3 +179,24 @@ def test_int32_packing_is_compressed_tensors_own(bits: int) -> None:
     assert torch.equal(grid.pack_int32(q.to(torch.int16) + offset, bits), helpers.pack_to_int32(q, bits))
     assert torch.equal(grid.pack_int32(q.to(torch.int16).t() + offset, bits).t(), helpers.pack_to_int32(q, bits, packed_dim=0))
     assert torch.equal(grid.unpack_int32(grid.pack_int32(q.to(torch.int16) + offset, bits), bits, 40), q.to(torch.int16) + offset)
+
+
+@pytest.mark.parametrize(("codec", "group_size", "symmetric", "columns", "keys"), CASES)
+def test_nonzero_from_the_integers_is_the_decoded_count(
+    codec: str, group_size: int | None, symmetric: bool, columns: bool, keys: set[str]
+) -> None:
+    """What static_stats counts without decoding: the same number as decoding and counting, with
+    zeros and tiny values in the weight; float16 weights (which could underflow) are decoded."""
+    del keys
+    w = torch.randn(48, 128, generator=torch.Generator().manual_seed(2))
+    w[:, :40] = 0  # whole groups of zeros
+    w[3] *= 1e-9  # a row of tiny values: scale clamped, integers near zero
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        stored, spec, _ = _encode(codec, w.to(dtype), group_size=group_size, symmetric=symmetric, columns=columns)
+        decoded = FORMATS[codec].decode(stored, "m.weight", spec)
+        expected = int(torch.count_nonzero(decoded.float()))
+        got = FORMATS[codec].nonzero(stored, "m.weight", spec)
+        assert got is None if (codec == "fp8" or dtype == torch.float16) else got == expected, (dtype, got, expected)
+        if codec in ("int8", "int4") and not columns and dtype == torch.float32:
+            packed, pspec = FORMATS["pack-quantized"].from_ours(stored, "m.weight", spec)
+            assert FORMATS["pack-quantized"].nonzero(packed, "m.weight", pspec) == expected
