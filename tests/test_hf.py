@@ -194,6 +194,16 @@ def test_what_a_directory_cannot_hold_is_refused_before_writing(tiny_bert_dir: P
 # ------------------------------------------------- compressed-tensors formats, structure, export
 
 
+class _Log(Progress):
+    """Progress that keeps what it is told to log."""
+
+    def __init__(self, lines: list[str]):
+        self.lines = lines
+
+    def log(self, text: str) -> None:
+        self.lines.append(text)
+
+
 def _ids() -> torch.Tensor:
     return torch.tensor([[2, 6, 7, 8, 9, 3], [2, 11, 12, 10, 13, 3]])
 
@@ -251,12 +261,7 @@ def test_channel_pruned_bert_directory_gets_its_new_ffn_width(tiny_bert_dir: Pat
 
     out = tmp_path / "ffn"
     logs: list[str] = []
-
-    class Log(Progress):
-        def log(self, text: str) -> None:
-            logs.append(text)
-
-    infercomp.prune(tiny_bert_dir, out, method="channel", sparsity=0.5, measure=False, progress=Log())
+    infercomp.prune(tiny_bert_dir, out, method="channel", sparsity=0.5, measure=False, progress=_Log(logs))
     assert any("--scope ffn for a Hugging Face directory" in line for line in logs)
     cfg = json.loads((out / "config.json").read_text())
     assert cfg["intermediate_size"] == 32 and cfg["hidden_size"] == 32 and cfg["num_attention_heads"] == 4
@@ -356,13 +361,8 @@ def test_forced_column_scales_stay_ours_and_say_so(tiny_bert_dir: Path, tmp_path
     import infercomp
 
     logs: list[str] = []
-
-    class Log(Progress):
-        def log(self, text: str) -> None:
-            logs.append(text)
-
     out = tmp_path / "cs"
-    infercomp.quantize(tiny_bert_dir, out, scheme="int8", column_scales=True, measure=False, progress=Log())
+    infercomp.quantize(tiny_bert_dir, out, scheme="int8", column_scales=True, measure=False, progress=_Log(logs))
     assert any("loads with infercomp.load, not with transformers" in line for line in logs)
     back = checkpoint.load(out)
     spec = back.encodings["encoder.layer.0.attention.self.query.weight"]
@@ -371,3 +371,30 @@ def test_forced_column_scales_stay_ours_and_say_so(tiny_bert_dir: Path, tmp_path
     ref = _outputs(transformers.AutoModel.from_pretrained(tiny_bert_dir).eval(), _ids())
     got = _outputs(infercomp.load(out), _ids())
     assert torch.nn.functional.cosine_similarity(got.flatten(1), ref.flatten(1)).min() > 0.99
+
+
+def test_fp8_directory_config_passes_compressed_tensors_schema(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    ct = pytest.importorskip("compressed_tensors")
+    import infercomp
+
+    out = tmp_path / "fp8"
+    infercomp.quantize(tiny_bert_dir, out, scheme="fp8", measure=False)
+    parsed = ct.QuantizationConfig.model_validate(json.loads((out / "config.json").read_text())["quantization_config"])
+    weights = parsed.config_groups["group_0"].weights
+    assert parsed.format == "float-quantized" and weights.num_bits == 8 and str(getattr(weights.type, "value", weights.type)) == "float"
+    theirs = _outputs(transformers.AutoModel.from_pretrained(out).eval(), _ids())
+    torch.testing.assert_close(theirs, _outputs(infercomp.load(out, compute="fp32"), _ids()), atol=1e-5, rtol=1e-5)
+
+
+def test_export_dense_takes_what_a_directory_cannot_hold_compressed(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """Asymmetric int4 is refused for a compressed directory (transformers cannot load it); with
+    --export dense the dequantized weights are plain tensors, which it can."""
+    import infercomp
+
+    out = tmp_path / "asym-dense"
+    infercomp.quantize(tiny_bert_dir, out, scheme="int4", asymmetric=True, export="dense", measure=False)
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    single = tmp_path / "asym.safetensors"
+    infercomp.quantize(tiny_bert_dir, single, scheme="int4", asymmetric=True, measure=False)
+    theirs = _outputs(transformers.AutoModel.from_pretrained(out).eval(), _ids())
+    torch.testing.assert_close(theirs, _outputs(infercomp.load(single, compute="fp32"), _ids()), atol=1e-5, rtol=1e-5)

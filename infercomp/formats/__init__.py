@@ -8,7 +8,8 @@ measurements) reads and writes encoded tensors through these functions only.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import TypeVar
 
 import torch
 
@@ -16,6 +17,8 @@ from infercomp.errors import CheckpointError
 from infercomp.formats.base import Format, Spec, Tensors, spec_dtype
 from infercomp.formats.quantized import FP8, INT4, INT8, INT8_DYNAMIC, PACK_QUANTIZED
 from infercomp.formats.sparse import BITMASK, BITMASK_24
+
+T = TypeVar("T")
 
 FORMATS: dict[str, Format] = {f.name: f for f in (INT8, INT8_DYNAMIC, INT4, FP8, PACK_QUANTIZED, BITMASK, BITMASK_24)}
 Encodings = Mapping[str, Spec]
@@ -56,21 +59,27 @@ def logical_tensors(tensors: Tensors, encodings: Encodings, where: str = "checkp
 
 def decode(tensors: Tensors, name: str, spec: Spec, where: str = "checkpoint") -> torch.Tensor:
     """The dense tensor of one encoded tensor ``name`` from its stored parts in ``tensors``."""
-    fmt = format_for(name, spec, where)
-    missing = [k for k in fmt.keys(name, spec) if k not in tensors]
-    if missing:
-        raise CheckpointError(f"{where}: encoded tensor {name!r} lacks stored tensor {missing[0]!r}")
-    try:
-        return fmt.decode(tensors, name, spec)
-    except (RuntimeError, ValueError, IndexError, KeyError, TypeError) as e:  # parts that do not fit their spec
-        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise CheckpointError(f"{where}: encoded tensor {name!r} cannot be decoded from its stored parts ({detail[:200]})") from e
+    return _read(lambda fmt: fmt.decode(tensors, name, spec), tensors, name, spec, where)
 
 
 def nonzero(tensors: Tensors, name: str, spec: Spec, where: str = "checkpoint") -> int | None:
     """``count_nonzero`` of encoded tensor ``name`` from its stored form (no decoding), where its
     format can tell; None otherwise."""
-    return format_for(name, spec, where).nonzero(tensors, name, spec)
+    return _read(lambda fmt: fmt.nonzero(tensors, name, spec), tensors, name, spec, where)
+
+
+def _read(method: Callable[[Format], T], tensors: Tensors, name: str, spec: Spec, where: str) -> T:
+    """``method(format)`` of ``name``'s format, which reads its stored parts; parts missing or not fitting their spec
+    (a damaged or hostile file) are a CheckpointError naming the tensor."""
+    fmt = format_for(name, spec, where)
+    missing = [k for k in fmt.keys(name, spec) if k not in tensors]
+    if missing:
+        raise CheckpointError(f"{where}: encoded tensor {name!r} lacks stored tensor {missing[0]!r}")
+    try:
+        return method(fmt)
+    except (RuntimeError, ValueError, IndexError, KeyError, TypeError) as e:  # parts that do not fit their spec
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(f"{where}: encoded tensor {name!r} cannot be decoded from its stored parts ({detail[:200]})") from e
 
 
 def logical_shapes(tensors: Tensors, encodings: Encodings, where: str = "checkpoint") -> dict[str, tuple[int, ...]]:

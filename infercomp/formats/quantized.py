@@ -17,6 +17,8 @@ only stores them), fp8 from the dense weight.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -102,6 +104,8 @@ class Int8(_Quantized):
         if spec_dtype(spec) not in (torch.float32, torch.bfloat16):
             return None
         q = self._ints(tensors, name, spec)  # (out, in)
+        if q.numel() != math.prod(spec["shape"]):
+            raise ValueError(f"{q.numel()} stored integers for shape {spec['shape']}")
         if spec.get("symmetric", True):
             return int(torch.count_nonzero(q))
         zp = tensors[f"{name}_zero_point"].reshape(q.shape[0], -1)  # (out, groups)

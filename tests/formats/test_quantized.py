@@ -200,3 +200,18 @@ def test_nonzero_from_the_integers_is_the_decoded_count(
         if codec in ("int8", "int4") and not columns and dtype == torch.float32:
             packed, pspec = FORMATS["pack-quantized"].from_ours(stored, "m.weight", spec)
             assert FORMATS["pack-quantized"].nonzero(packed, "m.weight", pspec) == expected
+
+
+def test_nonzero_of_damaged_parts_is_a_checkpoint_error() -> None:
+    """static_stats counts from the stored parts: a file missing one, or with parts that do not fit
+    the spec, is the same one-line CheckpointError decoding gives, not a KeyError."""
+    import infercomp.formats as formats
+
+    stored, spec, _ = _encode("int4", torch.randn(8, 64), group_size=32, symmetric=False)
+    del stored["m.weight_zero_point"]
+    with pytest.raises(InfercompError, match="lacks stored tensor 'm.weight_zero_point'"):
+        formats.nonzero(stored, "m.weight", spec)
+    stored, spec, _ = _encode("int8", torch.randn(8, 64))
+    stored["m.weight"] = stored["m.weight"][:3]
+    with pytest.raises(InfercompError, match="cannot be decoded from its stored parts"):
+        formats.nonzero(stored, "m.weight", spec)
