@@ -297,6 +297,8 @@ def report(
     # Read lazily (one tensor at a time, bounded memory) unless a model will be built from it.
     ckpts = [checkpoint.load(p, lazy=True) for p in paths]
     ckpts = [c if sensitivity is None and not loader.can_build(c) else checkpoint.load(p) for c, p in zip(ckpts, paths)]
+    if all(isinstance(c.tensors, checkpoint.LazyTensors) for c in ckpts):
+        checkpoint.return_freed_memory()  # no model is built, so none is timed under it
     if not allow_nonfinite:
         for c in ckpts:
             checkpoint.check_finite(c)

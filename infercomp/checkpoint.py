@@ -112,8 +112,6 @@ def load(path: str | os.PathLike[str], *, lazy: bool = False) -> Checkpoint:
     p = Path(path)
     if not p.exists():
         raise CheckpointError(f"{p}: no such file or directory")
-    if lazy:
-        return_freed_memory()
     if p.is_dir():
         return _load_dir(p, lazy)
     kind = _sniff(p)
@@ -132,7 +130,9 @@ def return_freed_memory() -> None:
     """Make glibc hand freed blocks over 1 MiB back to the system at once. By default it raises its
     mmap threshold after each large free (up to 32 MiB), and tensors below it are then carved out
     of a heap that only grows: walking a 200 MB file of 8 MB tensors one at a time left 185 MB
-    resident instead of 50. Process-wide and harmless elsewhere (no-op off glibc)."""
+    resident instead of 50. Process-wide and irreversible (no-op off glibc), and it slows a model's
+    forward pass (every large activation is then a fresh mmap, its pages faulted in): call it only
+    in a process that will time no model (a streamed transform or report that builds none)."""
     global _heap_set
     if _heap_set or sys.platform != "linux":
         return

@@ -111,6 +111,11 @@ def run(
     and the same comparison when the input is small enough to build, else the static figures."""
     src, out = Path(source), Path(output)
     ckpt = checkpoint.load(src, lazy=True)
+    # Small enough to build: measured as in memory (models timed, so glibc's allocator is left as
+    # it is); else static figures only, and freed blocks go back to the system at once.
+    built = measure and loader.can_build(ckpt) and checkpoint.disk_size(src) <= STREAM_ABOVE
+    if not built:
+        checkpoint.return_freed_memory()
     reads = tuple(Path(p) for p in (data, eval_data) if p is not None)
     hf_out = src.is_dir() and out.suffix != ".safetensors"
     checkpoint.check_output(out, force=force, source=src, inputs=reads, directory=hf_out)
@@ -136,8 +141,7 @@ def run(
         spool.write(out, sorted(spool.index), new.metadata())
     if on_saved is not None:
         on_saved(out)
-    buildable = measure and loader.can_build(ckpt)
-    if buildable and checkpoint.disk_size(src) <= STREAM_ABOVE:  # small enough to build: measured as in memory
+    if built:
         dataset = load_data(data, model=src) if data is not None else None
         evaluation = load_data(eval_data, model=src) if eval_data is not None else dataset
         return compare([checkpoint.load(src), checkpoint.load(out)], loader=loader, options=options, data=evaluation, progress=progress)
@@ -147,7 +151,7 @@ def run(
     result = compare(
         [ckpt, checkpoint.load(out, lazy=True)], loader=loader, options=options, progress=progress, run_models=False, counted=counted
     )
-    if buildable:
+    if measure and loader.can_build(ckpt):
         for m in result.models:
             m.notes.append(f"streamed (input over {STREAM_ABOVE >> 20} MiB): static figures only, the model was not built")
     return result

@@ -270,3 +270,21 @@ def test_streaming_keeps_memory_bounded(tmp_path: Path) -> None:
         # One 8 MiB tensor and its transform's temporaries (a few times its size), never the file.
         assert peak - base < 80 * MB < size / 2, (args, peak / MB, base / MB)
         assert checkpoint.load(out, lazy=True).encodings
+
+
+def test_the_allocator_is_changed_only_where_no_model_is_timed(src: Path, tiny_ckpt: Path, tmp_path: Path, monkeypatch) -> None:
+    """Handing freed blocks back at once (process-wide, irreversible) makes every large activation
+    a fresh mmap and slows a forward pass: a report or streamed run that times a model must not
+    set it; one that builds none does, to stay in bounded memory."""
+    calls: list[int] = []
+    monkeypatch.setattr(checkpoint, "return_freed_memory", lambda: calls.append(1))
+    checkpoint.load(src, lazy=True)
+    assert not calls  # reading lazily alone leaves the allocator as it is
+    ref = "tests.conftest:tiny_mlp"
+    infercomp.report([tiny_ckpt], model=ref, latency=False)
+    infercomp.prune(tiny_ckpt, tmp_path / "t.safetensors", model=ref, stream=True)  # small, buildable: measured as in memory
+    assert not calls
+    infercomp.report([src])  # nothing to build: static figures, read lazily
+    assert len(calls) == 1
+    infercomp.prune(src, tmp_path / "s.safetensors", stream=True)
+    assert len(calls) == 2
