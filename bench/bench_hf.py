@@ -5,7 +5,7 @@ here on held-out sentences.
     .venv/bin/python bench/bench_hf.py [--quick]
 
 Data: English sentences written for this bench, below. ``TRAIN`` (128) is the only text any
-transform sees (wanda / GPTQ calibration, distillation); ``EVAL`` (64 other sentences) is used only
+transform sees (wanda / SparseGPT / GPTQ calibration, distillation); ``EVAL`` (64 other sentences) is used only
 for scoring. No transform is run with ``--val-data``, so nothing is selected on EVAL.
 Fidelity: the sentence-transformers recipe of the model read from its ``modules.json`` (mean
 pooling over the real tokens, then L2 normalisation), cosine per EVAL sentence against the
@@ -339,10 +339,11 @@ def main(argv: list[str] | None = None) -> None:
         train = tmp / "train.txt"
         train.write_text("\n".join(TRAIN) + "\n")
         s = str(src)
-        out = {k: tmp / f"{k}.safetensors" for k in ("wanda", "magnitude", "channel", "int4", "int4a")}
+        out = {k: tmp / f"{k}.safetensors" for k in ("wanda", "sparsegpt", "magnitude", "channel", "int4", "int4a")}
         out["distilled"] = tmp / "distilled"  # a Hugging Face directory
         steps: list[tuple[str, str, list[str]]] = [
             ("wanda", "prune", ["--method", "wanda", "--sparsity", "0.5", "--data", str(train)]),
+            ("sparsegpt", "prune", ["--method", "sparsegpt", "--sparsity", "0.5", "--data", str(train)]),
             (
                 "channel",
                 "prune",
@@ -417,6 +418,7 @@ def main(argv: list[str] | None = None) -> None:
         ]
 
     rows = [row("prune wanda 50 %", "wanda", "cos mean >= 0.92", fid["wanda"][0] >= 0.92)]
+    rows.append(row("prune sparsegpt 50 % (the same target)", "sparsegpt", "cos mean >= 0.92", fid["sparsegpt"][0] >= 0.92))
     if "magnitude" in fid:
         rows.append(row("  (comparison) prune magnitude 50 % (global)", "magnitude", "-", None))
     rows.append(row("prune channel 25 % FFN (activation), before distill", "channel", "-", None))

@@ -136,7 +136,7 @@ def prune(
     progress: Progress = NULL,
     **measure_options: Any,
 ) -> Comparison:
-    """``infercomp prune``: remove weights (``method``: magnitude, channel, 2:4, wanda; see
+    """``infercomp prune``: remove weights (``method``: magnitude, channel, 2:4, wanda, sparsegpt; see
     ``PruneConfig``), write ``output``, and compare it with ``source``. ``stream`` (None: auto)
     prunes by magnitude / N:M tensor by tensor (``infercomp.stream``)."""
     config = PruneConfig(

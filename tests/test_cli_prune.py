@@ -40,8 +40,9 @@ def test_two_four_warns_about_skipped_layers(runner, tmp_path: Path) -> None:
         (("--sparsity", "1.5"), "--sparsity must be in [0, 1)"),
         (("--method", "2:4", "--include", "features.0"), "'features.0.weight' has input size 9, not divisible by 4"),
         (("--method", "wanda"), "--method wanda needs --data"),
+        (("--method", "sparsegpt"), "--method sparsegpt needs --data"),
         (("--method", "channel", "--importance", "activation"), "--importance activation needs --data"),
-        (("--method", "fancy"), "--method 'fancy' is not supported; choose one of: magnitude, channel, 2:4, wanda"),
+        (("--method", "fancy"), "--method 'fancy' is not supported; choose one of: magnitude, channel, 2:4, wanda, sparsegpt"),
     ],
 )
 def test_bad_options_exit_2_with_one_line(runner, tmp_path: Path, args: tuple[str, ...], message: str) -> None:
@@ -55,7 +56,7 @@ def test_bad_options_exit_2_with_one_line(runner, tmp_path: Path, args: tuple[st
 def test_help_explains_the_methods(runner) -> None:
     r = invoke(runner, "prune", "--help")
     assert r.exit_code == 0
-    for word in ("magnitude", "channel", "2:4", "wanda", "--importance", "--n", "--m", "bitmask"):
+    for word in ("magnitude", "channel", "2:4", "wanda", "sparsegpt", "--importance", "--n", "--m", "bitmask"):
         assert word in r.stdout, word
 
 

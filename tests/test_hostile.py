@@ -250,7 +250,9 @@ def test_stale_temp_files_of_dead_processes_are_removed(tmp_path: Path) -> None:
 
 # 12. determinism across thread counts
 @pytest.mark.slow
-@pytest.mark.parametrize("args", [("quantize", "--scheme", "int4", "--method", "gptq"), ("prune", "--method", "wanda")])
+@pytest.mark.parametrize(
+    "args", [("quantize", "--scheme", "int4", "--method", "gptq"), ("prune", "--method", "wanda"), ("prune", "--method", "sparsegpt")]
+)
 def test_same_bytes_whatever_the_thread_count(tmp_path: Path, args: tuple[str, ...]) -> None:
     outs = []
     for threads in ("1", "2"):

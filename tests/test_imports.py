@@ -22,7 +22,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("hf", "zoo"),
     ("data",),
     ("models",),
-    ("transform", "blocks"),
+    ("transform", "blocks", "hessian"),
     ("prune", "quantize", "distill", "export"),
     ("measure",),
     ("gates", "sensitivity", "stream"),

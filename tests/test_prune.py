@@ -156,7 +156,7 @@ def test_two_four_on_only_indivisible_layers_is_a_usage_error() -> None:
         ({"method": "channel", "scope": "global"}, "--scope global works with --method magnitude only"),
         ({"n": 2}, "--n and --m go together"),
         ({"method": "2:4", "n": 4, "m": 4}, "need 0 < N < M"),
-        ({"method": "magnitude", "n": 2, "m": 4}, "apply to --method 2:4 and wanda"),
+        ({"method": "magnitude", "n": 2, "m": 4}, "apply to --method 2:4, wanda and sparsegpt"),
         ({"importance": "activation"}, "--importance applies to --method channel"),
     ],
 )

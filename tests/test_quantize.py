@@ -17,6 +17,7 @@ import infercomp
 import infercomp.formats as formats
 import infercomp.formats.grid as grid
 import infercomp.formats.qmodules as qmodules
+import infercomp.hessian as hessian
 from infercomp import checkpoint
 from infercomp.checkpoint import Checkpoint
 from infercomp.data import load_data
@@ -255,10 +256,9 @@ def _same_padding() -> _SamePadding:
 
 
 def test_gptq_falls_back_to_rtn_on_string_padding() -> None:
-    from infercomp.quantize import gptq
 
-    assert not gptq.supported(nn.Conv2d(2, 4, 3, padding="same"))
-    assert gptq.supported(nn.Conv2d(2, 4, 3, padding=1)) and gptq.supported(nn.Linear(4, 4))
+    assert not hessian.supported(nn.Conv2d(2, 4, 3, padding="same"))
+    assert hessian.supported(nn.Conv2d(2, 4, 3, padding=1)) and hessian.supported(nn.Linear(4, 4))
     m = _same_padding()
     ckpt = Checkpoint(tensors=dict(m.state_dict()), model={"ref": "tests.test_quantize:_same_padding", "config": {}})
     ctx = Context(loader=ModelLoader(trust_model_code=True), data=load_data(DIGITS_TRAIN), device=torch.device("cpu"))

@@ -82,6 +82,17 @@ def test_gptq_block_by_block_gives_the_whole_model_integers(
     assert [k for k in seq if not torch.equal(seq[k], whole[k])] == []
 
 
+def test_sparsegpt_block_by_block_gives_the_whole_model_weights(
+    tmp_path: Path, llama3: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each layer's Hessian is collected on inputs that passed the layers before it pruned, in both
+    paths: the same inputs, so the same masks and updated weights."""
+    src, text = llama3
+    seq, whole = _both(infercomp.prune, src, tmp_path, text, monkeypatch, method="sparsegpt", n=2, m=4)
+    assert sorted(seq) == sorted(whole) and any(k.startswith("model.layers.2.") and k.endswith(".bitmask") for k in seq)
+    assert [k for k in seq if not torch.equal(seq[k], whole[k])] == []
+
+
 def test_wanda_block_by_block_matches_the_whole_model_on_block_0_and_stays_close(
     tmp_path: Path, llama3: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -103,7 +114,10 @@ def test_wanda_block_by_block_matches_the_whole_model_on_block_0_and_stays_close
     assert 0.9 < same < 1.0
 
 
-@pytest.mark.parametrize("verb,kw,bound", [("quantize", {"scheme": "int4", "method": "gptq"}, 1.5), ("prune", {"method": "wanda"}, 3.0)])
+@pytest.mark.parametrize(
+    "verb,kw,bound",
+    [("quantize", {"scheme": "int4", "method": "gptq"}, 1.5), ("prune", {"method": "wanda"}, 3.0), ("prune", {"method": "sparsegpt"}, 3.0)],
+)
 def test_output_loads_in_transformers_with_perplexity_close(
     tmp_path: Path, llama3: tuple[Path, Path], verb: str, kw: dict, bound: float
 ) -> None:

@@ -32,7 +32,9 @@ def prune(
         ),
     ] = None,
     n: Annotated[int | None, typer.Option("--n", help="N:M: keep N of every M consecutive inputs (2:4 default: 2).", min=1)] = None,
-    m: Annotated[int | None, typer.Option("--m", help="N:M: group size M (2:4 default: 4); with wanda, makes it N:M.", min=2)] = None,
+    m: Annotated[
+        int | None, typer.Option("--m", help="N:M: group size M (2:4 default: 4); with wanda or sparsegpt, makes it N:M.", min=2)
+    ] = None,
     importance: Annotated[
         str, typer.Option("--importance", help=f"channel score: {', '.join(IMPORTANCES)} (activation needs --data).")
     ] = "l1",
@@ -82,6 +84,8 @@ def prune(
       2:4        semi-structured N:M (--n 2 --m 4): in every 4 consecutive inputs keep the 2
                  largest |w|; runs torch's sparse kernels on CUDA, dense on CPU.
       wanda      |w| x ||input activation|| from --data calibration: per output row, or N:M with --n/--m.
+      sparsegpt  the same masks, chosen with each layer's inverse Hessian from --data, and the kept
+                 weights updated to make up for the removed ones (closest outputs; slower).
 
     Zeroed weights are stored as a bitmask plus the non-zero values when that is smaller.
     """

@@ -5,7 +5,9 @@ Methods (``METHODS``):
 - ``channel``: structured, whole output channels / filters / attention heads / FFN channels are
   removed with everything that depends on them, so the tensors really shrink (``structured``);
 - ``2:4``: N:M semi-structured (``--n 2 --m 4``), the smallest |w| of every M consecutive inputs;
-- ``wanda``: |w| · ||x|| from calibration activations (``--data``), per output row or N:M.
+- ``wanda``: |w| · ||x|| from calibration activations (``--data``), per output row or N:M;
+- ``sparsegpt``: the same shapes of mask, chosen and compensated with the inverse Hessian of each
+  layer's output error (``--data``): the weights kept are updated (``sparsegpt``).
 Zeroed weights are stored as a bitmask plus the non-zero values where that is smaller
 (``infercomp.formats.sparse``).
 """
@@ -20,6 +22,7 @@ import torch
 
 import infercomp.blocks as blocks
 import infercomp.formats as formats
+import infercomp.hessian as hessian
 import infercomp.hf as hf
 from infercomp.checkpoint import Checkpoint, shapes_of
 from infercomp.errors import DataError, UsageError
@@ -28,6 +31,7 @@ from infercomp.models import example_batch, first_output
 from infercomp.patterns import selected_weight
 from infercomp.prune.magnitude import magnitude_masks, score_masks
 from infercomp.prune.nm import is_nm, nm_fits, nm_mask
+from infercomp.prune.sparsegpt import sparsegpt
 from infercomp.prune.structured import CHANNEL_SCOPES, IMPORTANCES, prune_channels
 from infercomp.prune.wanda import input_norms, norms_of, wanda_scores
 from infercomp.transform import Context, Transform, TransformConfig, choice
@@ -50,8 +54,8 @@ class PruneConfig(TransformConfig):
             intermediate channels) or ``heads`` (whole attention heads); a transformer's hidden
             size is never pruned (``structured``).
         include / exclude: glob patterns on module names (``fc*``, ``layers.*.q``).
-        n / m: keep N of every M consecutive inputs (``2:4`` defaults to 2 and 4; ``wanda`` with them
-            is N:M instead of unstructured).
+        n / m: keep N of every M consecutive inputs (``2:4`` defaults to 2 and 4; ``wanda`` and
+            ``sparsegpt`` with them are N:M instead of unstructured).
         importance: channel score: ``l1`` (default), ``l2`` or ``activation`` (needs ``--data``).
     """
 
@@ -84,8 +88,8 @@ class PruneConfig(TransformConfig):
         if (self.n is None) != (self.m is None):
             raise UsageError("--n and --m go together (e.g. --n 2 --m 4)")
         if self.n is not None:
-            if self.method not in ("2:4", "wanda"):
-                raise UsageError(f"--n/--m apply to --method 2:4 and wanda, not {self.method}")
+            if self.method not in ("2:4", "wanda", "sparsegpt"):
+                raise UsageError(f"--n/--m apply to --method 2:4, wanda and sparsegpt, not {self.method}")
             if not 0 < self.n < self.m:
                 raise UsageError(f"--n {self.n} --m {self.m}: need 0 < N < M (2:4 keeps 2 of every 4)")
         nm = self.pattern()
@@ -226,6 +230,79 @@ def _wanda_fits(module: torch.nn.Module) -> bool:
     return conv and not module.transposed and module.groups == 1
 
 
+def _sparsegpt(ckpt: Checkpoint, config: PruneConfig, ctx: Context) -> Checkpoint:
+    """SparseGPT: the masks of wanda's shapes (per row or N:M), each layer's kept weights updated
+    to make up for the ones removed. Layers go in the model's order, each calibrated on inputs
+    that passed the layers before it pruned; a Hugging Face causal LM one block at a time
+    (``infercomp.blocks``)."""
+    dense = formats.logical_tensors(ckpt.tensors, ckpt.encodings, ckpt.name)
+    weights, masks = sparsegpt_weights(ckpt, dense, config, ctx)
+    return _masked(ckpt, {**dense, **weights}, masks, config.pattern(), ctx)
+
+
+def sparsegpt_weights(
+    ckpt: Checkpoint, dense: Mapping[str, torch.Tensor], config: PruneConfig, ctx: Context
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(updated weights in their stored dtype, keep-masks) of the Linear / Conv2d weights SparseGPT
+    prunes, calibrated on ``ctx.data``. A layer the calibration never reaches is pruned by
+    magnitude, with a note."""
+    if ctx.data is None:
+        raise DataError(
+            "--method sparsegpt needs --data: calibration inputs whose activations make each layer's Hessian (a few hundred samples)"
+        )
+    targets = _targets(ckpt, shapes_of(dense), config)
+    pattern = config.pattern()
+    if pattern is not None:
+        targets = _nm_targets(ckpt, targets, pattern[1], ctx)
+    decoder = blocks.skeleton(ctx.loader.spec_for(ckpt), dense)
+    if decoder is not None:
+        model = decoder.model
+    else:
+        model = ctx.loader.build(Checkpoint(tensors=dict(dense), model=ckpt.model, plan=ckpt.plan, path=ckpt.path), runtime=False).float()
+    odd = sorted(n for n in targets if not hessian.supported(model.get_submodule(n.rpartition(".")[0])))
+    if odd:
+        ctx.progress.log(f"sparsegpt: skipped {len(odd)} weight(s) that are not Linear / ungrouped Conv2d, e.g. {odd[0]!r}")
+        targets = {n: t for n, t in targets.items() if n not in odd}
+    if not targets:
+        raise UsageError(f"{ckpt.name}: --method sparsegpt found no Linear or ungrouped Conv2d weight to prune")
+    weights: dict[str, torch.Tensor] = {}
+    masks: dict[str, torch.Tensor] = {}
+
+    def layer(name: str, m: torch.nn.Module, run: Any, batches: Any) -> None:
+        h, rows = hessian.collect(run, m, batches)
+        if rows == 0:
+            ctx.progress.log(f"sparsegpt: layer {name!r} did not run on the calibration inputs; pruned by magnitude")
+            keep = tensor_mask(m.weight.detach(), config)
+            w = m.weight.detach().float() * keep
+        else:
+            w, keep = sparsegpt(m.weight, h, config.sparsity, pattern)
+        with torch.no_grad():
+            m.weight.copy_(w)  # later layers calibrate on this one pruned
+        weights[f"{name}.weight"] = w.to(dense[f"{name}.weight"].dtype)
+        masks[f"{name}.weight"] = keep
+
+    chosen = {n.rpartition(".")[0] for n in targets}
+    if decoder is not None:
+
+        def compress(stage: blocks.Stage) -> None:
+            for n, m in stage.layers:
+                layer(n, m, stage.run, stage.batches)
+
+        blocks.calibrate(decoder, dense, ctx.data.inputs, chosen, compress, batch_size=CALIBRATION_BATCH, progress=ctx.progress)
+        return weights, masks
+    inputs = ctx.data.inputs
+    batches = [inputs[i : i + CALIBRATION_BATCH] for i in range(0, len(inputs), CALIBRATION_BATCH)]
+    layers = [(n, m) for n, m in model.named_modules() if n in chosen]
+    with ctx.progress.task(f"sparsegpt on {len(inputs)} calibration inputs", total=len(layers)) as task:
+        for n, m in layers:
+            layer(n, m, model, batches)
+            task.advance()
+    return weights, masks
+
+
+CALIBRATION_BATCH = 32
+
+
 def _masked(
     ckpt: Checkpoint, dense: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], pattern: tuple[int, int] | None, ctx: Context
 ) -> Checkpoint:
@@ -312,6 +389,7 @@ METHODS: dict[str, Transform] = {
     "channel": _channel,
     "2:4": _magnitude,
     "wanda": _wanda,
+    "sparsegpt": _sparsegpt,
 }
 __all__ = [
     "METHODS",
@@ -324,6 +402,7 @@ __all__ = [
     "note_pattern",
     "prune",
     "prune_channels",
+    "sparsegpt_weights",
     "tensor_mask",
     "wanda_masks",
 ]

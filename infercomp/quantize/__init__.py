@@ -19,6 +19,7 @@ from torch import nn
 import infercomp.blocks as blocks
 import infercomp.formats as formats
 import infercomp.formats.grid as grid
+import infercomp.hessian as hessian
 from infercomp.checkpoint import Checkpoint
 from infercomp.errors import UsageError
 from infercomp.formats.base import Spec
@@ -203,7 +204,7 @@ def gptq_integers(
     done: dict[str, Quantized] = {}
     decoder = blocks.skeleton(ctx.loader.spec_for(ckpt), dense)
     if decoder is not None:
-        targets = {n for n, m in decoder.model.named_modules() if f"{n}.weight" in chosen and gptq.supported(m)}
+        targets = {n for n, m in decoder.model.named_modules() if f"{n}.weight" in chosen and hessian.supported(m)}
 
         def compress(stage: blocks.Stage) -> None:
             for n, m in stage.layers:
@@ -213,7 +214,7 @@ def gptq_integers(
         return done
     model = ctx.loader.build(Checkpoint(tensors=dense, model=ckpt.model, plan=ckpt.plan, path=ckpt.path), runtime=False).float()
     batches = [calib[i : i + 32] for i in range(0, len(calib), 32)]
-    layers = [(n, m) for n, m in model.named_modules() if f"{n}.weight" in chosen and gptq.supported(m)]
+    layers = [(n, m) for n, m in model.named_modules() if f"{n}.weight" in chosen and hessian.supported(m)]
     with ctx.progress.task(f"gptq on {len(calib)} calibration inputs", total=len(layers)) as task:
         for n, m in layers:
             _gptq_layer(n, m, model, batches, config=config, ctx=ctx, done=done)
@@ -233,7 +234,7 @@ def _gptq_layer(
 ) -> None:
     """GPTQ of layer ``name`` on the inputs that reach it while ``run(batch)`` runs each batch;
     the layer's weight becomes its dequantized self, so later layers calibrate against it."""
-    h, rows = gptq.hessian(run, m, batches)
+    h, rows = hessian.collect(run, m, batches)
     if rows == 0:
         ctx.progress.log(f"gptq: layer {name!r} did not run on the calibration inputs; using round-to-nearest")
         return
