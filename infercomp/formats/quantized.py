@@ -23,7 +23,7 @@ import torch
 from torch import nn
 
 import infercomp.formats.grid as grid
-from infercomp.formats.base import Format, Spec, Tensors, dtype_name, spec_dtype
+from infercomp.formats.base import Format, Spec, Tensors, count_nonzero, dtype_name, spec_dtype
 from infercomp.formats.qmodules import SMALL_LAYER, QuantEmbedding, QuantLinear, column_scale_of, stored_weight
 
 
@@ -107,9 +107,9 @@ class Int8(_Quantized):
         if q.numel() != math.prod(spec["shape"]):
             raise ValueError(f"{q.numel()} stored integers for shape {spec['shape']}")
         if spec.get("symmetric", True):
-            return int(torch.count_nonzero(q))
+            return count_nonzero(q)
         zp = tensors[f"{name}_zero_point"].reshape(q.shape[0], -1)  # (out, groups)
-        return int((q.reshape(q.shape[0], zp.shape[1], -1) != zp.unsqueeze(-1)).sum())
+        return count_nonzero(q.reshape(q.shape[0], zp.shape[1], -1) != zp.unsqueeze(-1))
 
     def version(self, spec: Spec) -> int:
         return 2 if spec.get("column_scale") else 1  # format 2 added column scales

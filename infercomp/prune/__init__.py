@@ -324,14 +324,14 @@ def note_pattern(pattern: tuple[int, int] | None, ctx: Context) -> None:
 
 
 def encode_pruned(
-    name: str, weight: torch.Tensor, mask: torch.Tensor, pattern: tuple[int, int] | None, *, in_place: bool = False
+    name: str, weight: torch.Tensor, mask: torch.Tensor, pattern: tuple[int, int] | None
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
     """Stored tensors and spec of ``weight`` with the weights outside ``mask`` zeroed (bitmask form
-    where smaller; 2:4 always). ``in_place``: zero them in ``weight`` itself (the caller's copy is
-    spent; the same values, one tensor fewer)."""
+    where smaller; 2:4 always). The bitmask form is taken from ``weight`` and ``mask`` directly:
+    the zeroed tensor is only made when it is stored dense."""
     fmt = BITMASK_24 if pattern == (2, 4) else BITMASK
     extra = None if pattern is None else {"pattern": f"{pattern[0]}:{pattern[1]}"}
-    return fmt.encode(name, weight.mul_(mask) if in_place else weight * mask, extra=extra)
+    return fmt.encode(name, weight, extra=extra, keep=mask)
 
 
 # ------------------------------------------------------------------------------------- structured

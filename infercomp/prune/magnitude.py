@@ -10,6 +10,8 @@ from typing import TypeVar
 
 import torch
 
+from infercomp.formats.base import count_nonzero
+
 T = TypeVar("T")
 
 
@@ -144,7 +146,7 @@ class Selection:
         def block(b: slice) -> int:
             keys = _keys(flat[b], magnitudes)
             torch.gt(keys, self.key, out=mask[b])
-            return int(torch.count_nonzero(keys == self.key)) if left > 0 else 0
+            return count_nonzero(keys == self.key) if left > 0 else 0
 
         tied = _each(block, blocks)
         for b, n in zip(blocks, tied):  # the first ``left`` ties, in order

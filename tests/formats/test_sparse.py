@@ -100,3 +100,36 @@ def test_semi_sparse_linear_uses_the_sparse_kernel_on_cuda() -> None:
         torch.testing.assert_close(y, x @ w.t(), rtol=1e-2, atol=1e-2)
     else:
         pytest.skip("this GPU has no semi-structured sparse kernel")
+
+
+@pytest.mark.parametrize("kept", [0, 1, 7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float8_e4m3fn, torch.float64])
+def test_bitmask_of_few_or_no_non_zeros_writes_and_reads_back(kept: int, dtype: torch.dtype, tmp_path: Path) -> None:
+    """The values are picked through numpy (as integers of the dtype's width where numpy lacks it):
+    an empty pick must still be a tensor safetensors can write."""
+    w = torch.zeros(4, 16)
+    w.view(-1)[torch.randperm(64, generator=torch.Generator().manual_seed(kept))[:kept]] = torch.arange(1, kept + 1).float() / 8
+    w = w.to(dtype)
+    stored, spec = BITMASK.encode("w", w, force=True)
+    assert spec is not None and spec["nnz"] == kept and stored["w.compressed"].dtype == dtype
+    path = tmp_path / "few.safetensors"
+    checkpoint.save(Checkpoint(tensors=stored, encodings={"w": spec}), path)
+    back = checkpoint.load(path)
+    assert torch.equal(formats.logical_tensors(back.tensors, back.encodings, "few")["w"].float(), w.float())
+
+
+@pytest.mark.parametrize("fmt", [BITMASK, BITMASK_24])
+@pytest.mark.parametrize("dropped", [0.5, 0.01])  # 1 %: not smaller as a bitmask, stored dense (plain bitmask)
+def test_encoding_with_a_keep_mask_is_encoding_the_zeroed_weight(fmt, dropped: float) -> None:
+    """Pruning hands the encoder the weight and its keep-mask instead of making ``w * mask``:
+    the same stored tensors, -0.0 of negative dropped weights included."""
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(16, 64, generator=g)
+    w[0, :4] = 0.0
+    w[1, :4] = -0.0
+    keep = torch.rand(16, 64, generator=g) >= dropped
+    a, spec_a = fmt.encode("w", w, keep=keep)
+    b, spec_b = fmt.encode("w", w * keep)
+    assert spec_a == spec_b and sorted(a) == sorted(b)
+    assert all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+    assert (spec_a is None) == (fmt is BITMASK and dropped < 0.1)
