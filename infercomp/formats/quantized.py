@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -144,6 +145,16 @@ class Int4(Int8):
 
     def _ints(self, tensors: Tensors, name: str, spec: Spec) -> torch.Tensor:
         return grid.unpack_int4(tensors[f"{name}_packed"], spec.get("symmetric", True))
+
+    def nonzero(self, tensors: Tensors, name: str, spec: Spec) -> int | None:
+        """Symmetric: the nibbles other than 8 (the stored form of 0), counted in the packed bytes
+        without unpacking them; else as ``Int8.nonzero``."""
+        if not spec.get("symmetric", True) or spec_dtype(spec) not in (torch.float32, torch.bfloat16):
+            return super().nonzero(tensors, name, spec)
+        packed = tensors[f"{name}_packed"].numpy()
+        if packed.dtype != np.uint8 or packed.size * 2 != math.prod(spec["shape"]):
+            raise ValueError(f"{packed.size} packed {packed.dtype} bytes for shape {spec['shape']}")
+        return packed.size * 2 - int(np.count_nonzero((packed & 0x0F) == 8)) - int(np.count_nonzero((packed >> 4) == 8))
 
 
 class Fp8(_Quantized):

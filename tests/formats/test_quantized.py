@@ -215,3 +215,7 @@ def test_nonzero_of_damaged_parts_is_a_checkpoint_error() -> None:
     stored["m.weight"] = stored["m.weight"][:3]
     with pytest.raises(InfercompError, match="cannot be decoded from its stored parts"):
         formats.nonzero(stored, "m.weight", spec)
+    stored, spec, _ = _encode("int4", torch.randn(8, 64), group_size=32)  # symmetric: counted in the packed bytes
+    stored["m.weight_packed"] = stored["m.weight_packed"][:3]
+    with pytest.raises(InfercompError, match="cannot be decoded from its stored parts"):
+        formats.nonzero(stored, "m.weight", spec)
