@@ -166,13 +166,13 @@ def _sniff(p: Path) -> str | None:
 
 
 def _read_safetensors(p: Path, lazy: bool = False) -> tuple[Mapping[str, torch.Tensor], dict[str, str]]:
+    if lazy:  # the header alone: safe_open would map the whole file (its size in address space)
+        entries, meta = _header(p)
+        return LazyTensors(entries), meta
     try:
         with safe_open(str(p), framework="pt") as f:  # validates the header and the offsets
             meta = f.metadata() or {}
-            if lazy:
-                tensors: Mapping[str, torch.Tensor] = LazyTensors(_entries(p, list(f.keys())))
-            else:
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as e:
         detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise CheckpointError(f"{p}: not a valid safetensors file (truncated or corrupt?): {detail}") from e
@@ -193,19 +193,59 @@ class _Stored:
 _CODE_DTYPES = {code: dtype for dtype, code in _DTYPE_CODES.items()}
 
 
-def _entries(p: Path, keys: list[str]) -> dict[str, _Stored]:
-    """Byte ranges of ``keys`` (in that order) from the header of ``p`` (checked by safe_open)."""
-    with open(p, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    out = {}
-    for k in keys:
-        e = header[k]
-        if e["dtype"] not in _CODE_DTYPES:
-            raise CheckpointError(f"{p}: tensor {k!r} has dtype {e['dtype']}, which infercomp does not read")
+_HEADER_MAX = 100_000_000  # the safetensors library's own limit on the header's size
+
+
+def _header(p: Path) -> tuple[dict[str, _Stored], dict[str, str]]:
+    """Byte ranges (in file order) and metadata of a safetensors file, read from its header and
+    checked as the safetensors library checks them (a JSON object; known dtypes; each tensor's
+    bytes matching its shape; the data laid end to end, no gap or overlap, up to the file's end)
+    without mapping the file, so a lazy read takes no address space for the data."""
+
+    def bad(why: str) -> CheckpointError:
+        return CheckpointError(f"{p}: not a valid safetensors file (truncated or corrupt?): {why}")
+
+    try:
+        size = p.stat().st_size
+        with open(p, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise bad("shorter than its 8-byte header length")
+            (n,) = struct.unpack("<Q", head)
+            if n > min(_HEADER_MAX, size - 8):
+                raise bad(f"header length {n} does not fit in the file ({size} bytes)")
+            header = json.loads(f.read(n))
+    except OSError as e:
+        raise bad(str(e)) from e
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise bad(f"header is not JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise bad("header is not a JSON object")
+    meta = header.pop("__metadata__", None) or {}
+    if not isinstance(meta, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in meta.items()):
+        raise bad("__metadata__ is not a map of strings")
+    entries: list[tuple[int, str, _Stored]] = []
+    for k, e in header.items():
+        ok = isinstance(e, dict) and isinstance(e.get("shape"), list) and isinstance(e.get("data_offsets"), list)
+        ok = ok and all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in e["shape"] + e["data_offsets"])
+        if not ok or len(e["data_offsets"]) != 2:
+            raise bad(f"tensor {k!r} has no valid dtype / shape / data_offsets entry")
+        if e.get("dtype") not in _CODE_DTYPES:
+            raise CheckpointError(f"{p}: tensor {k!r} has dtype {e.get('dtype')}, which infercomp does not read")
+        dtype = _CODE_DTYPES[e["dtype"]]
         start, end = e["data_offsets"]
-        out[k] = _Stored(p, 8 + n + start, end - start, _CODE_DTYPES[e["dtype"]], tuple(e["shape"]))
-    return out
+        if end - start != math.prod(e["shape"]) * dtype.itemsize:
+            raise bad(f"tensor {k!r} takes {end - start} bytes, its shape {e['shape']} needs {math.prod(e['shape']) * dtype.itemsize}")
+        entries.append((start, k, _Stored(p, 8 + n + start, end - start, dtype, tuple(e["shape"]))))
+    entries.sort(key=lambda x: (x[0], x[2].nbytes))
+    at = 0
+    for start, k, e in entries:
+        if start != at:
+            raise bad(f"tensor {k!r} starts at {start}, not where the data before it ends ({at})")
+        at += e.nbytes
+    if 8 + n + at != size:
+        raise bad(f"the tensors end at byte {8 + n + at}, the file at {size}")
+    return {k: e for _, k, e in entries}, meta
 
 
 class LazyTensors(Mapping[str, torch.Tensor]):

@@ -21,7 +21,11 @@ import infercomp
 from infercomp.errors import InfercompError
 from tests.conftest import SAMPLE
 
-SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+SETTINGS = settings(
+    max_examples=int(__import__("os").environ.get("MUTATION_EXAMPLES", 60)),
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture],
+)
 
 
 class Valid(bytes):
@@ -111,3 +115,39 @@ def test_data_files(tmp_path: Path, shape: list[int], labels: bool, dtype: torch
         infercomp.report([SAMPLE["mlp"]], data=p, latency=False)
     except InfercompError:
         pass
+
+
+@SETTINGS
+@given(
+    edits=st.lists(st.tuples(st.integers(min_value=0), st.integers(min_value=0, max_value=255)), min_size=0, max_size=4),
+    cut=st.integers(min_value=0, max_value=40000) | st.none(),
+)
+def test_lazy_header_checks_agree_with_the_safetensors_library(
+    tmp_path: Path, valid: bytes, edits: list[tuple[int, int]], cut: int | None
+) -> None:
+    """A lazy read parses the header itself (safe_open would map the whole file): it must accept
+    exactly the files the safetensors library accepts, header edits and truncations alike."""
+    from safetensors import safe_open
+
+    from infercomp import checkpoint
+
+    raw = bytearray(valid)
+    n = struct.unpack("<Q", raw[:8])[0]
+    for pos, value in edits:
+        raw[pos % (8 + n)] = value  # the header's length or its JSON
+    if cut is not None:
+        raw = raw[: max(0, len(raw) - 1 - cut)]
+    p = tmp_path / "m.safetensors"
+    p.write_bytes(bytes(raw))
+    try:
+        with safe_open(str(p), framework="pt") as f:
+            library = sorted(f.keys()), f.metadata()
+    except Exception:  # noqa: BLE001 (whatever the library raises: it refused the file)
+        library = None
+    try:
+        entries, meta = checkpoint._header(p)  # what checkpoint.load(p, lazy=True) reads
+        ours = sorted(entries), meta
+    except InfercompError:
+        ours = None
+    assert (library is None) == (ours is None), (library is None, bytes(raw[8 : 8 + n]))
+    assert ours == library
