@@ -39,12 +39,13 @@ LIMIT_FRACTION = 0.75  # of the model's bytes, on top of the imported process's 
 WORDS = "the a man woman dog cat boy girl eats runs reads plays sits rides big small red blue old new in on at park house city book music food horse bike".split()
 
 
-def make_model(d: Path, *, quick: bool) -> None:
+def make_model(d: Path, *, quick: bool, blocks: int | None = None) -> None:
     import tokenizers
     import torch
     import transformers
 
     hidden, layers, ffn = (1024, 4, 2816) if quick else (2048, 8, 5632)
+    layers = blocks or layers
     d.mkdir(parents=True)
     vocab = ["[PAD]", "[UNK]", "<s>", "</s>", *WORDS]
     tok = tokenizers.Tokenizer(tokenizers.models.WordLevel({w: i for i, w in enumerate(vocab)}, unk_token="[UNK]"))
@@ -157,7 +158,7 @@ def main() -> None:
     if sys.argv[1:2] == ["--child"]:  # a measured child (parsed here: its own arguments include -o)
         kind, *rest = sys.argv[2:]
         if kind == "make":
-            make_model(Path(rest[0]), quick=rest[1] == "1")
+            make_model(Path(rest[0]), quick=rest[1] == "1", blocks=int(rest[2]) or None)
         elif kind == "baseline":
             child_baseline()
         elif kind == "api":
@@ -167,14 +168,15 @@ def main() -> None:
         return
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="hidden 1024, 4 blocks (~0.5 GB)")
+    ap.add_argument("--blocks", type=int, default=0, help="decoder blocks (default 8, --quick 4); each full-size block is 0.2 GB")
     ap.add_argument("--dir", type=Path, default=Path("/tmp/infercomp-bench-sequential"))
     ap.add_argument("--methods", default="gptq,wanda")
     ap.add_argument("--cli", action="store_true", help="also run the CLI (block by block and whole model, no limit)")
     a = ap.parse_args()
-    root = a.dir / ("quick" if a.quick else "full")
+    root = a.dir / (("quick" if a.quick else "full") + (f"-{a.blocks}" if a.blocks else ""))
     src, text = root / "model", root / "calib.txt"
     if not src.exists():  # made in a child: a child's peak RSS starts from its parent's at fork
-        rc, _, wall, line = run_child(["--child", "make", str(src), str(int(a.quick))])
+        rc, _, wall, line = run_child(["--child", "make", str(src), str(int(a.quick)), str(a.blocks)])
         if rc != 0:
             sys.exit(f"making the model failed: {line}")
         print(f"made {src} in {wall:.0f} s")
@@ -210,11 +212,16 @@ def main() -> None:
         show(method, "in memory", None, api(False, "free"))
         same = (root / f"{method}-streamed-free.safetensors").read_bytes() == (root / f"{method}-memory-free.safetensors").read_bytes()
         print(f"  streamed output == in-memory output: {same}")
-        if vm_seq and vm_seq < base + size:
+        if vm_seq and vm_seq < size:  # a limit below the model's own size that the streamed run fits under
+            limit = int((vm_seq + size) / 2)
+        elif vm_seq and vm_seq < base + size:
             limit = int((vm_seq + base + size) / 2)
         else:  # the fixed costs outweigh the weights (a small model): just above the streamed peak
             limit = int(vm_seq * 1.05) if vm_seq else int(base + 0.75 * size)
             print(f"  (the streamed virtual peak is not below reading the weights once at this size: limit {limit / 2**30:.2f} GiB)")
+        print(
+            f"  limit {limit / 2**30:.2f} GiB vs the model's {size / 2**30:.2f} GiB on disk: the model is {'larger' if size > limit else 'not larger'}"
+        )
         show(method, "in memory", limit, api(False, "capped"))
         show(method, "streamed, block by block", limit, api(True, "capped"))
         if a.cli:

@@ -1,10 +1,10 @@
 """Calibrate a Hugging Face decoder one block at a time, as llm-compressor's sequential pipeline
-does: GPTQ and wanda (``quantize.gptq_integers``, ``prune.wanda_masks``) on a model larger than memory.
+does: GPTQ, wanda and SparseGPT (``quantize.gptq_integers``, ``prune.wanda_masks``,
+``prune.sparsegpt_weights``) on a model larger than memory.
 
 The model is built with its *parameters* on the meta device (no memory; buffers stay real, since
-some are computed at construction and never stored, e.g. rotary frequencies). The weights outside
-the repeated blocks (embeddings, final norm, output layer) are read; the calibration inputs run up
-to the blocks, where each block's call is recorded (the first block's hidden states; every
+some are computed at construction and never stored, e.g. rotary frequencies). The weights before
+the repeated blocks (the embeddings) are read; the calibration inputs run up to the blocks, where each block's call is recorded (the first block's hidden states; every
 block's masks and position embeddings). Then, block after block:
 
 1. its weights are read from ``tensors`` one by one (a ``checkpoint.LazyTensors`` reads each from
@@ -17,8 +17,10 @@ block's masks and position embeddings). Then, block after block:
 
 Layers outside the blocks are stages of their own: ``head`` (before the blocks in module order)
 and ``tail`` (after them, e.g. ``lm_head``: fed by replaying the last block's outputs through the
-rest of the model). Held at once: the weights outside the blocks, one block's weights, one
-block's inputs for the calibration set ((N, T, hidden) floats) and what ``compress`` keeps.
+rest of the model). Held at once: one block's weights, one block's inputs for the calibration
+set ((N, T, hidden) floats) and what ``compress`` keeps; the weights outside the blocks only
+while they are used (the embeddings while the blocks' inputs are recorded; everything outside
+the blocks again for the tail).
 
 ``skeleton`` decides whether a checkpoint can go this way: a transformers model whose generation
 is decoder-only (``models.is_causal_lm``), with a ModuleList of identical blocks, and whose stored
@@ -164,12 +166,19 @@ def calibrate(
     outside = [(n, m) for n, m in model.named_modules() if n in targets and not n.startswith(decoder.path + ".")]
     head = [(n, m) for n, m in outside if order.index(n) < first]
     tail = [(n, m) for n, m in outside if order.index(n) > first]
+
+    def before_blocks(n: str) -> bool:  # a parameter of the modules the blocks' inputs come from
+        return not n.startswith(decoder.path + ".") and order.index(n.rpartition(".")[0]) < first
+
     with torch.no_grad():
-        _read(decoder, tensors, lambda n: not n.startswith(decoder.path + "."))
+        # Only what makes the blocks' inputs is read now (the embeddings), and freed once those
+        # are recorded; what comes after the blocks (final norm, lm_head) is read for the tail.
+        _read(decoder, tensors, before_blocks)
         if head:
             with _blocks_replaced(blocks, lambda j, args, kwargs: _raise()):
                 compress(Stage("head", head, idx, lambda i: _stopped(model, batches[i])))
         calls = _record(model, blocks, batches)  # calls[i][j] = (args, kwargs) of block j on batch i
+        _free_where(decoder, lambda n: not n.startswith(decoder.path + "."))  # tied to lm_head too: read again for the tail
         hidden = [_hidden(calls[i][0]) for i in idx]
         last: list[Any] = []
         with progress.task(f"calibrating {len(blocks)} blocks one at a time", total=len(blocks)) as task:
@@ -188,9 +197,11 @@ def calibrate(
                 last = outs
                 _free(block)
                 task.advance()
-        if tail:
+        if tail:  # replayed through the whole model, the blocks stubbed: the embeddings are read again
+            _read(decoder, tensors, lambda n: not n.startswith(decoder.path + "."))
             with _blocks_replaced(blocks, lambda j, args, kwargs: last[kwargs.pop("_batch")]):
                 compress(Stage("tail", tail, idx, lambda i: _stopped(model, batches[i], _batch=i)))
+        _free_where(decoder, lambda n: not n.startswith(decoder.path + "."))
 
 
 def _raise() -> Any:
@@ -300,6 +311,24 @@ def _free(block: nn.Module) -> None:
         for attr, p in list(m._parameters.items()):
             if p is not None:
                 m._parameters[attr] = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+
+
+def _free_where(decoder: Decoder, wanted: Callable[[str], bool]) -> None:
+    """The parameters named ``wanted`` back to the meta device, under every name they have (a tied
+    weight is freed only where all its names are wanted)."""
+    named = list(decoder.model.named_parameters(remove_duplicate=False))
+    aliases: dict[int, list[str]] = {}
+    for n, p in named:
+        aliases.setdefault(id(p), []).append(n)
+    for _, p in named:
+        names = aliases.get(id(p))
+        if not names or p.device.type == "meta" or not all(wanted(a) for a in names):
+            continue
+        value = nn.Parameter(torch.empty_like(p, device="meta"), requires_grad=False)
+        for a in names:
+            owner, _, attr = a.rpartition(".")
+            decoder.model.get_submodule(owner)._parameters[attr] = value
+        aliases.pop(id(p))
 
 
 def materialised(decoder: Decoder) -> list[int]:

@@ -40,6 +40,7 @@ from infercomp.checkpoint import Checkpoint
 from infercomp.data import load_data
 from infercomp.errors import UsageError
 from infercomp.formats.base import Spec, count_nonzero
+from infercomp.formats.grid import Quantized
 from infercomp.measure import Comparison, MeasureOptions, compare, is_weight
 from infercomp.models import ModelLoader
 from infercomp.progress import Progress
@@ -231,9 +232,15 @@ def ahead(fn: Callable[[str], T], names: Iterable[str]) -> Iterator[tuple[str, T
 def _prune(walk: _Walk, config: PruneConfig, ctx: Context) -> None:
     pattern = config.pattern()
     masks: dict[str, torch.Tensor] = {}
+    early: set[str] = set()  # stored as calibration finished them
     if config.method == "wanda":  # calibrated block by block on the lazily read file (infercomp.blocks)
-        masks = wanda_masks(walk.ckpt, walk.ckpt.tensors, config, ctx)
-        targets: Mapping[str, Any] = masks
+
+        def store(name: str, pruned: torch.Tensor, mask: torch.Tensor) -> None:  # each block's, as it is done
+            _encode(walk, name, pruned, mask, pattern)
+            early.add(name)
+
+        masks = wanda_masks(walk.ckpt, walk.ckpt.tensors, config, ctx, on_done=store)
+        targets: Mapping[str, Any] = {**masks, **dict.fromkeys(early)}
     else:
         targets = magnitude_targets(walk.ckpt, walk.logical, config, ctx)
     note_pattern(pattern, ctx)
@@ -251,7 +258,9 @@ def _prune(walk: _Walk, config: PruneConfig, ctx: Context) -> None:
     # One weight at a time (encoding it beside the next one's masking was faster but broke 1 GB).
     with ctx.progress.task(f"pruning {len(targets)} weights (streamed)", total=len(walk.logical)) as task:
         for name in walk.logical:
-            if name not in targets:
+            if name in early:
+                walk.dense(name, count=True)  # stored already: read again only to check and count it
+            elif name not in targets:
                 walk.keep(name)
             else:
                 w = walk.dense(name, count=True)
@@ -277,18 +286,28 @@ def _encode(walk: _Walk, name: str, w: torch.Tensor, mask: torch.Tensor, pattern
 def _quantize(walk: _Walk, config: QuantizeConfig, ctx: Context) -> None:
     cast = config.scheme in CASTS
     chosen = {} if cast else quantized_weights(walk.ckpt, walk.logical, config, ctx)
-    # GPTQ: integers chosen block by block on the lazily read file (infercomp.blocks), the rest RTN.
-    done = gptq_integers(walk.ckpt, walk.ckpt.tensors, chosen, config, ctx) if config.method == "gptq" else {}
+    # GPTQ: integers chosen block by block on the lazily read file (infercomp.blocks) and stored
+    # as each layer's are chosen; the rest RTN.
+    early: set[str] = set()  # stored as calibration finished them
+
+    def store(name: str, qz: Quantized) -> None:
+        walk.put(name, *quantize_tensor(name, walk.logical[name], config, qz))  # the stand-in gives shape and dtype
+        early.add(name)
+
+    if config.method == "gptq":
+        gptq_integers(walk.ckpt, walk.ckpt.tensors, chosen, config, ctx, on_done=store)
     was_cast = 0
     with ctx.progress.task(f"quantizing to {config.scheme} (streamed)", total=len(walk.logical)) as task:
         for name in walk.logical:  # not read ahead: a second tensor in memory would break 1 GB at 11008x4096
             t = walk.dense(name, count=True)
-            if cast:
+            if name in early:
+                pass  # stored already: read again only to check and count it
+            elif cast:
                 stored, spec, did = cast_tensor(name, t, walk.ckpt.encodings.get(name), config)
                 was_cast += did
                 walk.put(name, stored, spec)
             elif name in chosen:
-                walk.put(name, *quantize_tensor(name, t, config, done.pop(name, None)))
+                walk.put(name, *quantize_tensor(name, t, config))
             else:
                 walk.put(name, {name: t}, None)  # decoded, as the in-memory path keeps it
                 if name in walk.counted:

@@ -3,6 +3,7 @@ formats themselves: tests/formats/test_sparse.py; the command: tests/test_cli_pr
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -406,3 +407,13 @@ def test_channel_pruning_a_model_that_returns_a_tuple() -> None:
     c = Context(loader=ModelLoader(trust_model_code=True), data=None, device=torch.device("cpu"), progress=Log())
     out = dense(prune(ck, PruneConfig(method="channel", sparsity=0.5), c))
     assert out["fc1.weight"].shape == (8, 6) and out["fc2.weight"].shape == (3, 8)  # output size kept
+
+
+def test_row_masks_sorted_a_few_rows_at_a_time_are_the_same(monkeypatch: pytest.MonkeyPatch) -> None:
+    magnitude = sys.modules[score_masks.__module__]  # infercomp.prune.magnitude
+
+    g = torch.Generator().manual_seed(4)
+    scores = {"a": torch.randint(0, 5, (37, 24), generator=g).float(), "b": torch.rand(5, 3, 2, 2, generator=g)}  # ties in "a"
+    whole = score_masks(scores, 0.4, "row")
+    monkeypatch.setattr(magnitude, "ROW_SORT_VALUES", 50)  # two rows of "a" at a time
+    assert all(torch.equal(whole[n], m) for n, m in score_masks(scores, 0.4, "row").items())

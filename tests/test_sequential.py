@@ -46,26 +46,35 @@ def _both(fn, src: Path, tmp_path: Path, text: Path, monkeypatch: pytest.MonkeyP
 @pytest.mark.parametrize("tied", [False, True])
 def test_one_block_is_held_at_a_time_and_read_tensor_by_tensor(tmp_path: Path, llama3: tuple[Path, Path], tied: bool) -> None:
     src = llama3[0] if not tied else tmp_path / "tied"
-    if tied:  # lm_head is the embedding: stored once, read once
+    if tied:  # lm_head is the embedding: stored once, read under that one name
         make_llama(src, layers=3, tied=True, steps=0)
     lazy = checkpoint.load(src, lazy=True)  # read from disk when asked: nothing is held
     decoder = blocks.skeleton(ModelLoader().spec_for(lazy), lazy.tensors)
     assert decoder is not None and decoder.path == "model.layers"
-    seen: list[tuple[str, list[int]]] = []
+    seen: list[tuple[str, list[int], list[str]]] = []
     targets = {n for n, m in decoder.model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+    def outside_held() -> list[str]:
+        return sorted(n for n, p in decoder.model.named_parameters() if not n.startswith("model.layers.") and p.device.type != "meta")
 
     def compress(stage: blocks.Stage) -> None:
         assert all(m.weight.device.type == "cpu" for _, m in stage.layers)
-        seen.append((stage.name, blocks.materialised(decoder)))
+        seen.append((stage.name, blocks.materialised(decoder), outside_held()))
 
     ids = torch.randint(4, len(WORDS), (5, 7))
     blocks.calibrate(decoder, lazy.tensors, ids, targets, compress, batch_size=2)
-    assert seen == [(f"model.layers.{j}", [j]) for j in range(3)] + [("tail", [])]  # lm_head after the blocks
-    assert blocks.materialised(decoder) == []
-    # Each stored tensor read once: what lies outside the blocks first, then block after block.
-    assert sorted(decoder.reads) == sorted(lazy.tensors)
+    everything_outside = sorted(n for n, _ in decoder.model.named_parameters() if not n.startswith("model.layers."))
+    # One block at a time and nothing from outside the blocks beside it; lm_head after the blocks,
+    # with what the replay through the whole model needs.
+    assert seen == [(f"model.layers.{j}", [j], []) for j in range(3)] + [("tail", [], everything_outside)]
+    assert blocks.materialised(decoder) == [] and outside_held() == []
+    # The embeddings first (to record the blocks' inputs), the blocks in order, then everything
+    # outside the blocks for the tail: each stored tensor read once, the embeddings twice.
+    embed = "model.embed_tokens.weight"
+    assert decoder.reads[0] == embed and decoder.reads.count(embed) == 2
+    assert sorted(set(decoder.reads)) == sorted(lazy.tensors) and len(decoder.reads) == len(lazy.tensors) + 1
     order = [int(n.split(".")[2]) for n in decoder.reads if n.startswith("model.layers.")]
-    assert order == sorted(order) and not any(n.startswith("model.layers.") for n in decoder.reads[: -len(order)])
+    assert order == sorted(order) and decoder.reads[1 : 1 + len(order)] == [n for n in decoder.reads if n.startswith("model.layers.")]
 
 
 def test_gptq_block_by_block_gives_the_whole_model_integers(

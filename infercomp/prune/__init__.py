@@ -14,7 +14,7 @@ Zeroed weights are stored as a bitmask plus the non-zero values where that is sm
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -173,9 +173,18 @@ def _wanda(ckpt: Checkpoint, config: PruneConfig, ctx: Context) -> Checkpoint:
     return _masked(ckpt, dense, wanda_masks(ckpt, dense, config, ctx), config.pattern(), ctx)
 
 
-def wanda_masks(ckpt: Checkpoint, dense: Mapping[str, torch.Tensor], config: PruneConfig, ctx: Context) -> dict[str, torch.Tensor]:
+def wanda_masks(
+    ckpt: Checkpoint,
+    dense: Mapping[str, torch.Tensor],
+    config: PruneConfig,
+    ctx: Context,
+    *,
+    on_done: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None,
+) -> dict[str, torch.Tensor]:
     """Keep-masks of the weights wanda prunes (``ctx.data`` calibrates). ``dense``: the logical
-    tensors, or a ``checkpoint.LazyTensors`` of them: a causal LM then reads one block at a time."""
+    tensors, or a ``checkpoint.LazyTensors`` of them: a causal LM then reads one block at a time.
+    ``on_done(name, pruned weight, mask)``, for a causal LM: each block's weights handed over as
+    soon as they are pruned, instead of their masks returned (a streamed run stores them at once)."""
     if ctx.data is None:
         raise DataError("--method wanda needs --data: calibration inputs whose activations weight |w| (a few hundred samples)")
     targets = _targets(ckpt, shapes_of(dense), config)  # names and shapes: nothing read yet
@@ -210,7 +219,10 @@ def wanda_masks(ckpt: Checkpoint, dense: Mapping[str, torch.Tensor], config: Pru
             found = masks_of(weights, norms)
             for n, mask in found.items():
                 weights[n].mul_(mask)  # the next blocks calibrate on the pruned block
-            masks.update(found)
+                if on_done is not None:
+                    on_done(n, weights[n].detach(), mask)
+            if on_done is None:
+                masks.update(found)
 
         blocks.calibrate(decoder, dense, ctx.data.inputs, set(modules), compress, batch_size=WANDA_BATCH, progress=ctx.progress)
     else:

@@ -190,25 +190,34 @@ def _check_groups(ckpt: Checkpoint, chosen: dict[str, torch.Tensor], config: Qua
 
 
 def gptq_integers(
-    ckpt: Checkpoint, dense: dict[str, torch.Tensor], chosen: dict[str, torch.Tensor], config: QuantizeConfig, ctx: Context
+    ckpt: Checkpoint,
+    dense: dict[str, torch.Tensor],
+    chosen: dict[str, torch.Tensor],
+    config: QuantizeConfig,
+    ctx: Context,
+    *,
+    on_done: Callable[[str, Quantized], None] | None = None,
 ) -> dict[str, Quantized]:
     """GPTQ for the Linear / Conv2d layers among ``chosen``; the others are left to RTN. Layers go in
     the model's order, each calibrated on inputs that passed the layers before it quantized; a
     Hugging Face causal LM goes one block at a time (``infercomp.blocks``: the same inputs, so the
-    same integers, without building the whole model)."""
+    same integers, without building the whole model). ``on_done(name, integers)``: each weight's
+    integers handed over as soon as they are chosen, instead of returned (a streamed run stores
+    them at once: no layer's integers wait for the others)."""
     if ctx.data is None:
         raise UsageError("--method gptq needs calibration inputs: pass --data FILE (its first --calib-samples inputs are used)")
     if not ctx.loader.can_build(ckpt):
         raise UsageError(f"{ckpt.name}: --method gptq runs the model and needs its code: pass --model REF")
     calib = ctx.data.inputs[: config.calib_samples]
     done: dict[str, Quantized] = {}
+    keep = on_done or done.__setitem__
     decoder = blocks.skeleton(ctx.loader.spec_for(ckpt), dense)
     if decoder is not None:
         targets = {n for n, m in decoder.model.named_modules() if f"{n}.weight" in chosen and hessian.supported(m)}
 
         def compress(stage: blocks.Stage) -> None:
             for n, m in stage.layers:
-                _gptq_layer(n, m, stage.run, stage.batches, config=config, ctx=ctx, done=done)
+                _gptq_layer(n, m, stage.run, stage.batches, config=config, ctx=ctx, keep=keep)
 
         blocks.calibrate(decoder, dense, calib, targets, compress, batch_size=32, progress=ctx.progress)
         return done
@@ -217,7 +226,7 @@ def gptq_integers(
     layers = [(n, m) for n, m in model.named_modules() if f"{n}.weight" in chosen and hessian.supported(m)]
     with ctx.progress.task(f"gptq on {len(calib)} calibration inputs", total=len(layers)) as task:
         for n, m in layers:
-            _gptq_layer(n, m, model, batches, config=config, ctx=ctx, done=done)
+            _gptq_layer(n, m, model, batches, config=config, ctx=ctx, keep=keep)
             task.advance()
     return done
 
@@ -230,7 +239,7 @@ def _gptq_layer(
     *,
     config: QuantizeConfig,
     ctx: Context,
-    done: dict[str, Quantized],
+    keep: Callable[[str, Quantized], None],
 ) -> None:
     """GPTQ of layer ``name`` on the inputs that reach it while ``run(batch)`` runs each batch;
     the layer's weight becomes its dequantized self, so later layers calibrate against it."""
@@ -239,7 +248,7 @@ def _gptq_layer(
         ctx.progress.log(f"gptq: layer {name!r} did not run on the calibration inputs; using round-to-nearest")
         return
     qz = gptq.gptq(m.weight.detach(), h, config.format, config.groups)
-    done[f"{name}.weight"] = qz
+    keep(f"{name}.weight", qz)
     deq = grid.dequantize(qz.q, qz.scale, qz.zero_point).reshape(m.weight.shape)
     with torch.no_grad():
         m.weight.copy_(deq)
