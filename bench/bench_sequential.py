@@ -1,7 +1,8 @@
 """Layer-by-layer GPTQ and wanda (``infercomp.blocks``) on a causal LM larger than a memory limit.
 
 Makes a Llama-style model with random weights (hidden 2048, 8 blocks, FFN 5632, vocabulary 32000:
-~2 GB of float32 safetensors; ``--quick``: hidden 1024, 4 blocks, FFN 2816, ~0.5 GB) and a word
+~2 GB of float32 safetensors; ``--blocks N``: N blocks of 0.2 GB each; ``--quick``: hidden 1024,
+4 blocks, FFN 2816, ~0.5 GB) and a word
 tokenizer, then, for ``--method gptq`` (int4) and ``wanda`` (50 %), runs children and prints each
 one's peak RSS (``os.wait4``'s rusage) and wall time:
 
@@ -10,8 +11,9 @@ one's peak RSS (``os.wait4``'s rusage) and wall time:
   encoded and spooled to disk as it comes (``infercomp.stream``; the CLI's ``--stream``);
 - ``in memory``: the same verb with ``stream=False``: the whole input read first.
 Both run once without a limit (their outputs compared byte for byte), then both under an
-``RLIMIT_AS`` set between the streamed run's virtual peak and what reading every weight once
-needs: the in-memory run must fail there. ``--cli`` adds the command as users run it
+``RLIMIT_AS`` halfway between the streamed run's virtual peak and the model's size on disk when
+that peak is below the size (the model is then larger than the limit: the bench says so), else
+halfway to what reading every weight once needs: the in-memory run must fail there. ``--cli`` adds the command as users run it
 (``--no-latency``, comparison included), block by block and whole model, without a limit.
 
 The limit. ``RLIMIT_AS`` caps *virtual* memory, and a process that has imported torch and

@@ -44,7 +44,7 @@ from infercomp.formats.grid import Quantized
 from infercomp.measure import Comparison, MeasureOptions, compare, is_weight
 from infercomp.models import ModelLoader
 from infercomp.progress import Progress
-from infercomp.prune import PruneConfig, encode_pruned, magnitude_targets, note_pattern, tensor_mask, wanda_masks
+from infercomp.prune import PruneConfig, encode_pruned, magnitude_targets, note_pattern, sparsegpt_weights, tensor_mask, wanda_masks
 from infercomp.prune.magnitude import Selection, kept_count
 from infercomp.quantize import CASTS, QuantizeConfig, cast_tensor, gptq_integers, note_scheme, quantize_tensor, quantized_weights
 from infercomp.transform import Context, TransformConfig, pinned_threads
@@ -59,11 +59,14 @@ T = TypeVar("T")
 def why_not(source: Path, output: Path, config: TransformConfig) -> str | None:
     """Why ``config`` cannot stream ``source`` to ``output`` (None: it can)."""
     calibrated = (
-        isinstance(config, PruneConfig) and config.method == "wanda" or isinstance(config, QuantizeConfig) and config.method == "gptq"
+        isinstance(config, PruneConfig)
+        and config.method in ("wanda", "sparsegpt")
+        or isinstance(config, QuantizeConfig)
+        and config.method == "gptq"
     )
     if isinstance(config, PruneConfig):
-        if config.method not in ("magnitude", "2:4", "wanda"):
-            return f"--method {config.method} needs the whole model (magnitude, 2:4 / N:M and wanda pruning stream)"
+        if config.method not in ("magnitude", "2:4", "wanda", "sparsegpt"):
+            return f"--method {config.method} needs the whole model (magnitude, 2:4 / N:M, wanda and sparsegpt pruning stream)"
     elif not isinstance(config, QuantizeConfig):
         return f"{config.transform} trains a model"
     if not (source.is_dir() or checkpoint.is_safetensors(source)):
@@ -233,13 +236,16 @@ def _prune(walk: _Walk, config: PruneConfig, ctx: Context) -> None:
     pattern = config.pattern()
     masks: dict[str, torch.Tensor] = {}
     early: set[str] = set()  # stored as calibration finished them
-    if config.method == "wanda":  # calibrated block by block on the lazily read file (infercomp.blocks)
+    if config.method in ("wanda", "sparsegpt"):  # calibrated block by block on the lazily read file (infercomp.blocks)
 
         def store(name: str, pruned: torch.Tensor, mask: torch.Tensor) -> None:  # each block's, as it is done
             _encode(walk, name, pruned, mask, pattern)
             early.add(name)
 
-        masks = wanda_masks(walk.ckpt, walk.ckpt.tensors, config, ctx, on_done=store)
+        if config.method == "wanda":
+            masks = wanda_masks(walk.ckpt, walk.ckpt.tensors, config, ctx, on_done=store)
+        else:
+            sparsegpt_weights(walk.ckpt, walk.ckpt.tensors, config, ctx, on_done=store)
         targets: Mapping[str, Any] = {**masks, **dict.fromkeys(early)}
     else:
         targets = magnitude_targets(walk.ckpt, walk.logical, config, ctx)

@@ -151,6 +151,7 @@ def test_other_models_are_built_whole(tiny_ckpt: Path) -> None:
         ("quantize", {"scheme": "int4", "method": "gptq"}),
         ("prune", {"method": "wanda", "sparsity": 0.5}),
         ("prune", {"method": "wanda", "n": 2, "m": 4}),
+        ("prune", {"method": "sparsegpt", "sparsity": 0.5}),
     ],
 )
 def test_streamed_calibration_writes_the_in_memory_bytes(tmp_path: Path, llama3: tuple[Path, Path], verb: str, kw: dict) -> None:

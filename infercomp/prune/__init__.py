@@ -253,15 +253,23 @@ def _sparsegpt(ckpt: Checkpoint, config: PruneConfig, ctx: Context) -> Checkpoin
 
 
 def sparsegpt_weights(
-    ckpt: Checkpoint, dense: Mapping[str, torch.Tensor], config: PruneConfig, ctx: Context
+    ckpt: Checkpoint,
+    dense: Mapping[str, torch.Tensor],
+    config: PruneConfig,
+    ctx: Context,
+    *,
+    on_done: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(updated weights in their stored dtype, keep-masks) of the Linear / Conv2d weights SparseGPT
     prunes, calibrated on ``ctx.data``. A layer the calibration never reaches is pruned by
-    magnitude, with a note."""
+    magnitude, with a note. ``dense`` may be a ``checkpoint.LazyTensors``: a causal LM then reads
+    one block at a time. ``on_done(name, weight, mask)``: each layer's handed over as soon as it is
+    pruned, instead of returned (a streamed run stores them at once)."""
     if ctx.data is None:
         raise DataError(
             "--method sparsegpt needs --data: calibration inputs whose activations make each layer's Hessian (a few hundred samples)"
         )
+    stored_dtype = {n: t.dtype for n, t in shapes_of(dense).items()}
     targets = _targets(ckpt, shapes_of(dense), config)
     pattern = config.pattern()
     if pattern is not None:
@@ -290,8 +298,11 @@ def sparsegpt_weights(
             w, keep = sparsegpt(m.weight, h, config.sparsity, pattern)
         with torch.no_grad():
             m.weight.copy_(w)  # later layers calibrate on this one pruned
-        weights[f"{name}.weight"] = w.to(dense[f"{name}.weight"].dtype)
-        masks[f"{name}.weight"] = keep
+        w = w.to(stored_dtype[f"{name}.weight"])
+        if on_done is not None:
+            on_done(f"{name}.weight", w, keep)
+        else:
+            weights[f"{name}.weight"], masks[f"{name}.weight"] = w, keep
 
     chosen = {n.rpartition(".")[0] for n in targets}
     if decoder is not None:
