@@ -98,7 +98,9 @@ def run(
         raise UsageError(f"--export {export}: choose one of {', '.join(EXPORTS)}")
     if export is not None and stream:
         raise UsageError("--export dense reads the whole checkpoint; drop --stream")
-    if export is None and stream_wanted(src, out, config, stream):  # weight-only, tensor by tensor: see infercomp.stream (--stream)
+    if export is None and stream_wanted(
+        src, out, config, stream, progress
+    ):  # weight-only, tensor by tensor: see infercomp.stream (--stream)
         return run_streamed(
             src, out, config, loader=loader, options=options, progress=progress, data=data, eval_data=eval_data, force=force,
             measure=measure, allow_nonfinite=allow_nonfinite, max_shard_size=max_shard_size, on_saved=on_saved,

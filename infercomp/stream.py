@@ -43,7 +43,7 @@ from infercomp.formats.base import Spec, count_nonzero
 from infercomp.formats.grid import Quantized
 from infercomp.measure import Comparison, MeasureOptions, compare, is_weight
 from infercomp.models import ModelLoader
-from infercomp.progress import Progress
+from infercomp.progress import NULL, Progress
 from infercomp.prune import PruneConfig, encode_pruned, magnitude_targets, note_pattern, sparsegpt_weights, tensor_mask, wanda_masks
 from infercomp.prune.magnitude import Selection, kept_count
 from infercomp.quantize import CASTS, QuantizeConfig, cast_tensor, gptq_integers, note_scheme, quantize_tensor, quantized_weights
@@ -80,17 +80,23 @@ def why_not(source: Path, output: Path, config: TransformConfig) -> str | None:
     return None
 
 
-def wanted(source: str | os.PathLike[str], output: str | os.PathLike[str], config: TransformConfig, stream: bool | None) -> bool:
+def wanted(
+    source: str | os.PathLike[str], output: str | os.PathLike[str], config: TransformConfig, stream: bool | None, progress: Progress = NULL
+) -> bool:
     """Whether to stream: ``stream`` True (an error when it cannot), False, or None (auto: when it
-    can and the input is larger than ``STREAM_ABOVE``)."""
+    can and the input is larger than ``STREAM_ABOVE``; when it cannot, ``progress`` says why the
+    large input is read whole)."""
     src = Path(source)
     if stream is False or not src.exists():
         return False  # a missing input gets the usual error from the reader
-    if stream is None and checkpoint.disk_size(src) <= STREAM_ABOVE:
+    size = checkpoint.disk_size(src)
+    if stream is None and size <= STREAM_ABOVE:
         return False  # small: read whole, without asking why_not (which builds a gptq / wanda model's skeleton)
     why = why_not(src, Path(output), config)
     if stream and why is not None:
         raise UsageError(f"--stream: cannot stream this transform: {why}; leave out --stream to run it in memory")
+    if why is not None:
+        progress.log(f"{src}: {size / 1e9:.1f} GB, read whole into memory (not streamed: {why})")
     return why is None
 
 

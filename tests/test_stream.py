@@ -168,6 +168,20 @@ def test_a_directory_output_is_not_streamed(tmp_path: Path) -> None:
     assert not stream_wanted(d, tmp_path / "out", PruneConfig(), None)
 
 
+def test_a_large_input_read_whole_says_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Auto mode on an input over the streaming size that cannot stream: a note, not silence (a
+    28 GB model read whole is the user's to stop)."""
+    from tests.test_prune import Log
+
+    d = _hf_dir(tmp_path)
+    monkeypatch.setattr(sys.modules[stream_wanted.__module__], "STREAM_ABOVE", 0)
+    log = Log()
+    assert not stream_wanted(d, tmp_path / "out", PruneConfig(), None, log)
+    assert any("read whole into memory (not streamed: a Hugging Face directory output" in line for line in log.lines), log.lines
+    log = Log()
+    assert stream_wanted(d, tmp_path / "out.safetensors", PruneConfig(), None, log) and not log.lines
+
+
 def test_global_threshold_is_exact_with_ties() -> None:
     """The two-pass histogram selection keeps exactly what a stable sort of the concatenation
     keeps, ties broken by position across tensors (and NaN / inf ranked as sort ranks them)."""
