@@ -14,6 +14,7 @@ import ctypes
 import hashlib
 import json
 import math
+import mmap
 import os
 import shutil
 import struct
@@ -23,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
@@ -251,15 +253,30 @@ def _header(p: Path) -> tuple[dict[str, _Stored], dict[str, str]]:
 class LazyTensors(Mapping[str, torch.Tensor]):
     """The tensors of safetensors file(s), each read from disk when asked for and not kept.
 
-    Read with ``readinto`` into a fresh tensor rather than memory-mapped: the pages of a mapped
-    file count in the process's resident memory while they stay mapped, so walking a mapped file
-    of N GB shows N GB resident; a read tensor is freed as soon as its user drops it."""
+    Each tensor is a private (copy-on-write) memory map of its own bytes: no copy is made, the
+    page cache's pages are used as they are, and a write changes only this process's copy. Its
+    pages count in the process's resident memory while the tensor lives and are unmapped when it
+    is freed, so walking a file tensor by tensor stays bounded by the tensors held at once (a map
+    of the whole file would show the whole file resident). A tensor whose bytes are not aligned
+    for its dtype is read into a fresh tensor instead."""
 
     def __init__(self, entries: dict[str, _Stored]):
         self._entries = entries
 
     def __getitem__(self, key: str) -> torch.Tensor:
         e = self._entries[key]
+        if e.nbytes == 0 or e.offset % e.dtype.itemsize:
+            return self._read(key, e)
+        with open(e.path, "rb") as f:
+            if os.fstat(f.fileno()).st_size < e.offset + e.nbytes:  # mapped bytes past the end would crash on access
+                raise CheckpointError(f"{e.path}: truncated while reading tensor {key!r}")
+            start = e.offset - e.offset % mmap.ALLOCATIONGRANULARITY
+            mapped = mmap.mmap(f.fileno(), e.offset + e.nbytes - start, offset=start, access=mmap.ACCESS_COPY)
+        data = np.frombuffer(mapped, dtype=np.uint8, count=e.nbytes, offset=e.offset - start)  # holds the map
+        return torch.from_numpy(data).view(e.dtype).reshape(e.shape)
+
+    @staticmethod
+    def _read(key: str, e: _Stored) -> torch.Tensor:
         buf = torch.empty(e.nbytes, dtype=torch.uint8)
         view = memoryview(buf.numpy())
         with open(e.path, "rb") as f:

@@ -220,3 +220,27 @@ def test_check_finite_finds_every_nan_and_inf_and_passes_sums_that_overflow(dtyp
         t[[3, 700]] = bad
         with pytest.raises(CheckpointError, match="'w' holds 2 NaN or infinite"):
             checkpoint.check_finite(Checkpoint(tensors={"a": finite, "w": t.to(dtype)}))
+
+
+def test_lazy_tensors_are_private_maps_of_the_file(tmp_path: Path) -> None:
+    """Read lazily, a tensor is a copy-on-write map of its bytes: equal to the eager read, writable
+    without changing the file; bytes not aligned for their dtype are read instead of mapped; a
+    file cut short after its header was read is a CheckpointError, not a crash on access."""
+    p = tmp_path / "m.safetensors"
+    # Ours writes tensors by name: 3 bytes first, so the float32 tensor after them starts at an odd offset.
+    checkpoint.save(Checkpoint(tensors={"a": torch.arange(3, dtype=torch.uint8), "b": torch.arange(6.0).reshape(2, 3)}), p)
+    assert checkpoint._header(p)[0]["b"].offset % 4 == 3
+    save_file({"w": torch.randn(64, 32), "v": torch.randn(5).to(torch.bfloat16)}, str(tmp_path / "aligned.safetensors"))
+    for path in (p, tmp_path / "aligned.safetensors"):
+        before = path.read_bytes()
+        lazy, eager = checkpoint.load(path, lazy=True), checkpoint.load(path)
+        for name in eager.tensors:
+            t = lazy.tensors[name]
+            assert torch.equal(t, eager.tensors[name]) and t.dtype == eager.tensors[name].dtype
+            t.zero_() if t.dtype != torch.bool else None  # a private copy: the file keeps its bytes
+        assert path.read_bytes() == before
+    lazy = checkpoint.load(tmp_path / "aligned.safetensors", lazy=True)
+    with open(tmp_path / "aligned.safetensors", "r+b") as f:
+        f.truncate(200)
+    with pytest.raises(CheckpointError, match="truncated while reading tensor"):
+        lazy.tensors["w"]
