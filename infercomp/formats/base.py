@@ -25,7 +25,7 @@ COUNT_BLOCK = 1 << 20  # values compared at a time: a 1 MiB bool temporary, howe
 
 def count_nonzero(t: torch.Tensor) -> int:
     """``torch.count_nonzero(t)`` for any dtype (float8 included; -0.0 counts as zero, NaN as
-    non-zero), in blocks: numpy counts each block's ``!= 0``, twice as fast as torch's own count
+    non-zero), in blocks: numpy counts each block's ``!= 0``, faster than torch's own count
     on CPU, with no tensor-sized temporary."""
     flat = t.detach().reshape(-1)
     if flat.dtype == torch.bool:

@@ -39,7 +39,7 @@ _INTS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # an i
 def _selected(w: torch.Tensor, nz: torch.Tensor) -> torch.Tensor:
     """``w[nz]`` (row-major) through numpy's boolean indexing, which copies the selected values
     without the (nnz, 2) int64 index tensor torch's builds (360 MB for a half-sparse 11008 x 4096
-    weight) and is 2-3x faster. Dtypes numpy lacks (bfloat16, float8) go as integers of their width."""
+    weight) and is faster. Dtypes numpy lacks (bfloat16, float8) go as integers of their width."""
     picked = w.view(_INTS[w.element_size()]).numpy()[nz.numpy()]
     if picked.size == 0:  # numpy gives an empty result stride 0, which torch cannot view as bytes
         return torch.empty(0, dtype=w.dtype)

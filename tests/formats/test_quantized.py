@@ -219,3 +219,19 @@ def test_nonzero_of_damaged_parts_is_a_checkpoint_error() -> None:
     stored["m.weight_packed"] = stored["m.weight_packed"][:3]
     with pytest.raises(InfercompError, match="cannot be decoded from its stored parts"):
         formats.nonzero(stored, "m.weight", spec)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn, torch.int8, torch.bool])
+def test_count_nonzero_is_torchs_count_in_any_dtype(dtype: torch.dtype, monkeypatch: pytest.MonkeyPatch) -> None:
+    import infercomp.formats.base as base
+
+    monkeypatch.setattr(base, "COUNT_BLOCK", 7)  # counted in blocks that split rows
+    t = torch.tensor([[0.0, -0.0, 1.5, float("nan")], [0.25, 0.0, -3.0, 0.0], [2.0, 0.0, 0.0, 1.0]])
+    if dtype == torch.bool or not dtype.is_floating_point:
+        t = torch.nan_to_num(t).to(dtype)
+    else:
+        t = t.to(dtype)
+    expected = int(torch.count_nonzero(t.float()))  # NaN counts, -0.0 does not
+    assert base.count_nonzero(t) == base.count_nonzero(t.t()) == expected
+    if t.is_floating_point():
+        assert expected == 6  # 1.5, NaN, 0.25, -3, 2, 1: neither 0.0 nor -0.0
