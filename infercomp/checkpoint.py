@@ -303,6 +303,11 @@ class LazyTensors(Mapping[str, torch.Tensor]):
         return {k: torch.empty(e.shape, dtype=e.dtype, device="meta") for k, e in self._entries.items()}
 
 
+def lazy_ranges(path: Path, ranges: Mapping[str, tuple[int, int, torch.dtype, list[int] | tuple[int, ...]]]) -> LazyTensors:
+    """``LazyTensors`` over raw tensors in ``path``: name -> (byte offset, bytes, dtype, shape)."""
+    return LazyTensors({n: _Stored(path, off, nb, dtype, tuple(shape)) for n, (off, nb, dtype, shape) in ranges.items()})
+
+
 def shapes_of(tensors: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]:
     """Tensors to read shapes, dtypes and sizes from without reading data (meta stand-ins for a
     ``LazyTensors``)."""
@@ -532,20 +537,23 @@ WEIGHT_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)
 
 
 def save_dir(
-    ckpt: Checkpoint,
+    ckpt: Checkpoint | None,
     out: Path,
     *,
     source: Path,
     config: dict[str, Any] | None,
     force: bool = False,
     max_shard_size: int = 5 * 10**9,
+    weights: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write a Hugging Face directory: every file of the ``source`` directory that is not a weight
     file (tokenizer, sentence-transformers modules, README...) copied, ``config.json`` replaced by
     ``config`` (when given), and the tensors as safetensors shards of at most ``max_shard_size``
     bytes (one ``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` with
-    ``model.safetensors.index.json``), each carrying the infercomp metadata. Written as a whole:
-    into a temp directory beside ``out``, then renamed; an error or Ctrl-C leaves nothing."""
+    ``model.safetensors.index.json``, as ``shard_plan`` splits them), each carrying the infercomp
+    metadata. ``weights(folder)``, given instead of ``ckpt``, writes the shards into ``folder``
+    itself (a streamed run, from its spool). Written as a whole: into a temp directory beside
+    ``out``, then renamed; an error or Ctrl-C leaves nothing."""
     check_output(out, force=force, source=source, directory=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     old = out.with_name(f".{out.name}.{os.getpid()}.old")
@@ -566,7 +574,10 @@ def save_dir(
             shutil.copy2(f, tmp / rel)
         if config is not None:
             (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-        _write_shards(tmp, ckpt, max_shard_size)
+        if weights is not None:
+            weights(tmp)
+        elif ckpt is not None:
+            _write_shards(tmp, ckpt, max_shard_size)
         if out.exists():  # --force: the old directory goes only once the new one is complete
             os.replace(out, old)
         os.replace(tmp, out)
@@ -578,7 +589,8 @@ def save_dir(
         raise
     shutil.rmtree(old, ignore_errors=True)
     _fsync_dir(out.parent)
-    ckpt.path = out
+    if ckpt is not None:
+        ckpt.path = out
     return out
 
 

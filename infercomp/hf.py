@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +19,7 @@ from torch import nn
 import infercomp.formats as formats
 from infercomp.checkpoint import Checkpoint
 from infercomp.errors import DataError, ModelError, UsageError
+from infercomp.formats.base import count_nonzero
 
 HF_REF = "hf-auto"
 
@@ -161,6 +164,14 @@ def resized_config(config: dict[str, Any], plan: dict[str, Any]) -> dict[str, An
     return out
 
 
+def module_types(config: dict[str, Any]) -> dict[str, str]:
+    """Module name -> class name of the model ``config`` builds (on the meta device: nothing is
+    allocated): how ``HFOutput`` knows which weights are Linear layers'."""
+    with torch.device("meta"):
+        model = build(config)
+    return {name: type(m).__name__ for name, m in model.named_modules()}
+
+
 def mismatch(config: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> str | None:
     """The first tensor whose stored shape differs from what ``config`` builds (on the meta device,
     nothing allocated), or None when config.json describes the checkpoint."""
@@ -179,6 +190,86 @@ def mismatch(config: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> str 
 # to int32 words (``formats.quantized.PackQuantized``).
 _CT_FORMATS = {"int8-dynamic": "int-quantized", "fp8": "float-quantized", "int8": "pack-quantized", "int4": "pack-quantized"}
 _SPARSE = {"sparse-bitmask": "unstructured", "sparse-24-bitmask": "2:4"}
+
+
+@dataclass
+class HFOutput:
+    """What the tensors of a Hugging Face directory output add up to, one logical tensor at a time
+    (``add``), and the config.json that describes them (``config``): ``output_checkpoint`` walks a
+    checkpoint in memory, a streamed run (``infercomp.stream``) the tensors it spooled."""
+
+    module_types: dict[str, str]
+    kept: dict[str, dict[str, Any]] = field(default_factory=dict)  # compressed-tensors specs
+    ours: dict[str, dict[str, Any]] = field(default_factory=dict)  # column scales: infercomp's
+    sparse: dict[str, str] = field(default_factory=dict)  # name -> unstructured / 2:4
+    sparse_zeros: int = 0
+    sparse_total: int = 0
+    others: list[str] = field(default_factory=list)  # encoded, written dense, not sparse Linear
+    floats: set[str] = field(default_factory=set)  # dtypes of the float tensors written as they are
+
+    def add(self, name: str, parts: Mapping[str, torch.Tensor], spec: dict[str, Any] | None, where: str) -> dict[str, torch.Tensor]:
+        """The tensors to write for logical tensor ``name``, from its stored ``parts`` and ``spec``
+        (None: a plain tensor)."""
+        if spec is None:
+            t = parts[name]
+            if t.is_floating_point() and t.dim() >= 2:
+                self.floats.add(str(t.dtype).removeprefix("torch."))
+            return {name: t}
+        codec = spec.get("codec")
+        linear = self.module_types.get(name.removesuffix(".weight")) == "Linear"
+        if spec.get("column_scale"):  # --column-scales forced: ours, which only infercomp reads
+            self.ours[name] = spec
+            return dict(parts)
+        if codec in _CT_FORMATS and linear:
+            stored = dict(parts)
+            if _CT_FORMATS[codec] == "pack-quantized":
+                stored, spec = formats.FORMATS["pack-quantized"].from_ours(stored, name, spec)
+            self.kept[name] = spec
+            return stored
+        dense = formats.decode(parts, name, spec, where).contiguous()
+        if codec in _SPARSE and linear:
+            self.sparse[name] = _SPARSE[codec]
+            self.sparse_zeros += dense.numel() - int(spec.get("nnz", count_nonzero(dense)))
+            self.sparse_total += dense.numel()
+        else:
+            self.others.append(name)
+        if dense.dim() >= 2:
+            self.floats.add(str(dense.dtype).removeprefix("torch."))
+        return {name: dense}
+
+    def config(
+        self, config: dict[str, Any], shapes: Mapping[str, tuple[int, ...]], where: str, *, sentence_transformers: bool = False
+    ) -> tuple[dict[str, Any], list[str]]:
+        """(config.json for what was added, notes for the user); ``shapes``: the logical shapes."""
+        notes: list[str] = []
+        if self.others:
+            why = "layers compressed-tensors does not quantize: embeddings, convolutions"
+            notes.append(f"{len(self.others)} tensor(s) written dense for transformers ({why}), e.g. {sorted(self.others)[0]!r}")
+        if self.ours:
+            notes.append(
+                f"{len(self.ours)} tensor(s) keep infercomp's column scales (--column-scales), which compressed-tensors cannot "
+                "describe: this directory loads with infercomp.load, not with transformers"
+            )
+        problem = mismatch(config, shapes)
+        if problem:
+            raise UsageError(
+                f"{where}: config.json cannot describe this model's shapes for transformers ({problem}); write one file with "
+                "-o NAME.safetensors (infercomp loads it), or prune uniformly (channel pruning of every layer, --scope ffn)"
+            )
+        out = {k: v for k, v in config.items() if k != "quantization_config"}  # ours describes what is written now
+        qconfig: dict[str, Any] = {}
+        if self.kept:
+            qconfig = _quantization_config(self.kept, self.module_types)
+            if sentence_transformers:
+                qconfig["dequantize"] = True
+        if self.sparse:
+            qconfig.setdefault("quant_method", "compressed-tensors")
+            qconfig["sparsity_config"] = _sparsity_config(self)
+        if qconfig:
+            out["quantization_config"] = qconfig
+        if len(self.floats) == 1 and self.floats != {"float32"}:
+            out["torch_dtype"] = next(iter(self.floats))
+        return out, notes
 
 
 def output_checkpoint(
@@ -202,62 +293,16 @@ def output_checkpoint(
     on the first call; ``dequantize: true`` makes transformers decompress at load instead (the same
     float weights the hook would give), so ``SentenceTransformer(OUT)`` runs.
     """
-    notes: list[str] = []
-    tensors, _ = formats.stored_form(ckpt.tensors, ckpt.encodings, ckpt.encodings, ckpt.name)  # the plain tensors
-    kept: dict[str, dict[str, Any]] = {}
-    ours: dict[str, dict[str, Any]] = {}
-    sparse: dict[str, str] = {}
-    dense_names = []
-    for name, spec in ckpt.encodings.items():
-        codec = spec.get("codec")
-        linear = module_types.get(name.removesuffix(".weight")) == "Linear"
-        if spec.get("column_scale"):  # --column-scales forced: ours, which only infercomp reads
-            ours[name] = spec
-            tensors.update({k: ckpt.tensors[k] for k in formats.format_for(name, spec, ckpt.name).keys(name, spec)})
-        elif codec in _CT_FORMATS and linear:
-            stored = {k: ckpt.tensors[k] for k in formats.format_for(name, spec, ckpt.name).keys(name, spec)}
-            if _CT_FORMATS[codec] == "pack-quantized":
-                stored, spec = formats.FORMATS["pack-quantized"].from_ours(stored, name, spec)
-            kept[name] = spec
-            tensors.update(stored)
-        else:
-            dense_names.append(name)
-            if codec in _SPARSE and linear:
-                sparse[name] = _SPARSE[codec]
-    if dense_names:
-        dense = formats.logical_tensors(ckpt.tensors, ckpt.encodings, ckpt.name)
-        tensors.update({n: dense[n].contiguous() for n in dense_names})
-        others = [n for n in dense_names if n not in sparse]
-        if others:
-            why = "layers compressed-tensors does not quantize: embeddings, convolutions"
-            notes.append(f"{len(others)} tensor(s) written dense for transformers ({why}), e.g. {others[0]!r}")
-    if ours:
-        notes.append(
-            f"{len(ours)} tensor(s) keep infercomp's column scales (--column-scales), which compressed-tensors cannot describe: "
-            "this directory loads with infercomp.load, not with transformers"
-        )
+    built = HFOutput(module_types)
+    owned = formats.stored_keys(ckpt.encodings, ckpt.name)
+    tensors: dict[str, torch.Tensor] = {}
+    for name in formats.logical_shapes(ckpt.tensors, ckpt.encodings, ckpt.name):
+        parts = {k: ckpt.tensors[k] for k in owned.get(name, [name])}
+        tensors.update(built.add(name, parts, ckpt.encodings.get(name), ckpt.name))
     shapes = formats.logical_shapes(ckpt.tensors, ckpt.encodings, ckpt.name)
-    problem = mismatch(config, shapes)
-    if problem:
-        raise UsageError(
-            f"{ckpt.name}: config.json cannot describe this model's shapes for transformers ({problem}); write one file with "
-            "-o NAME.safetensors (infercomp loads it), or prune uniformly (channel pruning of every layer, --scope ffn)"
-        )
-    out = {k: v for k, v in config.items() if k != "quantization_config"}  # ours describes what is written now
-    qconfig: dict[str, Any] = {}
-    if kept:
-        qconfig = _quantization_config(kept, module_types)
-        if sentence_transformers:
-            qconfig["dequantize"] = True
-    if sparse:
-        qconfig.setdefault("quant_method", "compressed-tensors")
-        qconfig["sparsity_config"] = _sparsity_config(sparse, module_types, tensors)
-    if qconfig:
-        out["quantization_config"] = qconfig
-    floats = {str(t.dtype).removeprefix("torch.") for n, t in tensors.items() if t.is_floating_point() and n not in kept and t.dim() >= 2}
-    if len(floats) == 1 and floats != {"float32"}:
-        out["torch_dtype"] = floats.pop()
-    return Checkpoint(tensors=tensors, model=ckpt.model, history=ckpt.history, encodings={**kept, **ours}, plan=ckpt.plan), out, notes
+    out, notes = built.config(config, shapes, ckpt.name, sentence_transformers=sentence_transformers)
+    encodings = {**built.kept, **built.ours}
+    return Checkpoint(tensors=tensors, model=ckpt.model, history=ckpt.history, encodings=encodings, plan=ckpt.plan), out, notes
 
 
 def _quantization_config(kept: dict[str, dict[str, Any]], module_types: dict[str, str]) -> dict[str, Any]:
@@ -286,17 +331,15 @@ def _quantization_config(kept: dict[str, dict[str, Any]], module_types: dict[str
     }
 
 
-def _sparsity_config(sparse: dict[str, str], module_types: dict[str, str], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+def _sparsity_config(built: HFOutput) -> dict[str, Any]:
     """compressed-tensors' ``dense`` sparsity format: the weights are stored whole, the config says
     which Linear layers are sparse and how (vLLM can pick 2:4 kernels from it)."""
-    structures = set(sparse.values())
-    modules = {n.removesuffix(".weight") for n in sparse}
-    zeros = sum(int((tensors[n] == 0).sum()) for n in sparse)
-    total = sum(tensors[n].numel() for n in sparse)
+    structures = set(built.sparse.values())
+    modules = {n.removesuffix(".weight") for n in built.sparse}
     return {
         "format": "dense",
         "sparsity_structure": structures.pop() if len(structures) == 1 else "unstructured",
-        "global_sparsity": zeros / total if total else 0.0,
+        "global_sparsity": built.sparse_zeros / built.sparse_total if built.sparse_total else 0.0,
         "targets": ["Linear"],
-        "ignore": sorted(name for name, kind in module_types.items() if kind == "Linear" and name not in modules),
+        "ignore": sorted(name for name, kind in built.module_types.items() if kind == "Linear" and name not in modules),
     }

@@ -98,9 +98,13 @@ def run(
         raise UsageError(f"--export {export}: choose one of {', '.join(EXPORTS)}")
     if export is not None and stream:
         raise UsageError("--export dense reads the whole checkpoint; drop --stream")
-    if export is None and stream_wanted(
-        src, out, config, stream, progress
-    ):  # weight-only, tensor by tensor: see infercomp.stream (--stream)
+    # A Hugging Face directory in gives one out, unless -o names a single .safetensors file.
+    hf_out = src.is_dir() and out.suffix != ".safetensors"
+    if hf_out:  # what transformers cannot load is changed or refused before any work (the header is enough)
+        spec = checkpoint.load(src, lazy=True).model
+        config = _for_hf_output(config, dict((spec or {}).get("config") or {}), progress, dense=export == "dense")
+    streamed = export is None and stream_wanted(src, out, config, stream, progress)
+    if streamed:  # weight-only, tensor by tensor: see infercomp.stream (--stream)
         return run_streamed(
             src, out, config, loader=loader, options=options, progress=progress, data=data, eval_data=eval_data, force=force,
             measure=measure, allow_nonfinite=allow_nonfinite, max_shard_size=max_shard_size, on_saved=on_saved,
@@ -109,11 +113,7 @@ def run(
     if not allow_nonfinite:
         checkpoint.check_finite(ckpt)
     reads = tuple(Path(p) for p in (*config.inputs(), data, eval_data) if p is not None)
-    # A Hugging Face directory in gives one out, unless -o names a single .safetensors file.
-    hf_out = src.is_dir() and out.suffix != ".safetensors"
     checkpoint.check_output(out, force=force, source=src, inputs=reads, directory=hf_out)  # fail before any expensive work
-    if hf_out:
-        config = _for_hf_output(config, dict((ckpt.model or {}).get("config") or {}), progress, dense=export == "dense")
     dataset = load_data(data, model=src) if data is not None else None
     ctx = Context(loader=loader, data=dataset, device=options.torch_device(), progress=progress, source=src, output=out)
     with progress.task(f"{config.transform}: {src.name}", total=None), pinned_threads(config.threads):

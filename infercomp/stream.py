@@ -9,8 +9,10 @@ per-tensor functions as the in-memory transforms (``prune.tensor_mask`` / ``enco
 beside the output. A safetensors header must list every tensor's size before the data, and
 sparse and quantized sizes depend on the data, so the output is assembled once all is known:
 header, then the spooled bytes in name order copied in the kernel (``os.copy_file_range``), into
-the usual atomic temp file. A Hugging Face directory output is not streamed: its layout
-(compressed-tensors' sparsity and quantization configs) follows the built model's layer types. The output is byte for byte
+the usual atomic temp file. A Hugging Face directory output (a directory in, ``-o`` not a
+``.safetensors`` file) is made from the spool tensor by tensor (``hf.HFOutput``: compressed-tensors'
+layout, the layer types from a build on the meta device) into a second spool, then written as
+shards of ``--max-shard-size`` into the usual atomic temp directory. The output is byte for byte
 what the in-memory path writes. Peak memory: the largest tensor and its transform's temporaries
 (one tensor at a time; only the threshold passes read the next weight ahead on a thread). The
 walk counts the non-zeros of what it reads, and of what it stores where that needs no decoding
@@ -36,6 +38,7 @@ import torch
 import infercomp.blocks as blocks
 import infercomp.checkpoint as checkpoint
 import infercomp.formats as formats
+import infercomp.hf as hf
 from infercomp.checkpoint import Checkpoint
 from infercomp.data import load_data
 from infercomp.errors import UsageError
@@ -71,8 +74,6 @@ def why_not(source: Path, output: Path, config: TransformConfig) -> str | None:
         return f"{config.transform} trains a model"
     if not (source.is_dir() or checkpoint.is_safetensors(source)):
         return "the input is not safetensors"
-    if source.is_dir() and output.suffix != ".safetensors":
-        return "a Hugging Face directory output is laid out by the built model's layer types (write -o NAME.safetensors to stream)"
     if calibrated:
         ckpt = checkpoint.load(source, lazy=True)  # the header: names and shapes
         if ckpt.encodings or blocks.skeleton(ckpt.model, ckpt.tensors) is None:
@@ -147,7 +148,10 @@ def run(
             new.model = loader.spec_for(ckpt)
         entry = {"transform": config.transform, "config": config.to_dict(), "source_sha256": digest[0], "infercomp_version": __version__}
         new.history = [*ckpt.history, entry]
-        spool.write(out, sorted(spool.index), new.metadata())
+        if hf_out:
+            _write_directory(src, out, new, spool, force=force, max_shard_size=max_shard_size, progress=progress)
+        else:
+            spool.write(out, sorted(spool.index), new.metadata())
     if on_saved is not None:
         on_saved(out)
     if built:
@@ -332,6 +336,38 @@ def _quantize(walk: _Walk, config: QuantizeConfig, ctx: Context) -> None:
         note_scheme(config, ctx)
 
 
+def _write_directory(src: Path, out: Path, new: Checkpoint, spool: _Spool, *, force: bool, max_shard_size: int, progress: Progress) -> None:
+    """A Hugging Face directory from what the walk spooled (``new``: its encodings and metadata):
+    each logical tensor read back from the spool, made loadable by transformers
+    (``hf.HFOutput``, as ``hf.output_checkpoint`` does in memory) into a second spool, then shards
+    as ``checkpoint.save_dir`` splits them: the same directory as the in-memory path's."""
+    config = dict((new.model or {}).get("config") or {})
+    built = hf.HFOutput(hf.module_types(config))
+    spooled = spool.tensors()
+    owned = formats.stored_keys(new.encodings, str(out))
+    shapes = formats.logical_shapes(checkpoint.shapes_of(spooled), new.encodings, str(out))
+    with _Spool(spool.path.with_name(spool.path.name + ".hf")) as converted:
+        with progress.task("writing the Hugging Face directory", total=len(shapes)) as task:
+            for name in shapes:
+                parts = {k: spooled[k] for k in owned.get(name, [name])}
+                for k, t in built.add(name, parts, new.encodings.get(name), str(out)).items():
+                    converted.add(k, t)
+                del parts
+                task.advance()
+        hf_config, notes = built.config(config, shapes, str(src), sentence_transformers=(src / "modules.json").exists())
+        for note in notes:
+            progress.log(note)
+        written = Checkpoint(tensors={}, model=new.model, history=new.history, encodings={**built.kept, **built.ours}, plan=new.plan)
+        meta = written.metadata()
+
+        def weights(folder: Path) -> None:
+            sizes = {n: converted.index[n][3] for n in sorted(converted.index)}
+            for file, names in checkpoint.shard_plan(folder, sizes, max_shard_size):
+                converted.write(file, names, meta)
+
+        checkpoint.save_dir(None, out, source=src, config=hf_config, force=force, max_shard_size=max_shard_size, weights=weights)
+
+
 # ---------------------------------------------------------------------------------- the spool
 
 
@@ -359,6 +395,13 @@ class _Spool:
         self.f.write(memoryview(data))
         self.index[name] = (t.dtype, list(t.shape), self.size, data.nbytes)
         self.size += data.nbytes
+
+    def tensors(self) -> checkpoint.LazyTensors:
+        """What was added so far, read back lazily from the spool file."""
+        self.f.flush()
+        return checkpoint.lazy_ranges(
+            self.path, {n: (offset, nbytes, dtype, shape) for n, (dtype, shape, offset, nbytes) in self.index.items()}
+        )
 
     def write(self, path: Path, names: list[str], metadata: dict[str, str]) -> None:
         """One safetensors file of ``names`` (sorted), atomically; the same bytes as

@@ -167,3 +167,18 @@ def test_streamed_calibration_writes_the_in_memory_bytes(tmp_path: Path, llama3:
 def test_calibrated_streaming_is_for_causal_lms_stored_in_float(tiny_ckpt: Path, tiny_data: Path, tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="streams a Hugging Face causal LM stored in float only"):
         infercomp.prune(tiny_ckpt, tmp_path / "o.safetensors", method="wanda", data=tiny_data, stream=True, measure=False)
+
+
+def test_a_causal_lm_streams_into_a_directory_transformers_loads(tmp_path: Path, llama3: tuple[Path, Path]) -> None:
+    """GPTQ block by block, streamed into a sharded Hugging Face directory: the in-memory
+    directory's bytes, and AutoModelForCausalLM loads it."""
+    src, text = llama3
+    outs = []
+    for stream in (False, True):
+        out = tmp_path / f"dir-{stream}"
+        infercomp.quantize(src, out, scheme="int4", method="gptq", data=text, measure=False, stream=stream, max_shard_size=20_000)
+        outs.append(out)
+    names = sorted(f.name for f in outs[0].iterdir())
+    assert names == sorted(f.name for f in outs[1].iterdir()) and "model.safetensors.index.json" in names
+    assert all((outs[0] / n).read_bytes() == (outs[1] / n).read_bytes() for n in names)
+    assert _hf_perplexity(outs[1]) < 1.5 * _hf_perplexity(src)

@@ -159,13 +159,34 @@ def test_sharded_input_streams_into_one_file(tmp_path: Path) -> None:
     _same_files(memory, streamed)
 
 
-def test_a_directory_output_is_not_streamed(tmp_path: Path) -> None:
-    """A Hugging Face directory out is laid out by the built model's layer types: --stream says so,
-    and auto keeps it in memory."""
+@pytest.mark.parametrize(
+    ("verb", "kw"),
+    [
+        ("quantize", {"scheme": "int8"}),
+        ("quantize", {"scheme": "int4"}),
+        ("quantize", {"scheme": "int8-dynamic"}),
+        ("quantize", {"scheme": "fp8"}),
+        ("quantize", {"scheme": "bf16"}),
+        ("quantize", {"scheme": "int4", "column_scales": True}),
+        ("prune", {}),
+        ("prune", {"method": "2:4"}),
+    ],
+)
+def test_a_directory_output_streams_into_the_same_directory(tmp_path: Path, verb: str, kw: dict) -> None:
+    """Sharded Hugging Face directory in, sharded directory out (--max-shard-size): streamed, the
+    same files byte for byte as in memory (config.json with its compressed-tensors config, the
+    shards, the index, the copied tokenizer / config files)."""
     d = _hf_dir(tmp_path)
-    with pytest.raises(UsageError, match="Hugging Face directory"):
-        infercomp.prune(d, tmp_path / "out", stream=True, measure=False)
-    assert not stream_wanted(d, tmp_path / "out", PruneConfig(), None)
+    (d / "vocab.txt").write_text("[PAD]\n[UNK]\n")
+    outs = []
+    for stream in (False, True):
+        out = tmp_path / f"out-{stream}"
+        getattr(infercomp, verb)(d, out, stream=stream, measure=False, max_shard_size=4_000, **kw)
+        outs.append(out)
+    _same_files(*outs)
+    assert (outs[1] / "model.safetensors.index.json").exists() and (outs[1] / "vocab.txt").exists()
+    assert len(list(outs[1].glob("model-*.safetensors"))) >= 2
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no spool or temp directory left
 
 
 def test_a_large_input_read_whole_says_why(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -176,10 +197,10 @@ def test_a_large_input_read_whole_says_why(tmp_path: Path, monkeypatch: pytest.M
     d = _hf_dir(tmp_path)
     monkeypatch.setattr(sys.modules[stream_wanted.__module__], "STREAM_ABOVE", 0)
     log = Log()
-    assert not stream_wanted(d, tmp_path / "out", PruneConfig(), None, log)
-    assert any("read whole into memory (not streamed: a Hugging Face directory output" in line for line in log.lines), log.lines
+    assert not stream_wanted(d, tmp_path / "out", PruneConfig(method="channel"), None, log)
+    assert any("read whole into memory (not streamed: --method channel needs the whole model" in line for line in log.lines), log.lines
     log = Log()
-    assert stream_wanted(d, tmp_path / "out.safetensors", PruneConfig(), None, log) and not log.lines
+    assert stream_wanted(d, tmp_path / "out", PruneConfig(), None, log) and not log.lines
 
 
 def test_global_threshold_is_exact_with_ties() -> None:

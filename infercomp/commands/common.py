@@ -92,15 +92,17 @@ Plot = Annotated[
 ]
 MaxShardSize = Annotated[
     str,
-    typer.Option("--max-shard-size", help="Hugging Face directory output: the largest safetensors shard (5GB, 500MB, 2GiB)."),
+    typer.Option(
+        "--max-shard-size", help="Hugging Face directory output (streamed or not): the largest safetensors shard (5GB, 500MB, 2GiB)."
+    ),
 ]
 Stream = Annotated[
     bool | None,
     typer.Option(
         "--stream/--no-stream",
-        help="Weight-only transforms (magnitude / 2:4 pruning, rtn quantization): read, transform and write one tensor at a "
-        "time, so memory stays bounded whatever the checkpoint's size; the report then holds static figures only. "
-        "Default: stream inputs larger than 1 GiB.",
+        help="Weight-only transforms (magnitude / 2:4 pruning, rtn quantization; gptq, wanda and sparsegpt on a Hugging Face "
+        "causal LM, one decoder block at a time): read, transform and write one tensor at a time, so memory stays bounded "
+        "whatever the checkpoint's size; the report then holds static figures only. Default: stream inputs larger than 1 GiB.",
         show_default=False,
     ),
 ]
