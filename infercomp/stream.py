@@ -135,7 +135,8 @@ def run(
     hasher = threading.Thread(target=lambda: digest.append(checkpoint.sha256(src)), daemon=True)  # reads beside the transform
     hasher.start()
     spool_at = out.with_name(f"{out.name}-spool")
-    checkpoint.remove_stale_temps(spool_at)
+    for left in (spool_at, out.with_name(f"{out.name}-spool-hf")):  # by a run that was killed
+        checkpoint.remove_stale_temps(left)
     with pinned_threads(config.threads), _Spool(spool_at.with_name(f".{spool_at.name}.{os.getpid()}.tmp")) as spool:
         walk = _Walk(ckpt, spool, allow_nonfinite)
         if isinstance(config, PruneConfig):
@@ -346,7 +347,7 @@ def _write_directory(src: Path, out: Path, new: Checkpoint, spool: _Spool, *, fo
     spooled = spool.tensors()
     owned = formats.stored_keys(new.encodings, str(out))
     shapes = formats.logical_shapes(checkpoint.shapes_of(spooled), new.encodings, str(out))
-    with _Spool(spool.path.with_name(spool.path.name + ".hf")) as converted:
+    with _Spool(out.with_name(f".{out.name}-spool-hf.{os.getpid()}.tmp")) as converted:
         with progress.task("writing the Hugging Face directory", total=len(shapes)) as task:
             for name in shapes:
                 parts = {k: spooled[k] for k in owned.get(name, [name])}

@@ -323,3 +323,27 @@ def test_the_allocator_is_changed_only_where_no_model_is_timed(src: Path, tiny_c
     assert len(calls) == 1
     infercomp.prune(src, tmp_path / "s.safetensors", stream=True)
     assert len(calls) == 2
+
+
+def test_an_interrupted_directory_stream_leaves_nothing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C while the shards are written: neither the directory, nor its temp directory, nor
+    either spool is left; an existing output survives."""
+    d = _hf_dir(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("old")
+    spool_type = sys.modules[stream_wanted.__module__]._Spool
+    real = spool_type.write
+    calls: list[Path] = []
+
+    def interrupted(self, path: Path, names: list[str], metadata: dict[str, str]) -> None:
+        calls.append(path)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        real(self, path, names, metadata)
+
+    monkeypatch.setattr(spool_type, "write", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        infercomp.quantize(d, out, scheme="int8", stream=True, measure=False, max_shard_size=4_000, force=True)
+    assert len(calls) == 2 and calls[0].parent.name.startswith(".out.")  # the first shard went into the temp directory
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bert", "out"] and (out / "keep.txt").read_text() == "old"
