@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -64,6 +65,16 @@ def _for_hf_output(config: TransformConfig, model_config: dict[str, Any], progre
     return config
 
 
+def _config_json(d: Path) -> dict[str, Any]:
+    """The directory's config.json (empty if it has none or it is not JSON: reading the checkpoint
+    then says what is wrong)."""
+    try:
+        config = json.loads((d / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
 def run(
     source: str | Path,
     output: str | Path,
@@ -100,9 +111,8 @@ def run(
         raise UsageError("--export dense reads the whole checkpoint; drop --stream")
     # A Hugging Face directory in gives one out, unless -o names a single .safetensors file.
     hf_out = src.is_dir() and out.suffix != ".safetensors"
-    if hf_out:  # what transformers cannot load is changed or refused before any work (the header is enough)
-        spec = checkpoint.load(src, lazy=True).model
-        config = _for_hf_output(config, dict((spec or {}).get("config") or {}), progress, dense=export == "dense")
+    if hf_out:  # what transformers cannot load is changed or refused before any work (config.json is enough)
+        config = _for_hf_output(config, _config_json(src), progress, dense=export == "dense")
     streamed = export is None and stream_wanted(src, out, config, stream, progress)
     if streamed:  # weight-only, tensor by tensor: see infercomp.stream (--stream)
         return run_streamed(
