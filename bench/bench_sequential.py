@@ -3,7 +3,8 @@
 Makes a Llama-style model with random weights (hidden 2048, 8 blocks, FFN 5632, vocabulary 32000:
 ~2 GB of float32 safetensors; ``--blocks N``: N blocks of 0.2 GB each; ``--quick``: hidden 1024,
 4 blocks, FFN 2816, ~0.5 GB) and a word
-tokenizer, then, for ``--method gptq`` (int4) and ``wanda`` (50 %), runs children and prints each
+tokenizer, then, for ``--methods gptq`` (int4), ``wanda`` (50 %) and ``int4-dir`` (round to
+nearest, streamed into a sharded Hugging Face directory), runs children and prints each
 one's peak RSS (``os.wait4``'s rusage) and wall time:
 
 - ``streamed, block by block``: ``infercomp.quantize|prune(..., stream=True, measure=False)``: the
@@ -31,6 +32,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -97,9 +99,16 @@ def child_api(src: str, out: str, method: str, text: str, stream: bool) -> None:
 
     if method == "gptq":
         infercomp.quantize(src, out, scheme="int4", method="gptq", calib_samples=32, data=text, stream=stream, measure=False, force=True)
+    elif method == "int4-dir":  # round to nearest into a sharded Hugging Face directory (compressed-tensors)
+        infercomp.quantize(src, out, scheme="int4", stream=stream, measure=False, force=True, max_shard_size=200 * 10**6)
     else:
         infercomp.prune(src, out, method="wanda", sparsity=0.5, data=text, stream=stream, measure=False, force=True)
     print(json.dumps({"vm": _vm_peak()}))
+
+
+def _contents(p: Path) -> dict[str, bytes]:
+    """A file's bytes, or a directory's files' (by name)."""
+    return {f.name: f.read_bytes() for f in sorted(p.iterdir())} if p.is_dir() else {p.name: p.read_bytes()}
 
 
 def child_cli(argv: list[str], sequential: bool) -> None:
@@ -203,16 +212,19 @@ def main() -> None:
 
     for method in a.methods.split(","):
 
+        def output(m: str, stream: bool, tag: str) -> Path:
+            return root / f"{m}-{'streamed' if stream else 'memory'}-{tag}{'' if m.endswith('-dir') else '.safetensors'}"
+
         def api(stream: bool, tag: str, m: str = method) -> list[str]:
-            out = root / f"{m}-{'streamed' if stream else 'memory'}-{tag}.safetensors"
-            out.unlink(missing_ok=True)
+            out = output(m, stream, tag)
+            shutil.rmtree(out) if out.is_dir() else out.unlink(missing_ok=True)
             return ["--child", "api", str(src), str(out), m, str(text), str(int(stream))]
 
         # Both runs without a limit (their outputs compared byte for byte); then the limit between
         # the streamed run's virtual peak and what reading the weights once needs, both again.
         vm_seq = show(method, "streamed, block by block", None, api(True, "free"))
         show(method, "in memory", None, api(False, "free"))
-        same = (root / f"{method}-streamed-free.safetensors").read_bytes() == (root / f"{method}-memory-free.safetensors").read_bytes()
+        same = _contents(output(method, True, "free")) == _contents(output(method, False, "free"))
         print(f"  streamed output == in-memory output: {same}")
         if vm_seq and vm_seq < size:  # a limit below the model's own size that the streamed run fits under
             limit = int((vm_seq + size) / 2)

@@ -346,6 +346,11 @@ def unpack_int4(packed: torch.Tensor, symmetric: bool) -> torch.Tensor:
     return q - 8 if symmetric else q
 
 
+# Packing and unpacking go a block of rows at a time (about this many values): their int64
+# temporaries stay a few MB, where a whole 32000 x 2048 lm_head's took over a GB.
+PACK_VALUES = 1 << 20
+
+
 def pack_int32(u: torch.Tensor, bits: int) -> torch.Tensor:
     """(rows, cols) unsigned values < 2**bits -> (rows, ceil(cols * bits / 32)) int32, 32 / bits
     values a word, value j of a row at bit (j mod 32/bits) * bits of word j div (32/bits): the
@@ -353,17 +358,27 @@ def pack_int32(u: torch.Tensor, bits: int) -> torch.Tensor:
     per = 32 // bits
     rows, cols = u.shape
     pad = (-cols) % per
-    v = F.pad(u.to(torch.int64), (0, pad)).reshape(rows, -1, per)
-    words = (v << (torch.arange(per, dtype=torch.int64) * bits)).sum(-1)  # (rows, words) in [0, 2**32)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+    shifts = torch.arange(per, dtype=torch.int64) * bits
+    out = torch.empty(rows, (cols + pad) // per, dtype=torch.int32)
+    step = max(1, PACK_VALUES // max(cols, 1))
+    for i in range(0, rows, step):
+        v = F.pad(u[i : i + step].to(torch.int64), (0, pad)).reshape(-1, (cols + pad) // per, per)
+        words = (v << shifts).sum(-1)  # in [0, 2**32)
+        out[i : i + step] = torch.where(words >= 2**31, words - 2**32, words)
+    return out
 
 
 def unpack_int32(words: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     """Inverse of ``pack_int32``: (rows, words) int32 -> (rows, cols) int16 unsigned values."""
     per = 32 // bits
-    w = words.to(torch.int64) & 0xFFFFFFFF
-    v = (w.unsqueeze(-1) >> (torch.arange(per, dtype=torch.int64) * bits)) & ((1 << bits) - 1)
-    return v.reshape(words.shape[0], -1)[:, :cols].to(torch.int16)
+    shifts = torch.arange(per, dtype=torch.int64) * bits
+    out = torch.empty(words.shape[0], cols, dtype=torch.int16)
+    step = max(1, PACK_VALUES // max(words.shape[1] * per, 1))
+    for i in range(0, words.shape[0], step):
+        w = words[i : i + step].to(torch.int64) & 0xFFFFFFFF
+        v = (w.unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+        out[i : i + step] = v.reshape(w.shape[0], -1)[:, :cols]
+    return out
 
 
 # ----------------------------------------------------------------------------------------- fp8

@@ -168,11 +168,14 @@ def test_pack_quantized_holds_the_same_numbers_as_ours(codec: str, group_size: i
     torch.testing.assert_close(mod(x), torch.nn.functional.linear(x, expected, old.bias.detach()))
 
 
+@pytest.mark.parametrize("block", [grid.PACK_VALUES, 50])  # 50: a block of one row at a time
 @pytest.mark.parametrize("bits", [4, 8])
-def test_int32_packing_is_compressed_tensors_own(bits: int) -> None:
+def test_int32_packing_is_compressed_tensors_own(bits: int, block: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """Word for word what compressed-tensors' packer writes (the library transformers and vLLM load
-    it with), for weights and for zero points packed along the output dimension."""
+    it with), for weights and for zero points packed along the output dimension, whether the rows
+    are packed together or a block at a time."""
     helpers = pytest.importorskip("compressed_tensors.compressors.pack_quantized.helpers")
+    monkeypatch.setattr(grid, "PACK_VALUES", block)
     g = torch.Generator().manual_seed(bits)
     q = torch.randint(-(1 << (bits - 1)), 1 << (bits - 1), (6, 40), dtype=torch.int8, generator=g)  # 40: not a whole word multiple
     offset = 1 << (bits - 1)
