@@ -199,7 +199,7 @@ def main() -> None:
     print(f"virtual size of a child that imported torch, transformers and infercomp (VmPeak): {base / 2**30:.2f} GiB")
     print(f"reading every weight once needs at least {(base + size) / 2**30:.2f} GiB of address space")
     print()
-    print(f"{'method':<7} {'run':<24} {'RLIMIT_AS':>9} {'exit':>5} {'peak RSS MiB':>13} {'VmPeak MiB':>11} {'wall s':>7}  note")
+    print(f"{'method':<8} {'run':<24} {'RLIMIT_AS':>9} {'exit':>5} {'peak RSS MiB':>13} {'VmPeak MiB':>11} {'wall s':>7}  note")
 
     def show(method: str, path: str, limit: int | None, args: list[str]) -> int:
         rc, peak, wall, line = run_child(args, limit=limit)
@@ -207,7 +207,7 @@ def main() -> None:
         cap = f"{limit / 2**30:.2f} GiB" if limit else "none"
         note = "ok" if rc == 0 else line[:80]
         vm_s = f"{vm / 2**20:.0f}" if vm else "-"
-        print(f"{method:<7} {path:<24} {cap:>9} {rc:>5} {peak:>13.0f} {vm_s:>11} {wall:>7.1f}  {note}", flush=True)
+        print(f"{method:<8} {path:<24} {cap:>9} {rc:>5} {peak:>13.0f} {vm_s:>11} {wall:>7.1f}  {note}", flush=True)
         return vm
 
     for method in a.methods.split(","):
@@ -222,7 +222,8 @@ def main() -> None:
 
         # Both runs without a limit (their outputs compared byte for byte); then the limit between
         # the streamed run's virtual peak and what reading the weights once needs, both again.
-        vm_seq = show(method, "streamed, block by block", None, api(True, "free"))
+        streamed = "streamed, block by block" if method in ("gptq", "wanda") else "streamed, by tensor"
+        vm_seq = show(method, streamed, None, api(True, "free"))
         show(method, "in memory", None, api(False, "free"))
         same = _contents(output(method, True, "free")) == _contents(output(method, False, "free"))
         print(f"  streamed output == in-memory output: {same}")
@@ -237,7 +238,7 @@ def main() -> None:
             f"  limit {limit / 2**30:.2f} GiB vs the model's {size / 2**30:.2f} GiB on disk: the model is {'larger' if size > limit else 'not larger'}"
         )
         show(method, "in memory", limit, api(False, "capped"))
-        show(method, "streamed, block by block", limit, api(True, "capped"))
+        show(method, streamed, limit, api(True, "capped"))
         if a.cli:
             for seq in (True, False):
                 out = root / f"{method}-cli-{int(seq)}"
