@@ -166,7 +166,7 @@ def resized_config(config: dict[str, Any], plan: dict[str, Any]) -> dict[str, An
 
 def module_types(config: dict[str, Any]) -> dict[str, str]:
     """Module name -> class name of the model ``config`` builds (on the meta device: nothing is
-    allocated): how ``HFOutput`` knows which weights are Linear layers'."""
+    allocated): how ``HFOutput`` knows which weights are Linear layers."""
     with torch.device("meta"):
         model = build(config)
     return {name: type(m).__name__ for name, m in model.named_modules()}
