@@ -187,21 +187,13 @@ def wanda_masks(
     soon as they are pruned, instead of their masks returned (a streamed run stores them at once)."""
     if ctx.data is None:
         raise DataError("--method wanda needs --data: calibration inputs whose activations weight |w| (a few hundred samples)")
-    targets = _targets(ckpt, shapes_of(dense), config)  # names and shapes: nothing read yet
-    pattern = config.pattern()
-    if pattern is not None:
-        targets = _nm_targets(ckpt, targets, pattern[1], ctx)
-    decoder = blocks.skeleton(ctx.loader.spec_for(ckpt), dense)
-    model = decoder.model if decoder is not None else ctx.loader.build(ckpt, runtime=False)
     # |w| * ||x|| needs the layer's input features along the weight's columns: plain Linear and
     # ungrouped, non-transposed convolutions. Embeddings (token ids in), depthwise and transposed
     # convs are left alone, with a note.
-    odd = sorted(n for n in targets if not _wanda_fits(model.get_submodule(n.rpartition(".")[0])))
-    if odd:
-        ctx.progress.log(f"wanda: skipped {len(odd)} weight(s) that are not Linear / ungrouped Conv, e.g. {odd[0]!r}")
-        targets = {n: t for n, t in targets.items() if n not in odd}
-    if not targets:
-        raise UsageError(f"{ckpt.name}: --method wanda found no Linear or ungrouped Conv weight to prune")
+    targets, decoder, model = _calibrated_layers(
+        ckpt, dense, config, ctx, fits=_wanda_fits, kinds="Linear / ungrouped Conv", build=lambda: ctx.loader.build(ckpt, runtime=False)
+    )
+    pattern = config.pattern()
 
     def masks_of(weights: dict[str, torch.Tensor], norms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         scores = wanda_scores(weights, norms)
@@ -233,6 +225,35 @@ def wanda_masks(
 
 
 WANDA_BATCH = 128
+
+
+def _calibrated_layers(
+    ckpt: Checkpoint,
+    dense: Mapping[str, torch.Tensor],
+    config: PruneConfig,
+    ctx: Context,
+    *,
+    fits: Callable[[torch.nn.Module], bool],
+    kinds: str,
+    build: Callable[[], torch.nn.Module],
+) -> tuple[dict[str, torch.Tensor], blocks.Decoder | None, torch.nn.Module]:
+    """(the weights a calibrated method prunes, the causal LM's skeleton or None, the model whose
+    layers it calibrates): selected by --include/--exclude, in groups of M for N:M, in layers
+    ``fits`` accepts (the others skipped with a note). ``build`` makes the whole model when the
+    checkpoint is no causal LM that goes block by block; nothing is read before that."""
+    targets = _targets(ckpt, shapes_of(dense), config)  # names and shapes: nothing read yet
+    pattern = config.pattern()
+    if pattern is not None:
+        targets = _nm_targets(ckpt, targets, pattern[1], ctx)
+    decoder = blocks.skeleton(ctx.loader.spec_for(ckpt), dense)
+    model = decoder.model if decoder is not None else build()
+    odd = sorted(n for n in targets if not fits(model.get_submodule(n.rpartition(".")[0])))
+    if odd:
+        ctx.progress.log(f"{config.method}: skipped {len(odd)} weight(s) that are not {kinds}, e.g. {odd[0]!r}")
+        targets = {n: t for n, t in targets.items() if n not in odd}
+    if not targets:
+        raise UsageError(f"{ckpt.name}: --method {config.method} found no {kinds.replace(' / ', ' or ')} weight to prune")
+    return targets, decoder, model
 
 
 def _wanda_fits(module: torch.nn.Module) -> bool:
@@ -270,21 +291,14 @@ def sparsegpt_weights(
             "--method sparsegpt needs --data: calibration inputs whose activations make each layer's Hessian (a few hundred samples)"
         )
     stored_dtype = {n: t.dtype for n, t in shapes_of(dense).items()}
-    targets = _targets(ckpt, shapes_of(dense), config)
+
+    def whole() -> torch.nn.Module:  # dense may be lazy: read only when the whole model is built
+        return ctx.loader.build(Checkpoint(tensors=dict(dense), model=ckpt.model, plan=ckpt.plan, path=ckpt.path), runtime=False).float()
+
+    targets, decoder, model = _calibrated_layers(
+        ckpt, dense, config, ctx, fits=hessian.supported, kinds="Linear / ungrouped Conv2d", build=whole
+    )
     pattern = config.pattern()
-    if pattern is not None:
-        targets = _nm_targets(ckpt, targets, pattern[1], ctx)
-    decoder = blocks.skeleton(ctx.loader.spec_for(ckpt), dense)
-    if decoder is not None:
-        model = decoder.model
-    else:
-        model = ctx.loader.build(Checkpoint(tensors=dict(dense), model=ckpt.model, plan=ckpt.plan, path=ckpt.path), runtime=False).float()
-    odd = sorted(n for n in targets if not hessian.supported(model.get_submodule(n.rpartition(".")[0])))
-    if odd:
-        ctx.progress.log(f"sparsegpt: skipped {len(odd)} weight(s) that are not Linear / ungrouped Conv2d, e.g. {odd[0]!r}")
-        targets = {n: t for n, t in targets.items() if n not in odd}
-    if not targets:
-        raise UsageError(f"{ckpt.name}: --method sparsegpt found no Linear or ungrouped Conv2d weight to prune")
     weights: dict[str, torch.Tensor] = {}
     masks: dict[str, torch.Tensor] = {}
 

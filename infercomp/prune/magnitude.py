@@ -60,7 +60,7 @@ def kept_count(total: int, sparsity: float) -> int:
 
 
 # Row-wise selection sorts this many scores at a time (values and int64 indices: 48 MiB), not a
-# whole lm_head's (32000 x 4096: 1.5 GB of indices).
+# whole lm_head's (32000 x 4096: 1 GB of int64 indices).
 ROW_SORT_VALUES = 1 << 22
 _INF_KEY = 0x7F800000
 _NAN_KEY = 0x7FC00000  # every NaN ranks as one value above +inf, as torch.sort ranks NaNs
