@@ -2,7 +2,8 @@
 
 Magnitude and N:M pruning and round-to-nearest quantization (int8, int8-dynamic, int4, fp8,
 fp16, bf16) need no model code: each weight is transformed on its own (global magnitude pruning
-needs one threshold, found exactly in two histogram passes first: ``prune.magnitude.Selection``).
+needs one threshold, found exactly from histograms first: one pass over the weights, two when a
+sampled guess of where it lies was wrong: ``prune.magnitude.Selection``).
 ``run`` reads the input tensor by tensor (``checkpoint.load(lazy=True)``), calls the same
 per-tensor functions as the in-memory transforms (``prune.tensor_mask`` / ``encode_pruned``,
 ``quantize.quantize_tensor`` / ``cast_tensor``), and appends what they store to a *spool* file
@@ -48,7 +49,7 @@ from infercomp.measure import Comparison, MeasureOptions, compare, is_weight
 from infercomp.models import ModelLoader
 from infercomp.progress import NULL, Progress
 from infercomp.prune import PruneConfig, encode_pruned, magnitude_targets, note_pattern, sparsegpt_weights, tensor_mask, wanda_masks
-from infercomp.prune.magnitude import Selection, kept_count
+from infercomp.prune.magnitude import Selection, kept_count, near
 from infercomp.quantize import CASTS, QuantizeConfig, cast_tensor, gptq_integers, note_scheme, quantize_tensor, quantized_weights
 from infercomp.transform import Context, TransformConfig, pinned_threads
 from infercomp.version import __version__
@@ -268,8 +269,11 @@ def _prune(walk: _Walk, config: PruneConfig, ctx: Context) -> None:
         def weights() -> Iterator[torch.Tensor]:
             return (t for _, t in ahead(lambda n: walk.dense(n, check=False), targets))
 
-        with ctx.progress.task("global threshold: two passes over the weights", total=None):
-            selection = Selection.of(weights, kept_count(total, config.sparsity), magnitudes=True)
+        k = kept_count(total, config.sparsity)
+        with ctx.progress.task("global threshold: histograms of the weights", total=None):
+            # A few pages of each weight guess where the threshold lies: one pass when it holds.
+            window = near((walk.dense(n, check=False) for n in targets), k, magnitudes=True)
+            selection = Selection.of(weights, k, magnitudes=True, window=window)
         left = selection.ties
 
     # One weight at a time (encoding it beside the next one's masking was faster but broke 1 GB).

@@ -18,7 +18,7 @@ from infercomp import checkpoint, measure
 from infercomp.checkpoint import Checkpoint
 from infercomp.errors import UsageError
 from infercomp.prune import PruneConfig
-from infercomp.prune.magnitude import Selection, keep_largest, kept_count, score_masks
+from infercomp.prune.magnitude import Selection, keep_largest, kept_count, near, score_masks
 from infercomp.stream import wanted as stream_wanted
 from tests.conftest import invoke
 
@@ -204,7 +204,7 @@ def test_a_large_input_read_whole_says_why(tmp_path: Path, monkeypatch: pytest.M
 
 
 def test_global_threshold_is_exact_with_ties() -> None:
-    """The two-pass histogram selection keeps exactly what a stable sort of the concatenation
+    """The histogram selection keeps exactly what a stable sort of the concatenation
     keeps, ties broken by position across tensors (and NaN / inf ranked as sort ranks them)."""
     g = torch.Generator().manual_seed(3)
     for trial in range(60):
@@ -224,6 +224,39 @@ def test_global_threshold_is_exact_with_ties() -> None:
         assert int(expected.sum()) == kept_count(flat.numel(), sparsity)
     s = torch.zeros(10)
     assert Selection.of(lambda: [s], 0).mask(s).sum() == 0 and Selection.of(lambda: [s], 10).mask(s).all()
+
+
+def test_global_threshold_window_takes_one_pass_and_never_changes_the_result(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The sampled guess (``near``) lets the first pass find the threshold on weights of LLM-like
+    spread (one pass); any window, right, wrong or absurd, gives the same key and ties as none."""
+    g = torch.Generator().manual_seed(5)
+    parts = [torch.randn(300, 200, generator=g) * sd for sd in (0.02, 0.05, 0.01)] + [torch.ones(200)]
+    reads: list[int] = []
+
+    def scores() -> list[torch.Tensor]:
+        reads.append(1)
+        return parts
+
+    for sparsity in (0.1, 0.5, 0.9):
+        k = kept_count(sum(p.numel() for p in parts), sparsity)
+        reads.clear()
+        plain = Selection.of(scores, k, magnitudes=True)
+        assert plain.passes == 2 and len(reads) == 2
+        reads.clear()
+        window = near(parts, k, magnitudes=True)
+        guessed = Selection.of(scores, k, magnitudes=True, window=window)
+        assert (guessed.key, guessed.ties) == (plain.key, plain.ties)
+        assert guessed.passes == 1 and len(reads) == 1, (sparsity, window, plain.key)
+        key = plain.key
+        for wrong in ((0, 0), (key + (1 << 20), key + (1 << 21)), (0, 0x7FC00000), (key - (1 << 16), key - (1 << 16))):
+            other = Selection.of(scores, k, magnitudes=True, window=wrong)
+            assert (other.key, other.ties) == (plain.key, plain.ties), wrong
+        # The window's int32 counts widen to int64 before they could overflow: the same result.
+        with monkeypatch.context() as m:
+            m.setattr(sys.modules[Selection.__module__], "_INT32_MAX", 10)
+            widened = Selection.of(scores, k, magnitudes=True, window=window)
+        assert (widened.key, widened.ties, widened.passes) == (plain.key, plain.ties, 1)
+    assert near([], 3) is None and near([torch.ones(4)], 0) is None
 
 
 def test_streamed_global_prune_breaks_ties_like_memory(tmp_path: Path) -> None:

@@ -36,14 +36,35 @@ def encoded_bytes(t: torch.Tensor) -> int:
 _INTS = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}  # an integer dtype of each width
 
 
-def _selected(w: torch.Tensor, nz: torch.Tensor) -> torch.Tensor:
-    """``w[nz]`` (row-major) through numpy's boolean indexing, which copies the selected values
-    without the (nnz, 2) int64 index tensor torch's builds (360 MB for a half-sparse 11008 x 4096
-    weight) and is faster. Dtypes numpy lacks (bfloat16, float8) go as integers of their width."""
-    picked = w.view(_INTS[w.element_size()]).numpy()[nz.numpy()]
+# Values selected a block at a time: numpy.compress makes the int64 indices of the block's picks.
+SELECT_BLOCK = 1 << 16
+
+
+def _selected(w: torch.Tensor, nz: np.ndarray) -> torch.Tensor:
+    """``w[nz]`` (row-major) through ``numpy.compress``, a block of ``SELECT_BLOCK`` values at a
+    time into the result: about twice as fast as numpy's boolean indexing on a random mask, and
+    neither torch's (nnz, 2) int64 index tensor (360 MB for a half-sparse 11008 x 4096 weight) nor
+    compress's own (nnz,) one for the whole tensor. Dtypes numpy lacks (bfloat16, float8) go as
+    integers of their width."""
+    values, flags = w.view(_INTS[w.element_size()]).numpy().reshape(-1), nz.reshape(-1)
+    starts = range(0, values.size, SELECT_BLOCK)
+    counts = [int(np.count_nonzero(flags[i : i + SELECT_BLOCK])) for i in starts]
+    picked = np.empty(sum(counts), dtype=values.dtype)
+    at = 0
+    for i, n in zip(starts, counts):
+        np.compress(flags[i : i + SELECT_BLOCK], values[i : i + SELECT_BLOCK], out=picked[at : at + n])
+        at += n
     if picked.size == 0:  # numpy gives an empty result stride 0, which torch cannot view as bytes
         return torch.empty(0, dtype=w.dtype)
     return torch.from_numpy(picked).view(w.dtype)
+
+
+def _nonzero(w: torch.Tensor) -> np.ndarray:
+    """``w != 0`` as a numpy bool array (-0.0 counts as zero, NaN as non-zero); numpy's compare
+    where numpy has the dtype (about four times torch's single-threaded one)."""
+    if w.dtype in (torch.float32, torch.float16, torch.float64):
+        return w.numpy() != 0
+    return (w != 0).numpy()
 
 
 class SemiSparseLinear(nn.Module):
@@ -113,13 +134,13 @@ class Bitmask(Format):
         ``keep``: a bool mask of ``t``'s shape: the tensor encoded is ``t * keep`` (pruning), taken
         from ``t`` without making it."""
         w = t.detach().cpu().contiguous().reshape(t.shape[0], -1)  # (rows, cols)
-        nz = w != 0
+        nz = _nonzero(w)
         if keep is not None:
-            nz &= keep.reshape(nz.shape)
-        nnz = int(np.count_nonzero(nz.numpy()))
+            np.logical_and(nz, keep.reshape(nz.shape).numpy(), out=nz)
+        nnz = int(np.count_nonzero(nz))
         if not force and w.shape[0] * -(-w.shape[1] // 8) + nnz * t.element_size() >= t.numel() * t.element_size():
             return {name: t if keep is None else t * keep}, None
-        bits = np.packbits(nz.numpy(), axis=1, bitorder="little")
+        bits = np.packbits(nz, axis=1, bitorder="little")
         values = _selected(w, nz)
         stored = {f"{name}.bitmask": torch.from_numpy(bits), f"{name}.compressed": values}
         spec = {**(extra or {}), "codec": self.name, "shape": list(t.shape), "dtype": dtype_name(t.dtype), "nnz": nnz}
