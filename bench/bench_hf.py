@@ -339,10 +339,11 @@ def main(argv: list[str] | None = None) -> None:
         train = tmp / "train.txt"
         train.write_text("\n".join(TRAIN) + "\n")
         s = str(src)
-        out = {k: tmp / f"{k}.safetensors" for k in ("wanda", "sparsegpt", "magnitude", "channel", "int4", "int4a")}
+        out = {k: tmp / f"{k}.safetensors" for k in ("wanda", "wanda_bc", "sparsegpt", "magnitude", "channel", "int4", "int4a")}
         out["distilled"] = tmp / "distilled"  # a Hugging Face directory
         steps: list[tuple[str, str, list[str]]] = [
             ("wanda", "prune", ["--method", "wanda", "--sparsity", "0.5", "--data", str(train)]),
+            ("wanda_bc", "prune", ["--method", "wanda", "--sparsity", "0.5", "--bias-correction", "--data", str(train)]),
             ("sparsegpt", "prune", ["--method", "sparsegpt", "--sparsity", "0.5", "--data", str(train)]),
             (
                 "channel",
@@ -418,6 +419,7 @@ def main(argv: list[str] | None = None) -> None:
         ]
 
     rows = [row("prune wanda 50 %", "wanda", "cos mean >= 0.92", fid["wanda"][0] >= 0.92)]
+    rows.append(row("  wanda 50 % --bias-correction", "wanda_bc", "same", fid["wanda_bc"][0] >= 0.92))
     rows.append(row("prune sparsegpt 50 % (the same target)", "sparsegpt", "cos mean >= 0.92", fid["sparsegpt"][0] >= 0.92))
     if "magnitude" in fid:
         rows.append(row("  (comparison) prune magnitude 50 % (global)", "magnitude", "-", None))

@@ -120,6 +120,7 @@ def prune(
     n: int | None = None,
     m: int | None = None,
     importance: str = "l1",
+    bias_correction: bool = False,
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     data: PathLike | None = None,
@@ -140,7 +141,15 @@ def prune(
     ``PruneConfig``), write ``output``, and compare it with ``source``. ``stream`` (None: auto)
     prunes by magnitude / N:M tensor by tensor (``infercomp.stream``)."""
     config = PruneConfig(
-        method=method, sparsity=sparsity, scope=scope, include=tuple(include), exclude=tuple(exclude), n=n, m=m, importance=importance
+        method=method,
+        sparsity=sparsity,
+        scope=scope,
+        include=tuple(include),
+        exclude=tuple(exclude),
+        n=n,
+        m=m,
+        importance=importance,
+        bias_correction=bias_correction,
     )
     return _transform(config, locals())
 

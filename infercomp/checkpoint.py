@@ -737,10 +737,12 @@ def sha256(path: Path) -> str:
     """SHA-256 of a file, or of a directory's checkpoint files (names and contents, sorted)."""
     h = hashlib.sha256()
     files = [path] if path.is_file() else sorted(f for f in path.iterdir() if f.is_file())
+    buf = bytearray(8 << 20)  # read into one buffer: a fresh bytes object a chunk took a third longer
+    view = memoryview(buf)
     for f in files:
         if path.is_dir():
             h.update(f.name.encode() + b"\0")
-        with open(f, "rb") as fh:
-            for chunk in iter(lambda: fh.read(1 << 20), b""):
-                h.update(chunk)
+        with open(f, "rb", buffering=0) as fh:
+            while n := fh.readinto(buf):
+                h.update(view[:n])
     return h.hexdigest()

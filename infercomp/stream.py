@@ -247,6 +247,7 @@ def ahead(fn: Callable[[str], T], names: Iterable[str]) -> Iterator[tuple[str, T
 def _prune(walk: _Walk, config: PruneConfig, ctx: Context) -> None:
     pattern = config.pattern()
     masks: dict[str, torch.Tensor] = {}
+    biases: dict[str, torch.Tensor] = {}  # --bias-correction's, stored in place of the input's
     early: set[str] = set()  # stored as calibration finished them
     if config.method in ("wanda", "sparsegpt"):  # calibrated block by block on the lazily read file (infercomp.blocks)
 
@@ -255,7 +256,7 @@ def _prune(walk: _Walk, config: PruneConfig, ctx: Context) -> None:
             early.add(name)
 
         if config.method == "wanda":
-            masks = wanda_masks(walk.ckpt, walk.ckpt.tensors, config, ctx, on_done=store)
+            masks = wanda_masks(walk.ckpt, walk.ckpt.tensors, config, ctx, on_done=store, biases=biases)
         else:
             sparsegpt_weights(walk.ckpt, walk.ckpt.tensors, config, ctx, on_done=store)
         targets: Mapping[str, Any] = {**masks, **dict.fromkeys(early)}
@@ -281,6 +282,9 @@ def _prune(walk: _Walk, config: PruneConfig, ctx: Context) -> None:
         for name in walk.logical:
             if name in early:
                 walk.dense(name, count=True)  # stored already: read again only to check and count it
+            elif name in biases:
+                walk.dense(name, count=True)  # checked and counted as read; stored corrected
+                walk.put(name, {name: biases.pop(name)}, None)
             elif name not in targets:
                 walk.keep(name)
             else:
@@ -378,31 +382,46 @@ def _write_directory(src: Path, out: Path, new: Checkpoint, spool: _Spool, *, fo
 
 class _Spool:
     """Stored tensors appended to a temp file as they are made; ``write`` assembles safetensors
-    files from it. Removed on exit, whatever happens."""
+    files from it. Each tensor's bytes are written on a thread while the walk transforms the next
+    one (at most one write in flight, so one stored tensor more is held). Removed on exit,
+    whatever happens."""
 
     def __init__(self, path: Path):
         self.path = path
         self.index: dict[str, tuple[torch.dtype, list[int], int, int]] = {}  # name -> dtype, shape, offset, bytes
         self.size = 0
+        self._writing: Future[Any] | None = None
 
     def __enter__(self) -> _Spool:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.f = open(self.path, "w+b")
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="infercomp-spool")
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.f.close()
-        self.path.unlink(missing_ok=True)
+        try:
+            self._writer.shutdown(wait=True)  # no write may land after the unlink
+        finally:
+            self.f.close()
+            self.path.unlink(missing_ok=True)
 
     def add(self, name: str, t: torch.Tensor) -> None:
         t = t.detach().contiguous()
-        data = t.reshape(-1).view(torch.uint8).numpy()
-        self.f.write(memoryview(data))
+        data = t.reshape(-1).view(torch.uint8).numpy()  # keeps t alive until written
+        self._written()
         self.index[name] = (t.dtype, list(t.shape), self.size, data.nbytes)
         self.size += data.nbytes
+        self._writing = self._writer.submit(self.f.write, memoryview(data))
+
+    def _written(self) -> None:
+        """Wait for the write in flight (its error, if any, is raised here)."""
+        if self._writing is not None:
+            writing, self._writing = self._writing, None
+            writing.result()
 
     def tensors(self) -> checkpoint.LazyTensors:
         """What was added so far, read back lazily from the spool file."""
+        self._written()
         self.f.flush()
         return checkpoint.lazy_ranges(
             self.path, {n: (offset, nbytes, dtype, shape) for n, (dtype, shape, offset, nbytes) in self.index.items()}
@@ -421,6 +440,7 @@ class _Spool:
                 _, _, offset, nbytes = self.index[n]
                 self._copy(f, offset, nbytes)
 
+        self._written()
         self.f.flush()
         checkpoint.write_atomic(path, fill)
 

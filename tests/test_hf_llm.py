@@ -64,9 +64,10 @@ def tiny_llama(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     return d, text
 
 
-def make_llama(d: Path, *, layers: int, tied: bool, steps: int) -> None:
+def make_llama(d: Path, *, layers: int, tied: bool, steps: int, bias: bool = False) -> None:
     """A Llama-style causal LM with the word tokenizer saved in ``d``: hidden 64, 4 query / 2
-    key-value heads, FFN 128, trained ``steps`` steps on the sentences."""
+    key-value heads, FFN 128 (``bias``: every projection with a bias), trained ``steps`` steps on
+    the sentences."""
     d.mkdir()
     _tokenizer(d)
     torch.manual_seed(0)
@@ -82,6 +83,8 @@ def make_llama(d: Path, *, layers: int, tied: bool, steps: int) -> None:
         bos_token_id=2,
         eos_token_id=3,
         tie_word_embeddings=tied,
+        attention_bias=bias,
+        mlp_bias=bias,
     )
     model = transformers.LlamaForCausalLM(cfg)
     if steps:  # trained a little, so that a damaged copy scores measurably worse

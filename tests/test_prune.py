@@ -4,6 +4,7 @@ formats themselves: tests/formats/test_sparse.py; the command: tests/test_cli_pr
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,7 +21,7 @@ from infercomp.models import ModelLoader
 from infercomp.progress import Progress
 from infercomp.prune import PruneConfig, is_nm, magnitude_masks, nm_mask, prune, prune_channels
 from infercomp.prune.magnitude import score_masks
-from infercomp.prune.wanda import input_norms, wanda_scores
+from infercomp.prune.wanda import bias_shift, input_norms, norms_of, wanda_scores
 from infercomp.transform import Context
 from tests.conftest import DIGITS_TEST, DIGITS_TRAIN, SAMPLE
 
@@ -166,16 +167,90 @@ def test_bad_configs_name_the_option(kwargs: dict, message: str) -> None:
         PruneConfig(**kwargs)
 
 
-def test_wanda_needs_data_and_beats_magnitude_on_the_transformer() -> None:
-    with pytest.raises(DataError, match="--method wanda needs --data"):
-        prune(sample("transformer"), PruneConfig(method="wanda"), ctx())
+def test_bias_shift_restores_the_mean_output() -> None:
+    """Linear: over the data the means came from, the pruned layer plus the shift has the dense
+    layer's mean output exactly. Conv: on an input equal to its channel means everywhere (no
+    padding), the corrected pruned conv gives the dense conv's output."""
+    g = torch.Generator().manual_seed(0)
+    lin = nn.Linear(12, 5)
+    x = torch.randn(300, 12, generator=g) + torch.linspace(-2, 3, 12)  # inputs with non-zero means
+    keep = torch.rand(5, 12, generator=g) > 0.5
+    shift = bias_shift(lin.weight, keep, x.mean(0))
+    with torch.no_grad():
+        dense_mean = lin(x).mean(0)
+        pruned = torch.nn.functional.linear(x, lin.weight * keep, lin.bias)
+    assert not torch.allclose(pruned.mean(0), dense_mean, atol=1e-2)
+    torch.testing.assert_close((pruned + shift).mean(0), dense_mean, atol=1e-5, rtol=1e-5)
+    conv = nn.Conv2d(3, 4, 3)
+    mu = torch.tensor([0.5, -1.0, 2.0])
+    flat = mu.reshape(1, 3, 1, 1).expand(1, 3, 6, 6)
+    ckeep = torch.rand(4, 3, 3, 3, generator=g) > 0.5
+    with torch.no_grad():
+        out = torch.nn.functional.conv2d(flat, conv.weight * ckeep, conv.bias + bias_shift(conv.weight, ckeep, mu))
+        torch.testing.assert_close(out, conv(flat), atol=1e-5, rtol=1e-5)
+
+
+def test_input_means_leave_padding_out() -> None:
+    """The mean input of a layer is taken over the real tokens only; the norms stay wanda's (all)."""
+    lin = nn.Linear(4, 2)
+    x = torch.ones(2, 3, 4)
+    x[0, 2] = 100.0  # a padded position
+    real = torch.tensor([[True, True, False], [True, True, True]])
+    means: dict[str, torch.Tensor] = {}
+    norms = norms_of({"l": lin}, lambda: lin(x), means=means, positions=lambda: real)
+    torch.testing.assert_close(means["l"], torch.ones(4))
+    torch.testing.assert_close(norms["l"], torch.full((4,), (5 + 100.0**2) ** 0.5))
+    means.clear()
+    norms_of({"l": lin}, lambda: lin(x), means=means)
+    torch.testing.assert_close(means["l"], torch.full((4,), (5 + 100.0) / 6))
+
+
+def _cosine_to(original: Checkpoint) -> Callable[[Checkpoint], float]:
+    """A checkpoint's mean output cosine to ``original``'s on the digits test set."""
     test = load_data(DIGITS_TEST)
-    base = ModelLoader().build(sample("transformer"))
+    with torch.inference_mode():
+        ref = ModelLoader().build(original)(test.inputs)
 
     def cosine(ck: Checkpoint) -> float:
         with torch.inference_mode():
-            return float(torch.cosine_similarity(ModelLoader().build(ck)(test.inputs), base(test.inputs)).mean())
+            return float(torch.cosine_similarity(ModelLoader().build(ck)(test.inputs), ref).mean())
 
+    return cosine
+
+
+def test_wanda_bias_correction_changes_only_biases_and_helps_the_mlp() -> None:
+    """The same masks and weights as plain wanda; only the pruned layers' biases move, and the
+    digits MLP's outputs get closer to the original's (measured: cosine 0.977 -> 0.986 at 50 %)."""
+    cosine = _cosine_to(sample("mlp"))
+    plain = prune(sample("mlp"), PruneConfig(method="wanda"), ctx(DIGITS_TRAIN))
+    log = Log()
+    corrected = prune(sample("mlp"), PruneConfig(method="wanda", bias_correction=True), ctx(DIGITS_TRAIN, log))
+    a, b = dense(plain), dense(corrected)
+    moved = {n for n in a if not torch.equal(a[n], b[n])}
+    assert moved == {n.replace("weight", "bias") for n in plain.encodings}, moved
+    assert cosine(corrected) > cosine(plain) + 0.005
+    assert not log.lines
+    with pytest.raises(UsageError, match="--bias-correction applies to --method wanda, not sparsegpt"):
+        PruneConfig(method="sparsegpt", bias_correction=True)
+
+
+def _no_bias() -> nn.Module:
+    return nn.Sequential(nn.Flatten(), nn.Linear(64, 32, bias=False), nn.ReLU(), nn.Linear(32, 10, bias=False))
+
+
+def test_bias_correction_without_biases_says_so() -> None:
+    ck = Checkpoint(tensors=dict(_no_bias().state_dict()), model={"ref": "tests.test_prune:_no_bias", "config": {}})
+    log = Log()
+    c = Context(loader=ModelLoader(trust_model_code=True), data=load_data(DIGITS_TRAIN), device=torch.device("cpu"), progress=log)
+    out = prune(ck, PruneConfig(method="wanda", bias_correction=True), c)
+    assert any("--bias-correction: no pruned layer has a bias; nothing to correct" in line for line in log.lines), log.lines
+    assert set(out.encodings) == {"1.weight", "3.weight"}
+
+
+def test_wanda_needs_data_and_beats_magnitude_on_the_transformer() -> None:
+    with pytest.raises(DataError, match="--method wanda needs --data"):
+        prune(sample("transformer"), PruneConfig(method="wanda"), ctx())
+    cosine = _cosine_to(sample("transformer"))
     wanda = prune(sample("transformer"), PruneConfig(method="wanda"), ctx(DIGITS_TRAIN))
     magnitude = prune(sample("transformer"), PruneConfig(method="magnitude", scope="layer"), ctx())
     assert abs(measure.static_stats(wanda)["sparsity"] - measure.static_stats(magnitude)["sparsity"]) < 0.01

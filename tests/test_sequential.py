@@ -164,6 +164,31 @@ def test_streamed_calibration_writes_the_in_memory_bytes(tmp_path: Path, llama3:
     assert streamed.read_bytes() == whole.read_bytes()
 
 
+def test_bias_correction_block_by_block_streams_the_same_bytes(tmp_path: Path, llama3: tuple[Path, Path]) -> None:
+    """A causal LM with biases, wanda --bias-correction block by block: streamed and in memory the
+    same file; every pruned projection's bias moved, block 0's weights are plain wanda's (later
+    blocks calibrate on corrected ones), and transformers loads and scores it."""
+    text = llama3[1]
+    src = tmp_path / "biased"
+    make_llama(src, layers=2, tied=False, steps=10, bias=True)
+    outs = {}
+    for key, kw in (("streamed", {"stream": True}), ("whole", {"stream": False}), ("out", {})):
+        outs[key] = tmp_path / (f"{key}.safetensors" if key != "out" else "out")
+        infercomp.prune(src, outs[key], method="wanda", bias_correction=True, data=text, measure=False, **kw)
+    assert outs["streamed"].read_bytes() == outs["whole"].read_bytes()
+    infercomp.prune(src, tmp_path / "plain.safetensors", method="wanda", data=text, measure=False)
+    plain, corrected = checkpoint.load(tmp_path / "plain.safetensors"), checkpoint.load(outs["whole"])
+    assert plain.encodings.keys() == corrected.encodings.keys()
+    biases = {n.replace(".weight", ".bias") for n in plain.encodings if n.startswith("model.layers.")}
+    assert len(biases) == 2 * 7
+    for name in biases:
+        assert not torch.equal(plain.tensors[name], corrected.tensors[name]), name
+    for name, t in plain.tensors.items():  # block 0 saw the same inputs: plain wanda's masks; later ones see corrected blocks
+        if name.startswith("model.layers.0.") and name not in biases:
+            assert torch.equal(t, corrected.tensors[name]), name
+    assert _hf_perplexity(outs["out"]) < 3 * _hf_perplexity(src)
+
+
 def test_calibrated_streaming_is_for_causal_lms_stored_in_float(tiny_ckpt: Path, tiny_data: Path, tmp_path: Path) -> None:
     with pytest.raises(UsageError, match="streams a Hugging Face causal LM stored in float only"):
         infercomp.prune(tiny_ckpt, tmp_path / "o.safetensors", method="wanda", data=tiny_data, stream=True, measure=False)

@@ -38,6 +38,14 @@ def prune(
     importance: Annotated[
         str, typer.Option("--importance", help=f"channel score: {', '.join(IMPORTANCES)} (activation needs --data).")
     ] = "l1",
+    bias_correction: Annotated[
+        bool,
+        typer.Option(
+            "--bias-correction",
+            help="wanda: add to each pruned layer's bias what its removed weights added on average over --data "
+            "(layers without a bias stay as they are).",
+        ),
+    ] = False,
     eval_data: Annotated[
         Path | None, typer.Option("--eval-data", help="Evaluate on this file instead of --data (keep calibration and test apart).")
     ] = None,
@@ -83,7 +91,8 @@ def prune(
                  a transformer keeps its hidden size (--scope ffn, heads, or all of both).
       2:4        semi-structured N:M (--n 2 --m 4): in every 4 consecutive inputs keep the 2
                  largest |w|; runs torch's sparse kernels on CUDA, dense on CPU.
-      wanda      |w| x ||input activation|| from --data calibration: per output row, or N:M with --n/--m.
+      wanda      |w| x ||input activation|| from --data calibration: per output row, or N:M with --n/--m;
+                 --bias-correction also moves each bias by the removed weights' mean contribution.
       sparsegpt  the same masks, chosen with each layer's inverse Hessian from --data, and the kept
                  weights updated to make up for the removed ones (closest outputs; slower).
 
@@ -101,6 +110,7 @@ def prune(
         n=n,
         m=m,
         importance=importance,
+        bias_correction=bias_correction,
         include=include or (),
         exclude=exclude or (),
         data=data,

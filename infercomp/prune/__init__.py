@@ -33,7 +33,7 @@ from infercomp.prune.magnitude import magnitude_masks, score_masks
 from infercomp.prune.nm import is_nm, nm_fits, nm_mask
 from infercomp.prune.sparsegpt import sparsegpt
 from infercomp.prune.structured import CHANNEL_SCOPES, IMPORTANCES, prune_channels
-from infercomp.prune.wanda import input_norms, norms_of, wanda_scores
+from infercomp.prune.wanda import bias_shift, input_norms, norms_of, wanda_scores
 from infercomp.transform import Context, Transform, TransformConfig, choice
 
 SCOPES = ("layer", "global", *CHANNEL_SCOPES)
@@ -57,6 +57,9 @@ class PruneConfig(TransformConfig):
         n / m: keep N of every M consecutive inputs (``2:4`` defaults to 2 and 4; ``wanda`` and
             ``sparsegpt`` with them are N:M instead of unstructured).
         importance: channel score: ``l1`` (default), ``l2`` or ``activation`` (needs ``--data``).
+        bias_correction: ``wanda`` only: add to each pruned layer's bias what its removed weights
+            contributed on average over the calibration data (``wanda.bias_shift``); layers
+            without a bias are left as they are.
     """
 
     transform: ClassVar[str] = "prune"
@@ -68,6 +71,7 @@ class PruneConfig(TransformConfig):
     n: int | None = None
     m: int | None = None
     importance: str = "l1"
+    bias_correction: bool = False
 
     def __post_init__(self) -> None:
         choice(self.method, tuple(METHODS), "--method")
@@ -85,6 +89,8 @@ class PruneConfig(TransformConfig):
             raise UsageError(f"--scope {self.scope} does not apply to --method {self.method}; it takes {allowed}")
         if self.importance != "l1" and self.method != "channel":
             raise UsageError(f"--importance applies to --method channel, not {self.method}")
+        if self.bias_correction and self.method != "wanda":
+            raise UsageError(f"--bias-correction applies to --method wanda, not {self.method}")
         if (self.n is None) != (self.m is None):
             raise UsageError("--n and --m go together (e.g. --n 2 --m 4)")
         if self.n is not None:
@@ -170,7 +176,9 @@ def _wanda(ckpt: Checkpoint, config: PruneConfig, ctx: Context) -> Checkpoint:
     before it pruned, as the Wanda authors' code does; other models run whole, every layer scored
     on the original model's inputs."""
     dense = formats.logical_tensors(ckpt.tensors, ckpt.encodings, ckpt.name)
-    return _masked(ckpt, dense, wanda_masks(ckpt, dense, config, ctx), config.pattern(), ctx)
+    biases: dict[str, torch.Tensor] = {}
+    masks = wanda_masks(ckpt, dense, config, ctx, biases=biases)
+    return _masked(ckpt, dense, masks, config.pattern(), ctx, replaced=biases)
 
 
 def wanda_masks(
@@ -180,11 +188,14 @@ def wanda_masks(
     ctx: Context,
     *,
     on_done: Callable[[str, torch.Tensor, torch.Tensor], None] | None = None,
+    biases: dict[str, torch.Tensor] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Keep-masks of the weights wanda prunes (``ctx.data`` calibrates). ``dense``: the logical
     tensors, or a ``checkpoint.LazyTensors`` of them: a causal LM then reads one block at a time.
     ``on_done(name, pruned weight, mask)``, for a causal LM: each block's weights handed over as
-    soon as they are pruned, instead of their masks returned (a streamed run stores them at once)."""
+    soon as they are pruned, instead of their masks returned (a streamed run stores them at once).
+    ``biases``: with ``config.bias_correction``, filled with the corrected biases (name -> tensor
+    in its stored dtype) to store in place of the input's."""
     if ctx.data is None:
         raise DataError("--method wanda needs --data: calibration inputs whose activations weight |w| (a few hundred samples)")
     # |w| * ||x|| needs the layer's input features along the weight's columns: plain Linear and
@@ -202,13 +213,46 @@ def wanda_masks(
         return score_masks(scores, config.sparsity, "row")  # Wanda compares weights within an output row
 
     modules = [n.rpartition(".")[0] for n in targets]
+    stored = shapes_of(dense)
+    encoded = set(ckpt.encodings)
+    # Biases corrected: those of pruned layers, stored plainly (an encoded one is left alone).
+    corrected = {f"{n}.bias" for n in modules if f"{n}.bias" in stored and f"{n}.bias" not in encoded} if config.bias_correction else set()
+    if config.bias_correction and not corrected:
+        ctx.progress.log("--bias-correction: no pruned layer has a bias; nothing to correct")
+    means: dict[str, torch.Tensor] | None = {} if corrected else None
+    mask_rows = ctx.data.attention_mask
+
+    def correct(layers: dict[str, torch.nn.Module], found: dict[str, torch.Tensor]) -> None:
+        """Each pruned layer's bias += what its removed weights added on average (before they go)."""
+        assert means is not None
+        for n, mask in found.items():
+            layer = n.rpartition(".")[0]
+            if f"{layer}.bias" in corrected:
+                bias = layers[layer].bias
+                new = (bias.detach().float() + bias_shift(layers[layer].weight, mask, means[layer])).to(stored[f"{layer}.bias"].dtype)
+                with torch.no_grad():
+                    bias.copy_(new)  # a causal LM's next blocks calibrate on the corrected block
+                if biases is not None:
+                    biases[f"{layer}.bias"] = new
+
     if decoder is not None:
         masks: dict[str, torch.Tensor] = {}
 
         def compress(stage: blocks.Stage) -> None:
-            norms = norms_of(dict(stage.layers), lambda: [stage.run(i) for i in stage.batches])
+            current: list[torch.Tensor | None] = [None]
+
+            def run() -> None:
+                for i in stage.batches:
+                    current[0] = None if mask_rows is None else mask_rows[i * WANDA_BATCH : (i + 1) * WANDA_BATCH].bool()
+                    stage.run(i)
+
+            if means is not None:
+                means.clear()
+            norms = norms_of(dict(stage.layers), run, means=means, positions=lambda: current[0])
             weights = {f"{n}.weight": m.weight for n, m in stage.layers}
             found = masks_of(weights, norms)
+            if means is not None:
+                correct(dict(stage.layers), found)
             for n, mask in found.items():
                 weights[n].mul_(mask)  # the next blocks calibrate on the pruned block
                 if on_done is not None:
@@ -219,8 +263,10 @@ def wanda_masks(
         blocks.calibrate(decoder, dense, ctx.data.inputs, set(modules), compress, batch_size=WANDA_BATCH, progress=ctx.progress)
     else:
         with ctx.progress.task(f"wanda: calibrating on {len(ctx.data)} samples", total=None):
-            norms = input_norms(model, modules, ctx.data.inputs, batch_size=WANDA_BATCH)
+            norms = input_norms(model, modules, ctx.data.inputs, batch_size=WANDA_BATCH, attention_mask=mask_rows, means=means)
         masks = masks_of({n: dense[n] for n in targets}, norms)
+        if means is not None:
+            correct({n: model.get_submodule(n) for n in modules}, masks)
     return masks
 
 
@@ -341,12 +387,20 @@ CALIBRATION_BATCH = 32
 
 
 def _masked(
-    ckpt: Checkpoint, dense: dict[str, torch.Tensor], masks: dict[str, torch.Tensor], pattern: tuple[int, int] | None, ctx: Context
+    ckpt: Checkpoint,
+    dense: dict[str, torch.Tensor],
+    masks: dict[str, torch.Tensor],
+    pattern: tuple[int, int] | None,
+    ctx: Context,
+    *,
+    replaced: dict[str, torch.Tensor] | None = None,
 ) -> Checkpoint:
-    """Zero the masked weights; store them sparse; keep every other tensor as it was stored."""
+    """Zero the masked weights; store them sparse; store ``replaced`` (plain tensors: corrected
+    biases) in place of the input's; keep every other tensor as it was stored."""
     note_pattern(pattern, ctx)
     # Untouched tensors keep their stored form (quantized ones stay quantized).
     tensors, encs = formats.stored_form(ckpt.tensors, ckpt.encodings, masks, ckpt.name)
+    tensors.update(replaced or {})
     for name, mask in masks.items():
         stored, spec = encode_pruned(name, dense[name], mask, pattern)
         tensors.update(stored)

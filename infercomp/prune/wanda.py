@@ -1,5 +1,6 @@
 """Wanda importance (Sun et al., 2023): score(w_ij) = |w_ij| · ||x_j||_2, where x_j is input
-feature j of the layer over the calibration data (all samples and positions)."""
+feature j of the layer over the calibration data (all samples and positions); and the bias
+correction ``--bias-correction`` adds after it (``bias_shift``)."""
 
 from __future__ import annotations
 
@@ -11,21 +12,43 @@ from torch import nn
 from infercomp.errors import ModelError
 
 
-def input_norms(model: nn.Module, names: Iterable[str], inputs: torch.Tensor, *, batch_size: int = 128) -> dict[str, torch.Tensor]:
+def input_norms(
+    model: nn.Module,
+    names: Iterable[str],
+    inputs: torch.Tensor,
+    *,
+    batch_size: int = 128,
+    attention_mask: torch.Tensor | None = None,
+    means: dict[str, torch.Tensor] | None = None,
+) -> dict[str, torch.Tensor]:
     """||x_j||_2 of every input feature of the named Linear / Conv modules, from forward hooks
-    while ``inputs`` run through ``model``. Linear: (in_features,); Conv: (in_channels,)."""
+    while ``inputs`` run through ``model``. Linear: (in_features,); Conv: (in_channels,).
+    ``means``: filled with each feature's mean too (over the real tokens where ``attention_mask``
+    marks them)."""
+    current: list[torch.Tensor | None] = [None]
 
     def run() -> None:
         for i in range(0, len(inputs), batch_size):
+            current[0] = None if attention_mask is None else attention_mask[i : i + batch_size].bool()
             model(inputs[i : i + batch_size])
 
-    return norms_of({n: model.get_submodule(n) for n in names}, run)
+    return norms_of({n: model.get_submodule(n) for n in names}, run, means=means, positions=lambda: current[0])
 
 
-def norms_of(modules: dict[str, nn.Module], run: Callable[[], object]) -> dict[str, torch.Tensor]:
+def norms_of(
+    modules: dict[str, nn.Module],
+    run: Callable[[], object],
+    *,
+    means: dict[str, torch.Tensor] | None = None,
+    positions: Callable[[], torch.Tensor | None] = lambda: None,
+) -> dict[str, torch.Tensor]:
     """``input_norms`` of ``modules`` (name -> Linear / Conv) over whatever ``run()`` runs through
-    them (the whole model, or one block at a time: ``infercomp.blocks``)."""
+    them (the whole model, or one block at a time: ``infercomp.blocks``). ``means``: filled with
+    each input feature's mean, over the positions ``positions()`` marks in the batch running
+    (a (batch, tokens) bool mask of the real tokens; None: all of them)."""
     sums: dict[str, torch.Tensor] = {}
+    firsts: dict[str, torch.Tensor] = {}
+    counts: dict[str, int] = {}
     hooks = []
 
     def hook(name: str, conv: bool):
@@ -34,6 +57,17 @@ def norms_of(modules: dict[str, nn.Module], run: Callable[[], object]) -> dict[s
             # Conv (N, C, ...): sum over all but C; Linear (..., in): sum over all but the last dim.
             sq = x.transpose(0, 1).reshape(x.shape[1], -1).pow(2).sum(1) if conv else x.reshape(-1, x.shape[-1]).pow(2).sum(0)
             sums[name] = sums[name] + sq if name in sums else sq
+            if means is not None:
+                if conv:
+                    total, n = x.transpose(0, 1).reshape(x.shape[1], -1).sum(1), x.numel() // x.shape[1]
+                else:
+                    real = positions()
+                    flat = x.reshape(-1, x.shape[-1])
+                    if real is not None and x.dim() == 3 and tuple(x.shape[:2]) == tuple(real.shape):
+                        flat = x[real]  # padding's activations are not the layer's usual input
+                    total, n = flat.sum(0), flat.shape[0]
+                firsts[name] = firsts[name] + total if name in firsts else total
+                counts[name] = counts.get(name, 0) + n
 
         return fn
 
@@ -48,7 +82,18 @@ def norms_of(modules: dict[str, nn.Module], run: Callable[[], object]) -> dict[s
     missing = [n for n in modules if n not in sums]
     if missing:
         raise ModelError(f"layer {missing[0]!r} never ran on the calibration data; exclude it with --exclude {missing[0]}")
+    if means is not None:
+        means.update({n: firsts[n] / max(counts[n], 1) for n in firsts})
     return {n: s.sqrt() for n, s in sums.items()}
+
+
+def bias_shift(weight: torch.Tensor, keep: torch.Tensor, mean: torch.Tensor) -> torch.Tensor:
+    """What the removed weights added to each output on average: (W ⊙ ¬keep) · E[x], with E[x]
+    the layer's mean input feature (a conv's channel mean covers its kh·kw taps). Added to the
+    bias, the pruned layer's mean output over the calibration data is the dense layer's again
+    (bias correction, as for quantization in Nagel et al., 2019)."""
+    removed = weight.detach().float() * ~keep
+    return removed.reshape(removed.shape[0], removed.shape[1], -1).sum(-1) @ mean
 
 
 def wanda_scores(weights: dict[str, torch.Tensor], norms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
