@@ -104,7 +104,7 @@ def main() -> None:
     print(f"CPU: {cpu_model()} ({os.cpu_count()} cores); features: {', '.join(cpu_features()) or 'none'}")
     print(
         f"torch {torch.__version__}; transforms run on 1 torch thread (byte-identical output), round-to-nearest and the "
-        "threshold histograms also on up to 4 Python threads (elementwise work and maxima only); the input's SHA-256 on a second"
+        "threshold histograms also on up to 4 Python threads (elementwise work and maxima only); the input's SHA-256 and the spool's writes on threads of their own"
     )
     with tempfile.TemporaryDirectory(prefix="bench-scale-") as tmp:
         src = Path(tmp) / "src"

@@ -220,7 +220,7 @@ def _cosine_to(original: Checkpoint) -> Callable[[Checkpoint], float]:
 
 def test_wanda_bias_correction_changes_only_biases_and_helps_the_mlp() -> None:
     """The same masks and weights as plain wanda; only the pruned layers' biases move, and the
-    digits MLP's outputs get closer to the original's (measured: cosine 0.977 -> 0.986 at 50 %)."""
+    digits MLP's outputs get closer to the original's (by more than 0.005 in cosine at 50 %)."""
     cosine = _cosine_to(sample("mlp"))
     plain = prune(sample("mlp"), PruneConfig(method="wanda"), ctx(DIGITS_TRAIN))
     log = Log()
