@@ -207,7 +207,7 @@ def distill(
     temperature: float = 4.0,
     alpha: float = 0.9,
     epochs: int = 10,
-    lr: float = 3e-3,
+    lr: float | None = None,
     batch_size: int = 64,
     weight_decay: float = 1e-4,
     seed: int = 0,

@@ -21,6 +21,7 @@ from infercomp.checkpoint import Checkpoint
 from infercomp.data import load_data
 from infercomp.distill import DistillConfig, distill, kd_loss, kd_loss_per_sample, state_path
 from infercomp.distill import state as train_state
+from infercomp.distill.config import FINE_TUNE_LR, SCRATCH_LR
 from infercomp.distill.loss import FeatureMatch, parse_layer_pairs, soft_loss
 from infercomp.distill.trainer import epoch_order, lr_factor, rng_state, set_rng_state
 from infercomp.errors import ModelError, UsageError
@@ -130,6 +131,19 @@ def test_embedding_losses() -> None:
 def test_config_rejects_bad_values(kwargs: dict, message: str) -> None:
     with pytest.raises(UsageError, match=message):
         DistillConfig(student_model="digits-mlp", **kwargs)
+
+
+def test_default_lr_fine_tunes_a_hugging_face_student_and_is_recorded(tmp_path: Path) -> None:
+    """No --lr: 5e-5 for a student holding a Hugging Face model (a pretrained transformer is
+    fine-tuned; 3e-3 wrecks it), 3e-3 otherwise; the value used is what the history records."""
+    hf_student = tmp_path / "hf_student.safetensors"
+    checkpoint.save(Checkpoint(tensors={"w": torch.zeros(2)}, model={"ref": "hf-auto", "config": {"model_type": "bert"}}), hf_student)
+    cfg = DistillConfig(student=str(hf_student))
+    assert cfg.lr == FINE_TUNE_LR == 5e-5 and cfg.to_dict()["lr"] == 5e-5
+    assert DistillConfig(student=str(hf_student), lr=1e-3).lr == 1e-3  # given: kept
+    assert DistillConfig(student=str(SAMPLE["mlp"])).lr == SCRATCH_LR == 3e-3
+    assert DistillConfig(student_model="digits-mlp").lr == SCRATCH_LR
+    assert DistillConfig(student=str(tmp_path / "missing.safetensors")).lr == SCRATCH_LR  # the load says what is wrong
 
 
 def test_config_needs_exactly_one_student_and_omits_resume_from_history() -> None:

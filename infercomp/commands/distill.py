@@ -37,7 +37,15 @@ def distill(
         typer.Option("--alpha", help="Weight of the distillation term; 1 - alpha goes to cross-entropy on labels (0 = plain fine-tuning)."),
     ] = 0.9,
     epochs: Annotated[int, typer.Option("--epochs", min=1)] = 10,
-    lr: Annotated[float, typer.Option("--lr", help="Peak learning rate (AdamW, 5% linear warm-up then cosine).")] = 3e-3,
+    lr: Annotated[
+        float | None,
+        typer.Option(
+            "--lr",
+            help="Peak learning rate (AdamW, 5% linear warm-up then cosine). Default: 5e-5 when the student is a "
+            "Hugging Face model (fine-tuning a pretrained transformer), else 3e-3.",
+            show_default=False,
+        ),
+    ] = None,
     weight_decay: Annotated[float, typer.Option("--weight-decay")] = 1e-4,
     seed: Annotated[
         int, typer.Option("--seed", help="Seeds initialisation and data order: the same seed gives the same bytes on CPU.")

@@ -6,6 +6,8 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+import infercomp.checkpoint as checkpoint
+import infercomp.hf as hf
 from infercomp.distill.loss import FEATURE_LOSSES, OUTPUT_LOSSES
 from infercomp.errors import UsageError
 from infercomp.transform import TransformConfig, choice
@@ -21,6 +23,7 @@ class DistillConfig(TransformConfig):
         temperature: T, softens both distributions; alpha: weight of the soft term (1 - alpha on CE).
         epochs, lr, batch_size, weight_decay, seed: AdamW with 5 % linear warm-up then cosine decay;
             ``batch_size`` is per rank under torchrun (global batch = batch_size * world size).
+            ``lr`` None picks ``default_lr`` (recorded resolved).
         val_data: held-out data scored after every epoch; the best student is kept.
         output_loss: ``kl`` (softened logits), or ``mse`` / ``cosine`` for embedding outputs.
         feature_loss: ``none`` or ``mse`` between matched hidden layers (``feature_layers``:
@@ -38,7 +41,7 @@ class DistillConfig(TransformConfig):
     temperature: float = 4.0
     alpha: float = 0.9
     epochs: int = 10
-    lr: float = 3e-3
+    lr: float | None = None
     batch_size: int = 64
     weight_decay: float = 1e-4
     seed: int = 0
@@ -64,6 +67,9 @@ class DistillConfig(TransformConfig):
             raise UsageError(f"--epochs must be >= 1, got {self.epochs}")
         if self.batch_size < 1:
             raise UsageError(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.lr is None:  # frozen dataclass: resolve the default once, so it is recorded
+            object.__setattr__(self, "lr", default_lr(self.student))
+        assert self.lr is not None
         if not (math.isfinite(self.lr) and self.lr > 0):
             raise UsageError(f"--lr must be > 0, got {self.lr}")
         if not (math.isfinite(self.weight_decay) and self.weight_decay >= 0):
@@ -81,3 +87,24 @@ class DistillConfig(TransformConfig):
         d = super().to_dict()
         d.pop("resume")
         return d
+
+
+# Default peak learning rates: a student trained from the start, or a pruned small model, learns
+# well at SCRATCH_LR (the digits students of docs/distill.md); a pretrained Hugging Face
+# transformer is fine-tuned, and SCRATCH_LR wrecks it (all-MiniLM-L6-v2's channel-pruned student,
+# docs/hf.md), so it gets FINE_TUNE_LR, transformers' own Trainer default.
+SCRATCH_LR = 3e-3
+FINE_TUNE_LR = 5e-5
+
+
+def default_lr(student: str | None) -> float:
+    """``FINE_TUNE_LR`` when the student checkpoint holds a Hugging Face model (its stored model
+    reference, read from the header), else ``SCRATCH_LR``. A student that cannot be read gets
+    ``SCRATCH_LR`` here; loading it later says what is wrong."""
+    if student is None:
+        return SCRATCH_LR
+    try:
+        spec = checkpoint.load(student, lazy=True).model or {}
+    except Exception:  # reported by the real load, with the file named
+        return SCRATCH_LR
+    return FINE_TUNE_LR if spec.get("ref") == hf.HF_REF else SCRATCH_LR
