@@ -248,7 +248,13 @@ def test_global_threshold_window_takes_one_pass_and_never_changes_the_result(mon
         assert (guessed.key, guessed.ties) == (plain.key, plain.ties)
         assert guessed.passes == 1 and len(reads) == 1, (sparsity, window, plain.key)
         key = plain.key
-        for wrong in ((0, 0), (key + (1 << 20), key + (1 << 21)), (0, 0x7FC00000), (key - (1 << 16), key - (1 << 16))):
+        for wrong in (
+            (0, 0),
+            (key + (1 << 20), key + (1 << 21)),
+            (0, 0x7FC00000),
+            (key - (1 << 16), key - (1 << 16)),
+            (key + (1 << 17), key),
+        ):
             other = Selection.of(scores, k, magnitudes=True, window=wrong)
             assert (other.key, other.ties) == (plain.key, plain.ties), wrong
         # The window's int32 counts widen to int64 before they could overflow: the same result.

@@ -139,6 +139,8 @@ class Selection:
         if k <= 0:
             return cls(key=_NAN_KEY + 1, ties=0)  # above every key: nothing kept
         first, last = (window[0] >> 16, min(window[1] >> 16, (window[0] >> 16) + WINDOW_BINS - 1)) if window else (0, -1)
+        if last < first:  # an empty window: two passes
+            first, last = 0, -1
         start, stop = first << 16, (last + 1) << 16
         high = torch.zeros(1 << 16, dtype=torch.int64)
         # Low-16-bit counts of the window's bins: int32 (half the memory) until the values counted
