@@ -273,7 +273,9 @@ def _prune(walk: _Walk, config: PruneConfig, ctx: Context) -> None:
         k = kept_count(total, config.sparsity)
         with ctx.progress.task("global threshold: histograms of the weights", total=None):
             # A few pages of each weight guess where the threshold lies: one pass when it holds.
-            window = near((walk.dense(n, check=False) for n in targets), k, magnitudes=True)
+            # (Not from encoded weights: sampling them would decode each whole, a pass of its own.)
+            plain = not any(n in walk.ckpt.encodings for n in targets)
+            window = near((walk.dense(n, check=False) for n in targets), k, magnitudes=True) if plain else None
             selection = Selection.of(weights, k, magnitudes=True, window=window)
         left = selection.ties
 

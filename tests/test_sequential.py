@@ -5,6 +5,7 @@ output loads in transformers with its perplexity close to the original's."""
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pytest
@@ -16,6 +17,7 @@ from infercomp import checkpoint
 from infercomp.checkpoint import Checkpoint
 from infercomp.errors import UsageError
 from infercomp.models import ModelLoader
+from infercomp.prune import PruneConfig
 from tests.test_hf_llm import SENTENCES, WORDS, _hf_perplexity, make_llama
 
 transformers = pytest.importorskip("transformers")
@@ -164,7 +166,9 @@ def test_streamed_calibration_writes_the_in_memory_bytes(tmp_path: Path, llama3:
     assert streamed.read_bytes() == whole.read_bytes()
 
 
-def test_bias_correction_block_by_block_streams_the_same_bytes(tmp_path: Path, llama3: tuple[Path, Path]) -> None:
+def test_bias_correction_block_by_block_streams_the_same_bytes(
+    tmp_path: Path, llama3: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A causal LM with biases, wanda --bias-correction block by block: streamed and in memory the
     same file; every pruned projection's bias moved, block 0's weights are plain wanda's (later
     blocks calibrate on corrected ones), and transformers loads and scores it."""
@@ -187,6 +191,14 @@ def test_bias_correction_block_by_block_streams_the_same_bytes(tmp_path: Path, l
         if name.startswith("model.layers.0.") and name not in biases:
             assert torch.equal(t, corrected.tensors[name]), name
     assert _hf_perplexity(outs["out"]) < 3 * _hf_perplexity(src)
+    # In batches of 5 sentences (padding in each): each batch's mask picks its real tokens, so the
+    # means, and the biases, are the one-batch run's.
+    monkeypatch.setattr(sys.modules[PruneConfig.__module__], "WANDA_BATCH", 5)
+    infercomp.prune(src, tmp_path / "batched.safetensors", method="wanda", bias_correction=True, data=text, measure=False)
+    batched = checkpoint.load(tmp_path / "batched.safetensors")
+    assert len(SENTENCES) > 10
+    for name in biases:
+        torch.testing.assert_close(batched.tensors[name], corrected.tensors[name], atol=1e-5, rtol=1e-4)
 
 
 def test_calibrated_streaming_is_for_causal_lms_stored_in_float(tiny_ckpt: Path, tiny_data: Path, tmp_path: Path) -> None:

@@ -229,6 +229,7 @@ def test_global_threshold_is_exact_with_ties() -> None:
 def test_global_threshold_window_takes_one_pass_and_never_changes_the_result(monkeypatch: pytest.MonkeyPatch) -> None:
     """The sampled guess (``near``) lets the first pass find the threshold on weights of LLM-like
     spread (one pass); any window, right, wrong or absurd, gives the same key and ties as none."""
+    magnitude = sys.modules[Selection.__module__]
     g = torch.Generator().manual_seed(5)
     parts = [torch.randn(300, 200, generator=g) * sd for sd in (0.02, 0.05, 0.01)] + [torch.ones(200)]
     reads: list[int] = []
@@ -254,14 +255,18 @@ def test_global_threshold_window_takes_one_pass_and_never_changes_the_result(mon
             (0, 0x7FC00000),
             (key - (1 << 16), key - (1 << 16)),
             (key + (1 << 17), key),
+            (-(1 << 40), 1 << 40),
         ):
             other = Selection.of(scores, k, magnitudes=True, window=wrong)
             assert (other.key, other.ties) == (plain.key, plain.ties), wrong
         # The window's int32 counts widen to int64 before they could overflow: the same result.
         with monkeypatch.context() as m:
-            m.setattr(sys.modules[Selection.__module__], "_INT32_MAX", 10)
+            m.setattr(magnitude, "_INT32_MAX", 10)
             widened = Selection.of(scores, k, magnitudes=True, window=window)
         assert (widened.key, widened.ties, widened.passes) == (plain.key, plain.ties, 1)
+    counts, ones = torch.zeros(3, dtype=torch.int32), torch.ones(2, dtype=torch.int32)
+    assert magnitude._wide_enough(counts, ones, (1 << 31) - 1)[0].dtype == torch.int32
+    assert [t.dtype for t in magnitude._wide_enough(counts, ones, 1 << 31)] == [torch.int64, torch.int64]
     assert near([], 3) is None and near([torch.ones(4)], 0) is None
 
 

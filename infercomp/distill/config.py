@@ -9,7 +9,7 @@ from typing import Any, ClassVar
 import infercomp.checkpoint as checkpoint
 import infercomp.hf as hf
 from infercomp.distill.loss import FEATURE_LOSSES, OUTPUT_LOSSES
-from infercomp.errors import UsageError
+from infercomp.errors import InfercompError, UsageError
 from infercomp.transform import TransformConfig, choice
 
 
@@ -105,6 +105,6 @@ def default_lr(student: str | None) -> float:
         return SCRATCH_LR
     try:
         spec = checkpoint.load(student, lazy=True).model or {}
-    except Exception:  # reported by the real load, with the file named
+    except (InfercompError, OSError):  # reported by the real load, with the file named
         return SCRATCH_LR
     return FINE_TUNE_LR if spec.get("ref") == hf.HF_REF else SCRATCH_LR

@@ -138,9 +138,11 @@ class Selection:
         twice when the threshold is not inside ``window``: keys (lowest, highest), see ``near``)."""
         if k <= 0:
             return cls(key=_NAN_KEY + 1, ties=0)  # above every key: nothing kept
-        first, last = (window[0] >> 16, min(window[1] >> 16, (window[0] >> 16) + WINDOW_BINS - 1)) if window else (0, -1)
-        if last < first:  # an empty window: two passes
-            first, last = 0, -1
+        first, last = 0, -1  # no window: two passes
+        if window is not None:  # clamped to the keys there are, and to WINDOW_BINS bins
+            lowest, highest = max(window[0], 0) >> 16, min(window[1], _NAN_KEY) >> 16
+            if lowest <= highest:
+                first, last = lowest, min(highest, lowest + WINDOW_BINS - 1)
         start, stop = first << 16, (last + 1) << 16
         high = torch.zeros(1 << 16, dtype=torch.int64)
         # Low-16-bit counts of the window's bins: int32 (half the memory) until the values counted
@@ -163,8 +165,7 @@ class Selection:
                 high += h
                 if keys is not None and keys.numel():
                     counted += keys.numel()
-                    if counted > _INT32_MAX and inside.dtype == torch.int32:
-                        inside, ones = inside.long(), ones.long()
+                    inside, ones = _wide_enough(inside, ones, counted)
                     inside.index_add_(0, keys, ones[: keys.numel()])
         bin_, above = _bin_of(high, k)
         if first <= bin_ <= last:
@@ -220,6 +221,14 @@ class Selection:
     def mask(self, s: torch.Tensor) -> torch.Tensor:
         """The keep-mask of a single tensor (the selection was made over it alone)."""
         return next(iter(self.masks([s])))
+
+
+def _wide_enough(counts: torch.Tensor, ones: torch.Tensor, counted: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``counts`` and the ``ones`` added to them, as int64 once ``counted`` values (a bound on
+    any one count) could overflow int32."""
+    if counted > _INT32_MAX and counts.dtype == torch.int32:
+        return counts.long(), ones.long()
+    return counts, ones
 
 
 def _bin_of(hist: torch.Tensor, k: int) -> tuple[int, int]:
