@@ -265,12 +265,15 @@ def test_same_bytes_whatever_the_thread_count(tmp_path: Path, args: tuple[str, .
 
 
 # 10b. an interrupt while Python is still importing torch
+@pytest.mark.parametrize("launcher", ["script", "-m"])
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_interrupt_during_start_up_is_one_line_and_130(tmp_path: Path, sig: int) -> None:
-    script = Path(sys.executable).parent / "infercomp"  # the console script users run
-    if not script.exists():
+def test_interrupt_during_start_up_is_one_line_and_130(tmp_path: Path, sig: int, launcher: str) -> None:
+    """The console script users run, and ``python -m infercomp``."""
+    script = Path(sys.executable).parent / "infercomp"
+    if launcher == "script" and not script.exists():
         pytest.skip("the infercomp console script is not installed next to this Python")
-    proc = subprocess.Popen([str(script), "report", str(SAMPLE["mlp"])], stderr=subprocess.PIPE, text=True, cwd=tmp_path)
+    cmd = [str(script)] if launcher == "script" else [sys.executable, "-m", "infercomp"]
+    proc = subprocess.Popen([*cmd, "report", str(SAMPLE["mlp"])], stderr=subprocess.PIPE, text=True, cwd=tmp_path)
     time.sleep(0.15)  # well inside the import of torch (about a second here)
     proc.send_signal(sig)
     _, err = proc.communicate(timeout=60)
