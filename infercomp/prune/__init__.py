@@ -33,7 +33,7 @@ from infercomp.prune.magnitude import magnitude_masks, score_masks
 from infercomp.prune.nm import is_nm, nm_fits, nm_mask
 from infercomp.prune.sparsegpt import sparsegpt
 from infercomp.prune.structured import CHANNEL_SCOPES, IMPORTANCES, prune_channels
-from infercomp.prune.wanda import bias_shift, input_norms, norms_of, wanda_scores
+from infercomp.prune.wanda import batch_runner, bias_shift, input_norms, norms_of, wanda_scores
 from infercomp.transform import Context, Transform, TransformConfig, choice
 
 SCOPES = ("layer", "global", *CHANNEL_SCOPES)
@@ -239,16 +239,10 @@ def wanda_masks(
         masks: dict[str, torch.Tensor] = {}
 
         def compress(stage: blocks.Stage) -> None:
-            current: list[torch.Tensor | None] = [None]
-
-            def run() -> None:
-                for i in stage.batches:
-                    current[0] = None if mask_rows is None else mask_rows[i * WANDA_BATCH : (i + 1) * WANDA_BATCH].bool()
-                    stage.run(i)
-
+            run, positions = batch_runner(stage.run, stage.batches, WANDA_BATCH, mask_rows)  # blocks.calibrate's batches
             if means is not None:
                 means.clear()
-            norms = norms_of(dict(stage.layers), run, means=means, positions=lambda: current[0])
+            norms = norms_of(dict(stage.layers), run, means=means, positions=positions)
             weights = {f"{n}.weight": m.weight for n, m in stage.layers}
             found = masks_of(weights, norms)
             if means is not None:

@@ -25,14 +25,25 @@ def input_norms(
     while ``inputs`` run through ``model``. Linear: (in_features,); Conv: (in_channels,).
     ``means``: filled with each feature's mean too (over the real tokens where ``attention_mask``
     marks them)."""
+    run, positions = batch_runner(
+        lambda i: model(inputs[i * batch_size : (i + 1) * batch_size]), range(-(-len(inputs) // batch_size)), batch_size, attention_mask
+    )
+    return norms_of({n: model.get_submodule(n) for n in names}, run, means=means, positions=positions)
+
+
+def batch_runner(
+    run_batch: Callable[[int], object], batches: Iterable[int], batch_size: int, attention_mask: torch.Tensor | None
+) -> tuple[Callable[[], None], Callable[[], torch.Tensor | None]]:
+    """(run every batch, the (batch, tokens) real-token mask of the batch running: rows
+    ``i * batch_size`` on of ``attention_mask``, or None without one), for ``norms_of``."""
     current: list[torch.Tensor | None] = [None]
 
     def run() -> None:
-        for i in range(0, len(inputs), batch_size):
-            current[0] = None if attention_mask is None else attention_mask[i : i + batch_size].bool()
-            model(inputs[i : i + batch_size])
+        for i in batches:
+            current[0] = None if attention_mask is None else attention_mask[i * batch_size : (i + 1) * batch_size].bool()
+            run_batch(i)
 
-    return norms_of({n: model.get_submodule(n) for n in names}, run, means=means, positions=lambda: current[0])
+    return run, lambda: current[0]
 
 
 def norms_of(
