@@ -534,6 +534,30 @@ def _remove_quietly(p: Path) -> None:
 
 
 WEIGHT_SUFFIXES = (".safetensors", *TORCH_SUFFIXES)
+# The same weights exported for other runtimes (a Hub repo's onnx/, openvino/, TF, Flax, Rust...):
+# copied beside the compressed ones they would be the stale, uncompressed original.
+OTHER_WEIGHT_SUFFIXES = (".onnx", ".onnx_data", ".h5", ".msgpack", ".ot", ".gguf", ".tflite", ".mlmodel")
+OTHER_WEIGHT_FOLDERS = ("onnx", "openvino", "coreml")
+
+
+def other_weights(source: Path) -> list[str]:
+    """Files of the ``source`` directory that hold its weights in another runtime's format; a
+    Hugging Face directory written from it leaves them out."""
+    return sorted(
+        rel.as_posix()
+        for rel in (f.relative_to(source) for f in source.rglob("*") if f.is_file())
+        if rel.parts[0] in OTHER_WEIGHT_FOLDERS or rel.name.endswith(OTHER_WEIGHT_SUFFIXES)
+    )
+
+
+def other_weights_notes(source: Path) -> list[str]:
+    """What ``save_dir`` leaves out of a directory written from ``source``, said in one note."""
+    left = other_weights(source)
+    if not left:
+        return []
+    return [
+        f"left out {len(left)} file(s) holding the input's weights in another format (e.g. {left[0]}): uncompressed, they would be stale"
+    ]
 
 
 def save_dir(
@@ -547,7 +571,8 @@ def save_dir(
     weights: Callable[[Path], None] | None = None,
 ) -> Path:
     """Write a Hugging Face directory: every file of the ``source`` directory that is not a weight
-    file (tokenizer, sentence-transformers modules, README...) copied, ``config.json`` replaced by
+    file (tokenizer, sentence-transformers modules, README...; nor the weights in another runtime's
+    format, ``other_weights``) copied, ``config.json`` replaced by
     ``config`` (when given), and the tensors as safetensors shards of at most ``max_shard_size``
     bytes (one ``model.safetensors``, or ``model-0000i-of-0000n.safetensors`` with
     ``model.safetensors.index.json``, as ``shard_plan`` splits them), each carrying the infercomp
@@ -555,6 +580,7 @@ def save_dir(
     itself (a streamed run, from its spool). Written as a whole: into a temp directory beside
     ``out``, then renamed; an error or Ctrl-C leaves nothing."""
     check_output(out, force=force, source=source, directory=True)
+    stale = set(other_weights(source))
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     old = out.with_name(f".{out.name}.{os.getpid()}.old")
     try:
@@ -567,7 +593,7 @@ def save_dir(
                 f.is_dir()
                 or f.name.endswith(WEIGHT_SUFFIXES)
                 or f.name.endswith(".safetensors.index.json")
-                or rel.as_posix() == "config.json"
+                or rel.as_posix() in ("config.json", *stale)
             ):
                 continue
             (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
@@ -646,14 +672,25 @@ def check_output(out: Path, *, force: bool, source: Path | None, inputs: tuple[P
             raise CheckpointError(f"{out}: output is also an input of this run ({other}); choose another -o path")
     if source is not None and source.is_dir() and out.resolve().is_relative_to(source.resolve()):
         raise CheckpointError(f"{out}: output lies inside the input directory {source}; choose another -o path")
+    for read in (source, *inputs):  # replacing a directory replaces everything in it
+        if read is not None and read.exists() and read.resolve() != out.resolve() and read.resolve().is_relative_to(out.resolve()):
+            raise CheckpointError(f"{out}: output directory holds an input of this run ({read}); choose another -o path")
     if out.is_dir() and not directory:
         raise CheckpointError(f"{out}: is a directory; give a file path ending in .safetensors")
     if directory and out.exists() and not out.is_dir():
         raise CheckpointError(f"{out}: exists and is not a directory; a Hugging Face model is written as a directory")
+    if directory and force and out.is_dir() and any(out.iterdir()) and not _model_directory(out):
+        raise CheckpointError(f"{out}: exists and holds no model (no config.json or .safetensors); --force replaces only a model directory")
     if not directory:
         check_regular(out)
     if out.exists() and not force:
         raise CheckpointError(f"{out}: already exists; pass --force to overwrite it")
+
+
+def _model_directory(d: Path) -> bool:
+    """A directory --force may replace: one with a config.json or safetensors weights (a model,
+    ours or another's), not an arbitrary folder of the user's."""
+    return (d / "config.json").is_file() or any(d.glob("*.safetensors"))
 
 
 def _same(a: Path, b: Path) -> bool:

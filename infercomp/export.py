@@ -2,7 +2,9 @@
 ``export(ckpt, ExportConfig(dtype=...), ctx) -> Checkpoint``.
 
 Every encoded tensor (sparse bitmask, int8 / int4 / fp8 / pack-quantized) is decoded to its
-logical shape and dtype; pruned shapes stay pruned (the model keeps its new, smaller layers). With
+logical shape and dtype; pruned shapes stay pruned (the model keeps its new, smaller layers; a
+Hugging Face directory output whose config.json cannot describe them is zero-padded instead,
+``hf.padded``). With
 ``dtype`` every floating-point tensor is cast to it. The same conversion is ``--export dense`` on
 any transform (``pipeline.run(export="dense")``).
 """

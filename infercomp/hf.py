@@ -147,11 +147,17 @@ def build_config(config: dict[str, Any]) -> Any:
         raise ModelError(f"transformers does not know model_type {model_type!r}: {e}") from e
 
 
-def resized_config(config: dict[str, Any], plan: dict[str, Any]) -> dict[str, Any]:
+def resized_config(config: dict[str, Any], plan: dict[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> dict[str, Any]:
     """``config.json`` rewritten for the widths a channel-pruning ``plan`` left (``intermediate_size``;
     ``num_attention_heads`` / ``num_key_value_heads`` / ``head_dim`` where the architecture has
-    ``head_dim``). Layers of different widths cannot be described: their sizes stay as they were,
-    and ``mismatch`` reports it."""
+    ``head_dim``), when that describes every tensor's pruned ``shapes``. Layers of different widths
+    (some layers pruned, or pruned by different amounts) cannot be described: the config stays as
+    it was (the loader shrinks each layer to its stored shape), and ``mismatch`` reports it."""
+    resized = _resized(config, plan)
+    return resized if resized != config and mismatch(resized, shapes) is None else dict(config)
+
+
+def _resized(config: dict[str, Any], plan: dict[str, Any]) -> dict[str, Any]:
     out = dict(config)
     widths = {len(g["kept"]) for g in plan.get("groups", []) if g["unit"] == 1}
     heads = {(len(g["kept"]) // g["unit"], g["unit"]) for g in plan.get("groups", []) if g["unit"] > 1}
@@ -172,15 +178,40 @@ def module_types(config: dict[str, Any]) -> dict[str, str]:
     return {name: type(m).__name__ for name, m in model.named_modules()}
 
 
-def mismatch(config: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> str | None:
+def mismatch(config: dict[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> str | None:
     """The first tensor whose stored shape differs from what ``config`` builds (on the meta device,
     nothing allocated), or None when config.json describes the checkpoint."""
+    built = _built_shapes(config)
+    for name, shape in built.items():
+        if name in shapes and tuple(shapes[name]) != shape:
+            return f"{name} is {tuple(shapes[name])} in the checkpoint, config.json builds {shape}"
+    return None
+
+
+def _built_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     with torch.device("meta"):
         model = build(config)
-    for name, t in model.state_dict().items():
-        if name in shapes and tuple(shapes[name]) != tuple(t.shape):
-            return f"{name} is {tuple(shapes[name])} in the checkpoint, config.json builds {tuple(t.shape)}"
-    return None
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def padded(tensors: Mapping[str, torch.Tensor], config: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[str]]:
+    """Channel-pruned ``tensors`` zero-padded (at the end of each pruned dim) to the shapes
+    ``config`` builds, so that config.json describes them (``--export dense`` of layers of
+    different widths). Exact: every removed channel's consumers get zero input weights, so what a
+    padded channel computes is never used. (names of the padded tensors in the second item)"""
+    built = _built_shapes(config)
+    out, grown = dict(tensors), []
+    for name, t in tensors.items():
+        shape = built.get(name)
+        if shape is None or tuple(t.shape) == shape:
+            continue
+        if len(shape) != t.dim() or any(s < d for s, d in zip(shape, t.shape)):
+            raise ModelError(f"tensor {name!r} is {tuple(t.shape)}, larger than config.json's {shape}; cannot pad it")
+        full = torch.zeros(shape, dtype=t.dtype)
+        full[tuple(slice(0, d) for d in t.shape)] = t
+        out[name] = full
+        grown.append(name)
+    return out, grown
 
 
 # ------------------------------------------------------------------------------ Hugging Face out
@@ -190,6 +221,11 @@ def mismatch(config: dict[str, Any], shapes: dict[str, tuple[int, ...]]) -> str 
 # to int32 words (``formats.quantized.PackQuantized``).
 _CT_FORMATS = {"int8-dynamic": "int-quantized", "fp8": "float-quantized", "int8": "pack-quantized", "int4": "pack-quantized"}
 _SPARSE = {"sparse-bitmask": "unstructured", "sparse-24-bitmask": "2:4"}
+
+
+# config.json's model_type for a directory only infercomp can load (column scales): transformers
+# and sentence-transformers refuse an unknown model type instead of loading wrong weights.
+OURS_MODEL_TYPE = "infercomp-column-scales"
 
 
 @dataclass
@@ -248,20 +284,28 @@ class HFOutput:
         if self.ours:
             notes.append(
                 f"{len(self.ours)} tensor(s) keep infercomp's column scales (--column-scales), which compressed-tensors cannot "
-                "describe: this directory loads with infercomp.load, not with transformers"
+                f"describe: this directory loads with infercomp.load, not with transformers (config.json's model_type is "
+                f"{OURS_MODEL_TYPE!r}, so that transformers refuses it instead of loading the integers as weights)"
             )
         problem = mismatch(config, shapes)
         if problem:
             raise UsageError(
-                f"{where}: config.json cannot describe this model's shapes for transformers ({problem}); write one file with "
-                "-o NAME.safetensors (infercomp loads it), or prune uniformly (channel pruning of every layer, --scope ffn)"
+                f"{where}: config.json cannot describe this model's shapes for transformers ({problem}): add --export dense "
+                "(removed channels written as zeros at config.json's sizes: transformers loads it, no smaller), write one file "
+                "with -o NAME.safetensors (infercomp loads it), or prune every layer alike"
             )
         out = {k: v for k, v in config.items() if k != "quantization_config"}  # ours describes what is written now
         qconfig: dict[str, Any] = {}
         if self.kept:
             qconfig = _quantization_config(self.kept, self.module_types)
-            if sentence_transformers:
+            asymmetric = any(not spec.get("symmetric", True) for spec in self.kept.values())
+            if sentence_transformers or asymmetric:
                 qconfig["dequantize"] = True
+            if asymmetric:
+                notes.append(
+                    "asymmetric weights: config.json says dequantize: true, so transformers dequantizes them at load (its "
+                    "compressed route cannot read packed zero points, llm-compressor issue 1618); the files stay quantized"
+                )
         if self.sparse:
             qconfig.setdefault("quant_method", "compressed-tensors")
             qconfig["sparsity_config"] = _sparsity_config(self)
@@ -269,6 +313,9 @@ class HFOutput:
             out["quantization_config"] = qconfig
         if len(self.floats) == 1 and self.floats != {"float32"}:
             out["torch_dtype"] = next(iter(self.floats))
+        if self.ours:  # transformers would cast the stored integers to float and run them as weights
+            out["infercomp"] = {"loads_with": "infercomp.load (--column-scales)", "model_type": config.get("model_type")}
+            out["model_type"] = OURS_MODEL_TYPE
         return out, notes
 
 

@@ -36,9 +36,10 @@ TRANSFORMS: dict[type[TransformConfig], Transform] = {
 }
 
 
-def _for_hf_output(config: TransformConfig, model_config: dict[str, Any], progress: Progress, *, dense: bool) -> TransformConfig:
+def _for_hf_output(config: TransformConfig, model_config: dict[str, Any], note: Callable[[str], None], *, dense: bool) -> TransformConfig:
     """What changes when the output is a Hugging Face directory that transformers must load
-    (``dense``: written with --export dense, so how weights are quantized does not matter)."""
+    (``dense``: written with --export dense, so how weights are quantized does not matter); each
+    change is said through ``note``."""
     if isinstance(config, PruneConfig) and config.method == "channel" and config.scope != "ffn" and not hf.describes_heads(model_config):
         kind = model_config.get("model_type", "this architecture")
         if config.scope == "heads":
@@ -47,20 +48,12 @@ def _for_hf_output(config: TransformConfig, model_config: dict[str, Any], progre
                 "hidden_size / num_attention_heads): use --scope ffn for a Hugging Face directory, or write one file with "
                 "-o NAME.safetensors (infercomp loads it)"
             )
-        progress.log(f"--scope ffn for a Hugging Face directory: {kind}'s config.json cannot describe pruned attention heads")
+        note(f"--scope ffn for a Hugging Face directory: {kind}'s config.json cannot describe pruned attention heads")
         return dataclasses.replace(config, scope="ffn")
     if dense or not isinstance(config, QuantizeConfig):
         return config
-    if config.asymmetric:
-        raise UsageError(
-            "transformers cannot load asymmetric pack-quantized weights (its compressed-tensors loader expects the zero points "
-            "unpacked; llm-compressor issue 1618): drop --asymmetric for a Hugging Face directory, or write one file with "
-            "-o NAME.safetensors (infercomp loads it)"
-        )
     if config.column_scales is None and config.scheme in ("int8", "int4"):
-        progress.log(
-            "column scales off for a Hugging Face directory (compressed-tensors has no field for them; --column-scales forces ours)"
-        )
+        note("column scales off for a Hugging Face directory (compressed-tensors has no field for them; --column-scales forces ours)")
         return dataclasses.replace(config, column_scales=False)
     return config
 
@@ -111,14 +104,22 @@ def run(
         raise UsageError("--export dense reads the whole checkpoint; drop --stream")
     # A Hugging Face directory in gives one out, unless -o names a single .safetensors file.
     hf_out = src.is_dir() and out.suffix != ".safetensors"
+    notes: list[str] = []  # about the output's form: logged, and in the output's report
+
+    def note(text: str) -> None:
+        progress.log(text)
+        notes.append(text)
+
     if hf_out:  # what transformers cannot load is changed or refused before any work (config.json is enough)
-        config = _for_hf_output(config, _config_json(src), progress, dense=export == "dense")
+        config = _for_hf_output(config, _config_json(src), note, dense=export == "dense")
     streamed = export is None and stream_wanted(src, out, config, stream, progress)
     if streamed:  # weight-only, tensor by tensor: see infercomp.stream (--stream)
-        return run_streamed(
+        result = run_streamed(
             src, out, config, loader=loader, options=options, progress=progress, data=data, eval_data=eval_data, force=force,
             measure=measure, allow_nonfinite=allow_nonfinite, max_shard_size=max_shard_size, on_saved=on_saved,
         )  # fmt: skip
+        result.models[-1].notes[:0] = notes
+        return result
     ckpt = checkpoint.load(src)
     if not allow_nonfinite:
         checkpoint.check_finite(ckpt)
@@ -130,6 +131,14 @@ def run(
         new = TRANSFORMS[type(config)](ckpt, config, ctx)
         if export == "dense":  # --export dense: plain tensors for loaders that know no compression format
             new = dense(new)
+            spec = new.model or {}
+            if hf_out and spec.get("ref") == hf.HF_REF and isinstance(spec.get("config"), dict):
+                new.tensors, grown = hf.padded(new.tensors, spec["config"])
+                if grown:
+                    note(
+                        f"{len(grown)} tensor(s) of layers pruned to different widths zero-padded to config.json's sizes for "
+                        f"transformers (e.g. {grown[0]!r}): the same outputs, not smaller; -o NAME.safetensors keeps them pruned"
+                    )
     if new.model is None:
         new.model = loader.spec_for(ckpt)
     new.history = [
@@ -151,9 +160,9 @@ def run(
     if hf_out:
         types = {name: type(m).__name__ for name, m in (built.named_modules() if built is not None else [])}
         st = (src / "modules.json").exists()
-        to_write, hf_config, notes = hf.output_checkpoint(new, types, dict((new.model or {}).get("config") or {}), sentence_transformers=st)
-        for note in notes:
-            progress.log(note)
+        to_write, hf_config, said = hf.output_checkpoint(new, types, dict((new.model or {}).get("config") or {}), sentence_transformers=st)
+        for text in [*said, *checkpoint.other_weights_notes(src)]:
+            note(text)
         checkpoint.save_dir(to_write, out, source=src, config=hf_config, force=force, max_shard_size=max_shard_size)
     else:
         checkpoint.save(new, out, force=force, source=src)
@@ -161,7 +170,9 @@ def run(
         on_saved(out)
     written = checkpoint.load(out)
     if not measure:
-        return compare([ckpt, written], loader=loader, options=options, progress=progress, run_models=False)
-    # The output's model reference is stored in it (and the user's --model, if any, applies to both).
-    evaluation = load_data(eval_data, model=src) if eval_data is not None else dataset
-    return compare([ckpt, written], loader=loader, options=options, data=evaluation, progress=progress)
+        result = compare([ckpt, written], loader=loader, options=options, progress=progress, run_models=False)
+    else:  # the output's model reference is stored in it (and the user's --model, if any, applies to both)
+        evaluation = load_data(eval_data, model=src) if eval_data is not None else dataset
+        result = compare([ckpt, written], loader=loader, options=options, data=evaluation, progress=progress)
+    result.models[-1].notes[:0] = notes
+    return result

@@ -150,8 +150,9 @@ def run(
             new.model = loader.spec_for(ckpt)
         entry = {"transform": config.transform, "config": config.to_dict(), "source_sha256": digest[0], "infercomp_version": __version__}
         new.history = [*ckpt.history, entry]
+        notes: list[str] = []  # about the output's form: logged, and in the output's report
         if hf_out:
-            _write_directory(src, out, new, spool, force=force, max_shard_size=max_shard_size, progress=progress)
+            notes = _write_directory(src, out, new, spool, force=force, max_shard_size=max_shard_size, progress=progress)
         else:
             spool.write(out, sorted(spool.index), new.metadata())
     if on_saved is not None:
@@ -159,7 +160,9 @@ def run(
     if built:
         dataset = load_data(data, model=src) if data is not None else None
         evaluation = load_data(eval_data, model=src) if eval_data is not None else dataset
-        return compare([checkpoint.load(src), checkpoint.load(out)], loader=loader, options=options, data=evaluation, progress=progress)
+        result = compare([checkpoint.load(src), checkpoint.load(out)], loader=loader, options=options, data=evaluation, progress=progress)
+        result.models[-1].notes[:0] = notes
+        return result
     # Static figures, read tensor by tensor: the same numbers the in-memory path gives without a model.
     # Non-zeros the walk counted are not read again (the input's, and the output's it knows).
     counted = [walk.counted, walk.out_counted]
@@ -169,6 +172,7 @@ def run(
     if measure and loader.can_build(ckpt):
         for m in result.models:
             m.notes.append(f"streamed (input over {STREAM_ABOVE >> 20} MiB): static figures only, the model was not built")
+    result.models[-1].notes[:0] = notes
     return result
 
 
@@ -347,7 +351,9 @@ def _quantize(walk: _Walk, config: QuantizeConfig, ctx: Context) -> None:
         note_scheme(config, ctx)
 
 
-def _write_directory(src: Path, out: Path, new: Checkpoint, spool: _Spool, *, force: bool, max_shard_size: int, progress: Progress) -> None:
+def _write_directory(
+    src: Path, out: Path, new: Checkpoint, spool: _Spool, *, force: bool, max_shard_size: int, progress: Progress
+) -> list[str]:
     """A Hugging Face directory from what the walk spooled (``new``: its encodings and metadata):
     each logical tensor read back from the spool, made loadable by transformers
     (``hf.HFOutput``, as ``hf.output_checkpoint`` does in memory) into a second spool, then shards
@@ -366,6 +372,7 @@ def _write_directory(src: Path, out: Path, new: Checkpoint, spool: _Spool, *, fo
                 del parts
                 task.advance()
         hf_config, notes = built.config(config, shapes, str(src), sentence_transformers=(src / "modules.json").exists())
+        notes += checkpoint.other_weights_notes(src)
         for note in notes:
             progress.log(note)
         written = Checkpoint(tensors={}, model=new.model, history=new.history, encodings={**built.kept, **built.ours}, plan=new.plan)
@@ -377,6 +384,7 @@ def _write_directory(src: Path, out: Path, new: Checkpoint, spool: _Spool, *, fo
                 converted.write(file, names, meta)
 
         checkpoint.save_dir(None, out, source=src, config=hf_config, force=force, max_shard_size=max_shard_size, weights=weights)
+    return notes
 
 
 # ---------------------------------------------------------------------------------- the spool

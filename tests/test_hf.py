@@ -172,8 +172,8 @@ def test_int8_dynamic_directory_uses_compressed_tensors_and_shards(tiny_bert_dir
 def test_what_a_directory_cannot_hold_is_refused_before_writing(tiny_bert_dir: Path, tmp_path: Path, runner) -> None:
     out = tmp_path / "out"
     for args, needle in (
-        (("quantize", "--scheme", "int4", "--asymmetric"), "transformers cannot load asymmetric pack-quantized"),
         (("prune", "--method", "channel", "--sparsity", "0.5", "--scope", "heads"), "config.json cannot describe pruned attention heads"),
+        (("prune", "--method", "channel", "--sparsity", "0.5", "--include", "encoder.layer.0.*"), "add --export dense"),
     ):
         r = invoke(runner, args[0], tiny_bert_dir, "-o", out, *args[1:], "--no-latency")
         assert r.exit_code == 2 and needle in r.stderr, r.stderr
@@ -209,28 +209,33 @@ def _ids() -> torch.Tensor:
 
 
 @pytest.mark.parametrize(
-    ("kwargs", "bits", "strategy"),
+    ("kwargs", "bits", "strategy", "symmetric"),
     [
-        ({"scheme": "int4", "group_size": 32}, 4, "group"),
-        ({"scheme": "int8"}, 8, "channel"),
-        ({"scheme": "int8", "group_size": 32}, 8, "group"),
+        ({"scheme": "int4", "group_size": 32}, 4, "group", True),
+        ({"scheme": "int4", "group_size": 32, "asymmetric": True}, 4, "group", False),
+        ({"scheme": "int8"}, 8, "channel", True),
+        ({"scheme": "int8", "group_size": 32}, 8, "group", True),
     ],
 )
 def test_weight_only_int_directory_is_pack_quantized_and_loads_in_transformers(
-    kwargs: dict, bits: int, strategy: str, tiny_bert_dir: Path, tmp_path: Path
+    kwargs: dict, bits: int, strategy: str, symmetric: bool, tiny_bert_dir: Path, tmp_path: Path
 ) -> None:
     """int4 / int8 weight-only in compressed-tensors' pack-quantized layout: its own parser accepts
-    the config, transformers loads and decompresses it, and runs exactly what infercomp runs."""
+    the config, transformers loads and decompresses it, and runs exactly what infercomp runs.
+    Asymmetric weights carry ``dequantize: true`` (transformers' compressed route cannot read
+    packed zero points), said in the output's notes."""
     ct = pytest.importorskip("compressed_tensors")
     import infercomp
 
     out = tmp_path / "wq"
-    infercomp.quantize(tiny_bert_dir, out, measure=False, max_shard_size="5KB", **kwargs)
+    notes = infercomp.quantize(tiny_bert_dir, out, measure=False, max_shard_size="5KB", **kwargs).models[1].notes
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
     parsed = ct.QuantizationConfig.model_validate(qc)
     assert parsed.format == "pack-quantized" and parsed.quantization_status == "compressed"
     weights = parsed.config_groups["group_0"].weights
-    assert (weights.num_bits, str(getattr(weights.strategy, "value", weights.strategy)), weights.symmetric) == (bits, strategy, True)
+    assert (weights.num_bits, str(getattr(weights.strategy, "value", weights.strategy)), weights.symmetric) == (bits, strategy, symmetric)
+    assert qc.get("dequantize", False) is not symmetric
+    assert any("dequantize: true" in n for n in notes) is not symmetric
     assert len(set(json.loads((out / "model.safetensors.index.json").read_text())["weight_map"].values())) > 1  # sharded
     ck = checkpoint.load(out)
     assert ck.encodings["encoder.layer.0.attention.self.query.weight"]["codec"] == "pack-quantized"
@@ -240,16 +245,20 @@ def test_weight_only_int_directory_is_pack_quantized_and_loads_in_transformers(
     torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=1e-5)
 
 
-def test_sparse_directory_records_its_structure_for_compressed_tensors(tiny_bert_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("method", "structure"), [("2:4", "2:4"), ("magnitude", "unstructured")])
+def test_sparse_directory_records_its_structure_for_compressed_tensors(
+    method: str, structure: str, tiny_bert_dir: Path, tmp_path: Path
+) -> None:
     ct = pytest.importorskip("compressed_tensors")
     import infercomp
 
-    out = tmp_path / "24"
-    infercomp.prune(tiny_bert_dir, out, method="2:4", measure=False)
+    out = tmp_path / "sparse"
+    # every Linear layer (the pooler's too), not the embedding tables
+    infercomp.prune(tiny_bert_dir, out, method=method, sparsity=0.5, measure=False, exclude=["embeddings.*"])
     sc = json.loads((out / "config.json").read_text())["quantization_config"]["sparsity_config"]
     parsed = ct.SparsityCompressionConfig.load_from_registry(sc["format"], **sc)
-    assert parsed.sparsity_structure == "2:4" and sc["global_sparsity"] == pytest.approx(0.5)
-    assert sc["ignore"] == []  # every Linear is 2:4 here
+    assert parsed.sparsity_structure == structure and sc["global_sparsity"] == pytest.approx(0.5, abs=0.01)
+    assert sc["ignore"] == []  # every Linear is sparse here
     theirs = _outputs(transformers.AutoModel.from_pretrained(out).eval(), _ids())
     torch.testing.assert_close(theirs, _outputs(infercomp.load(out), _ids()))
 
@@ -358,12 +367,17 @@ def test_interrupted_directory_write_leaves_no_directory(tiny_bert_dir: Path, tm
 
 
 def test_forced_column_scales_stay_ours_and_say_so(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """--column-scales in a directory: infercomp's format, said in the log and the report, and a
+    config.json that transformers refuses (it would otherwise run the stored integers as weights)."""
     import infercomp
 
     logs: list[str] = []
     out = tmp_path / "cs"
-    infercomp.quantize(tiny_bert_dir, out, scheme="int8", column_scales=True, measure=False, progress=_Log(logs))
+    result = infercomp.quantize(tiny_bert_dir, out, scheme="int8", column_scales=True, measure=False, progress=_Log(logs))
     assert any("loads with infercomp.load, not with transformers" in line for line in logs)
+    assert any("loads with infercomp.load, not with transformers" in n for n in result.models[1].notes)
+    with pytest.raises(ValueError, match="infercomp-column-scales"):
+        transformers.AutoModel.from_pretrained(out)
     back = checkpoint.load(out)
     spec = back.encodings["encoder.layer.0.attention.self.query.weight"]
     assert spec["codec"] == "int8" and spec["column_scale"] is True
@@ -386,9 +400,59 @@ def test_fp8_directory_config_passes_compressed_tensors_schema(tiny_bert_dir: Pa
     torch.testing.assert_close(theirs, _outputs(infercomp.load(out, compute="fp32"), _ids()), atol=1e-5, rtol=1e-5)
 
 
+def test_layers_pruned_to_different_widths_export_dense_zero_padded(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """config.json has one intermediate_size: layers pruned to different widths are refused for a
+    compressed directory (test above) and, with --export dense, written zero-padded to its sizes:
+    transformers loads them and computes what the pruned model infercomp keeps in one file does."""
+    import infercomp
+
+    kwargs = {"method": "channel", "sparsity": 0.5, "include": ["encoder.layer.0.*"], "measure": False}
+    single, out = tmp_path / "pruned.safetensors", tmp_path / "dense"
+    infercomp.prune(tiny_bert_dir, single, scope="ffn", **kwargs)
+    assert checkpoint.load(single).tensors["encoder.layer.0.intermediate.dense.weight"].shape == (32, 32)
+    assert checkpoint.load(single).tensors["encoder.layer.1.intermediate.dense.weight"].shape == (64, 32)
+    notes = infercomp.prune(tiny_bert_dir, out, export="dense", **kwargs).models[1].notes
+    assert any("zero-padded to config.json's sizes" in n for n in notes)
+    assert json.loads((out / "config.json").read_text())["intermediate_size"] == 64
+    model = transformers.AutoModel.from_pretrained(out).eval()
+    assert (model.encoder.layer[0].intermediate.dense.weight == 0).all(dim=1).sum() == 32  # the removed half
+    torch.testing.assert_close(_outputs(model, _ids()), _outputs(infercomp.load(single), _ids()))
+
+
+def test_output_directory_never_swallows_an_input(tiny_bert_dir: Path, tmp_path: Path, runner) -> None:
+    """--force replaces a whole directory: not one that holds the input, nor a folder that holds
+    no model."""
+    r = invoke(runner, "quantize", tiny_bert_dir, "-o", tmp_path, "--scheme", "fp16", "--force", "--no-latency")
+    assert r.exit_code == 2 and "holds an input of this run" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+    assert (tiny_bert_dir / "model.safetensors").is_file() and (tmp_path / "vocab.txt").is_file()
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "todo.txt").write_text("keep me\n")
+    r = invoke(runner, "quantize", tiny_bert_dir, "-o", other, "--scheme", "fp16", "--force", "--no-latency")
+    assert r.exit_code == 2 and "holds no model" in r.stderr
+    assert (other / "todo.txt").read_text() == "keep me\n"
+
+
+def test_weights_in_other_formats_are_left_out(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """A Hub repo's ONNX / OpenVINO / TF copies of the weights would be the stale, uncompressed
+    original beside the compressed ones: left out, and said."""
+    import infercomp
+
+    others = ("onnx/model.onnx", "openvino/openvino_model.xml", "openvino/openvino_model.bin", "tf_model.h5", "rust_model.ot")
+    for rel in others:
+        (tiny_bert_dir / rel).parent.mkdir(exist_ok=True)
+        (tiny_bert_dir / rel).write_bytes(b"weights")
+    out = tmp_path / "int8"
+    notes = infercomp.quantize(tiny_bert_dir, out, scheme="int8", measure=False).models[1].notes
+    assert any("left out 5 file(s)" in n for n in notes), notes
+    kept = {p.relative_to(tiny_bert_dir).as_posix() for p in tiny_bert_dir.rglob("*") if p.is_file()} - set(others)
+    assert {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} == kept
+    assert {"tokenizer_config.json", "model.safetensors"} < kept
+
+
 def test_export_dense_takes_what_a_directory_cannot_hold_compressed(tiny_bert_dir: Path, tmp_path: Path) -> None:
-    """Asymmetric int4 is refused for a compressed directory (transformers cannot load it); with
-    --export dense the dequantized weights are plain tensors, which it can."""
+    """--export dense: the dequantized weights as plain tensors and no quantization_config, which
+    any loader reads."""
     import infercomp
 
     out = tmp_path / "asym-dense"

@@ -375,6 +375,7 @@ def test_an_interrupted_directory_stream_leaves_nothing(tmp_path: Path, monkeypa
     d = _hf_dir(tmp_path)
     out = tmp_path / "out"
     out.mkdir()
+    (out / "config.json").write_text("{}")  # an earlier output (--force replaces only a model directory)
     (out / "keep.txt").write_text("old")
     spool_type = sys.modules[stream_wanted.__module__]._Spool
     real = spool_type.write

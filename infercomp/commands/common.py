@@ -42,7 +42,10 @@ Output = Annotated[
 Force = Annotated[bool, typer.Option("--force", help="Overwrite OUTPUT if it exists (the input is never overwritten).")]
 Data = Annotated[
     Path | None,
-    typer.Option("--data", help="Data file (.safetensors/.npz with 'inputs' and optional 'labels') for accuracy/fidelity and calibration."),
+    typer.Option(
+        "--data",
+        help="Data file for accuracy/fidelity and calibration: .safetensors/.npz with 'inputs' and optional 'labels'; for a Hugging Face directory also text (.txt, one example a line; .jsonl with 'text').",
+    ),
 ]
 Model = Annotated[
     str | None,

@@ -16,7 +16,12 @@ from infercomp.models import parse_config
 def distill(
     teacher: Annotated[Path, typer.Argument(help="Teacher checkpoint.", show_default=False)],
     output: c.Output,
-    data: Annotated[Path, typer.Option("--data", help="Training data (.safetensors/.npz: 'inputs', optional 'labels').")],
+    data: Annotated[
+        Path,
+        typer.Option(
+            "--data", help="Training data (.safetensors/.npz: 'inputs', optional 'labels'; text .txt/.jsonl for a Hugging Face model)."
+        ),
+    ],
     val_data: Annotated[
         Path | None,
         typer.Option(

@@ -465,7 +465,8 @@ def _channel(ckpt: Checkpoint, config: PruneConfig, ctx: Context) -> Checkpoint:
     stages = list((ckpt.plan or {}).get("prune", []))
     spec = ckpt.model
     if spec is not None and spec.get("ref") == hf.HF_REF and isinstance(spec.get("config"), dict):
-        spec = {**spec, "config": hf.resized_config(spec["config"], stage)}  # config.json's intermediate_size, heads
+        shapes = {k: tuple(t.shape) for k, t in dense.items()}
+        spec = {**spec, "config": hf.resized_config(spec["config"], stage, shapes)}  # config.json's intermediate_size, heads
     return Checkpoint(tensors=tensors, model=spec, encodings=encs, plan={**(ckpt.plan or {}), "prune": [*stages, stage]})
 
 
