@@ -273,14 +273,16 @@ def test_a_pruned_student_checkpoint_recovers_agreement(tmp_path: Path) -> None:
     student = distill(teacher_ckpt, DistillConfig(student=str(pruned), epochs=2), ctx)
     assert student.model == teacher_ckpt.model
     teacher, before = ModelLoader().build(teacher_ckpt), ModelLoader().build(checkpoint.load(pruned))
-    after = ModelLoader().build(Checkpoint(tensors=student.tensors, model=student.model))
+    after = ModelLoader().build(student)
     with torch.no_grad():
         t = teacher(data.inputs).argmax(1)
         agree = [float((m(data.inputs).argmax(1) == t).float().mean()) for m in (before, after)]
     assert agree[1] > agree[0] + 0.3, agree  # measured: 0.20 -> 0.66
     pruned_w = formats.logical_tensors(checkpoint.load(pruned).tensors, checkpoint.load(pruned).encodings)
+    trained = formats.logical_tensors(student.tensors, student.encodings)
     for name in ("net.1.weight", "net.3.weight", "net.5.weight"):
-        assert torch.equal(student.tensors[name] == 0, pruned_w[name] == 0), name  # the zeros stay zeros
+        assert torch.equal(trained[name] == 0, pruned_w[name] == 0), name  # the zeros stay zeros
+        assert student.encodings[name]["codec"] == "sparse-bitmask", name  # and are stored sparse, as the student's were
 
 
 @pytest.mark.parametrize("stop", [3, 6])  # mid-epoch, and right at an epoch boundary (6 steps/epoch)

@@ -216,6 +216,8 @@ def test_distill_a_pruned_causal_lm_back_towards_its_teacher(tiny_llama: tuple[P
     teacher, student = infercomp.distill(d, out, student=pruned, data=text, epochs=15, lr=3e-3, batch_size=12, **FAST).models
     assert student.task == "causal-lm" and student.sparsity == pytest.approx(before_sparsity(pruned), abs=1e-6)  # zeros stay
     assert student.perplexity < before, (teacher.perplexity, before, student.perplexity)
+    sc = json.loads((out / "config.json").read_text())["quantization_config"]["sparsity_config"]
+    assert sc["sparsity_structure"] == "2:4"  # the student's structure, recorded for the output too
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
     ids, _ = _ids(d)
     assert hf_model.generate(ids[:1, :3], max_new_tokens=3, do_sample=False, pad_token_id=0).shape == (1, 6)

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 import infercomp.checkpoint as checkpoint
+import infercomp.formats as formats
 from infercomp.checkpoint import Checkpoint
 from infercomp.data import Dataset, load_data
 from infercomp.distill import ddp
@@ -23,22 +24,54 @@ from infercomp.distill.loss import FeatureMatch, kd_loss, kd_loss_per_sample, pa
 from infercomp.distill.state import state_path
 from infercomp.distill.trainer import Job, Trainable, Trainer
 from infercomp.errors import DataError, ModelError
+from infercomp.formats.sparse import is_nm
 from infercomp.models import ModelLoader, first_output
 from infercomp.progress import NULL, Progress
 from infercomp.transform import Context
 
+SPARSE_CODECS = (formats.BITMASK.name, formats.BITMASK_24.name)
 
-def _student(config: DistillConfig, loader: ModelLoader, teacher: Checkpoint) -> tuple[nn.Module, dict[str, Any], dict[str, Any] | None]:
-    """The student module, the model reference to record for it, and its structured-pruning plan
-    (carried into the output so the chain stays replayable)."""
+
+def _student(config: DistillConfig, loader: ModelLoader, teacher: Checkpoint) -> tuple[nn.Module, Checkpoint]:
+    """The student module, and the checkpoint to record for it: its model reference, structured-
+    pruning plan (carried into the output so the chain stays replayable) and encodings (its sparse
+    weights are stored sparse again, ``_sparse_again``); no tensors."""
     if config.student is not None:
         sc = checkpoint.load(config.student)
         if sc.model is None and loader.spec_for(sc) is None:  # a bare state dict: assume the teacher's architecture
             sc.model = loader.spec_for(teacher)
-        return loader.build(sc, runtime=False), loader.spec_for(sc) or {}, sc.plan
+        record = Checkpoint(tensors={}, model=loader.spec_for(sc) or {}, plan=sc.plan, encodings=dict(sc.encodings))
+        return loader.build(sc, runtime=False), record
     torch.manual_seed(config.seed)
     spec = {"ref": config.student_model, "config": dict(config.student_config)}
-    return ModelLoader(ref=config.student_model, config=spec["config"]).build_fresh(), spec, None
+    return ModelLoader(ref=config.student_model, config=spec["config"]).build_fresh(), Checkpoint(tensors={}, model=spec)
+
+
+def _sparse_again(
+    tensors: dict[str, torch.Tensor], encodings: dict[str, dict[str, Any]], masked: set[str]
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """The trained ``tensors`` with the student's sparse weights stored sparse again: training kept
+    their zeros (``masked``: the names ``_sparsity_masks`` held), so the output stays as small as
+    the student and a Hugging Face directory records their structure. Each keeps the student's
+    codec; a student that stored them dense (a Hugging Face directory) gets 2:4 where every group
+    of 4 holds 2 zeros, else the bitmask (where it is smaller)."""
+    stored: dict[str, torch.Tensor] = {}
+    specs: dict[str, Any] = {}
+    for name, t in tensors.items():
+        spec = encodings.get(name) or {}
+        codec = spec.get("codec")
+        if codec not in SPARSE_CODECS and name in masked:
+            codec = formats.BITMASK_24.name if is_nm(t, 2, 4) else formats.BITMASK.name
+            spec = {"pattern": "2:4"} if codec == formats.BITMASK_24.name else {}
+        if codec in SPARSE_CODECS:
+            extra = {"pattern": spec["pattern"]} if "pattern" in spec else None
+            parts, new = formats.FORMATS[codec].encode(name, t, extra=extra)
+            stored.update(parts)
+            if new is not None:
+                specs[name] = new
+        else:
+            stored[name] = t
+    return stored, specs
 
 
 def _sparsity_masks(student: nn.Module, min_zeros: float = 0.01) -> dict[str, torch.Tensor]:
@@ -92,7 +125,7 @@ def distill(teacher_ckpt: Checkpoint, config: DistillConfig, ctx: Context) -> Ch
     progress: Progress = ctx.progress if d.main else NULL
     try:
         teacher = ctx.loader.build(teacher_ckpt, runtime=False)
-        student, spec, plan = _student(config, ctx.loader, teacher_ckpt)
+        student, record = _student(config, ctx.loader, teacher_ckpt)
         _check_fit(teacher, student, data, config, teacher_ckpt.name)
         if config.alpha == 0 and data.labels is None:
             progress.log("--alpha 0 but the training data has no 'labels': every sample learns from the teacher alone")
@@ -122,8 +155,9 @@ def distill(teacher_ckpt: Checkpoint, config: DistillConfig, ctx: Context) -> Ch
             features.close()
     finally:
         ddp.teardown(created)
-    tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
-    return Checkpoint(tensors=tensors, model=spec, plan=plan)
+    masked = {name.removeprefix("student.") for name in masks}
+    tensors, encodings = _sparse_again({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, record.encodings, masked)
+    return Checkpoint(tensors=tensors, model=record.model, plan=record.plan, encodings=encodings)
 
 
 def run_rank(

@@ -117,6 +117,18 @@ def _to_semi_structured(w: torch.Tensor) -> torch.Tensor | None:
         return None
 
 
+def nm_fits(w: torch.Tensor, m: int) -> bool:
+    """Whether the input size of ``w`` (in_features, or in_channels·kh·kw) divides into groups of ``m``."""
+    return (w.numel() // w.shape[0]) % m == 0
+
+
+def is_nm(w: torch.Tensor, n: int, m: int) -> bool:
+    """True when every group of ``m`` consecutive inputs holds at most ``n`` non-zeros."""
+    if not nm_fits(w, m):
+        return False
+    return bool(((w.reshape(-1, m) != 0).sum(dim=1) <= n).all())
+
+
 class Bitmask(Format):
     """``sparse-bitmask``: any tensor with zeros; decoded to dense when loaded."""
 

@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import torch
 
+from infercomp.formats.sparse import is_nm, nm_fits  # what a stored tensor's structure is: a format's question
 
-def nm_fits(w: torch.Tensor, m: int) -> bool:
-    """Whether the input size of ``w`` (in_features, or in_channels·kh·kw) divides into groups of ``m``."""
-    return (w.numel() // w.shape[0]) % m == 0
+__all__ = ["is_nm", "nm_fits", "nm_mask"]
 
 
 def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
@@ -17,10 +16,3 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
     keep = torch.sort(groups, dim=1, descending=True, stable=True).indices[:, :n]
     mask = torch.zeros_like(groups, dtype=torch.bool).scatter_(1, keep, True)
     return mask.view_as(scores)
-
-
-def is_nm(w: torch.Tensor, n: int, m: int) -> bool:
-    """True when every group of ``m`` consecutive inputs holds at most ``n`` non-zeros."""
-    if not nm_fits(w, m):
-        return False
-    return bool(((w.reshape(-1, m) != 0).sum(dim=1) <= n).all())
