@@ -555,9 +555,7 @@ def other_weights_notes(source: Path) -> list[str]:
     left = other_weights(source)
     if not left:
         return []
-    return [
-        f"left out {len(left)} file(s) holding the input's weights in another format (e.g. {left[0]}): uncompressed, they would be stale"
-    ]
+    return [f"left out {len(left)} file(s) of the input's export for other runtimes (e.g. {left[0]}): uncompressed, they would be stale"]
 
 
 def save_dir(
@@ -673,14 +671,16 @@ def check_output(out: Path, *, force: bool, source: Path | None, inputs: tuple[P
     if source is not None and source.is_dir() and out.resolve().is_relative_to(source.resolve()):
         raise CheckpointError(f"{out}: output lies inside the input directory {source}; choose another -o path")
     for read in (source, *inputs):  # replacing a directory replaces everything in it
-        if read is not None and read.exists() and read.resolve() != out.resolve() and read.resolve().is_relative_to(out.resolve()):
+        if read is not None and read.exists() and _holds(out, read):
             raise CheckpointError(f"{out}: output directory holds an input of this run ({read}); choose another -o path")
     if out.is_dir() and not directory:
         raise CheckpointError(f"{out}: is a directory; give a file path ending in .safetensors")
     if directory and out.exists() and not out.is_dir():
         raise CheckpointError(f"{out}: exists and is not a directory; a Hugging Face model is written as a directory")
-    if directory and force and out.is_dir() and any(out.iterdir()) and not _model_directory(out):
-        raise CheckpointError(f"{out}: exists and holds no model (no config.json or .safetensors); --force replaces only a model directory")
+    if directory and _holds(out, Path.cwd()):
+        raise CheckpointError(f"{out}: is the current directory or holds it; choose another -o path")
+    if directory and out.is_dir() and any(out.iterdir()) and not _model_directory(out):
+        raise CheckpointError(f"{out}: exists and holds no model (no config.json, model*.safetensors); choose another -o path")
     if not directory:
         check_regular(out)
     if out.exists() and not force:
@@ -688,9 +688,17 @@ def check_output(out: Path, *, force: bool, source: Path | None, inputs: tuple[P
 
 
 def _model_directory(d: Path) -> bool:
-    """A directory --force may replace: one with a config.json or safetensors weights (a model,
-    ours or another's), not an arbitrary folder of the user's."""
-    return (d / "config.json").is_file() or any(d.glob("*.safetensors"))
+    """A directory --force may replace: a model's (ours or another's: config.json, or weights
+    named model*.safetensors), not an arbitrary folder of the user's (data .safetensors included)."""
+    return (d / "config.json").is_file() or any(d.glob("model*.safetensors"))
+
+
+def _holds(folder: Path, p: Path) -> bool:
+    """Whether ``p`` lies inside ``folder`` or is it, resolved or as written (a symlink inside
+    the folder to a file elsewhere would be gone with the folder too)."""
+    return any(
+        Path(x).is_relative_to(Path(f)) for f in (folder.resolve(), os.path.abspath(folder)) for x in (p.resolve(), os.path.abspath(p))
+    )
 
 
 def _same(a: Path, b: Path) -> bool:

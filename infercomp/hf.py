@@ -206,7 +206,7 @@ def padded(tensors: Mapping[str, torch.Tensor], config: dict[str, Any]) -> tuple
         if shape is None or tuple(t.shape) == shape:
             continue
         if len(shape) != t.dim() or any(s < d for s, d in zip(shape, t.shape)):
-            raise ModelError(f"tensor {name!r} is {tuple(t.shape)}, larger than config.json's {shape}; cannot pad it")
+            raise ModelError(f"tensor {name!r} is {tuple(t.shape)}, config.json builds {shape}: not a pruned form of it; cannot pad it")
         full = torch.zeros(shape, dtype=t.dtype)
         full[tuple(slice(0, d) for d in t.shape)] = t
         out[name] = full
@@ -223,8 +223,9 @@ _CT_FORMATS = {"int8-dynamic": "int-quantized", "fp8": "float-quantized", "int8"
 _SPARSE = {"sparse-bitmask": "unstructured", "sparse-24-bitmask": "2:4"}
 
 
-# config.json's model_type for a directory only infercomp can load (column scales): transformers
-# and sentence-transformers refuse an unknown model type instead of loading wrong weights.
+# config.json's model_type for a directory only infercomp can load (column scales): transformers'
+# Auto classes and sentence-transformers refuse an unknown model type instead of loading wrong
+# weights (a concrete class such as BertModel only warns).
 OURS_MODEL_TYPE = "infercomp-column-scales"
 
 

@@ -60,12 +60,18 @@ def _for_hf_output(config: TransformConfig, model_config: dict[str, Any], note: 
 
 def _config_json(d: Path) -> dict[str, Any]:
     """The directory's config.json (empty if it has none or it is not JSON: reading the checkpoint
-    then says what is wrong)."""
+    then says what is wrong), with the model type it describes (a column-scales output's is kept
+    aside, ``hf.OURS_MODEL_TYPE``)."""
     try:
         config = json.loads((d / "config.json").read_text())
     except (OSError, ValueError):
         return {}
-    return config if isinstance(config, dict) else {}
+    if not isinstance(config, dict):
+        return {}
+    ours = config.get("infercomp")
+    if config.get("model_type") == hf.OURS_MODEL_TYPE and isinstance(ours, dict):  # a --column-scales output of ours
+        return {**config, "model_type": ours.get("model_type")}
+    return config
 
 
 def run(

@@ -419,23 +419,48 @@ def test_layers_pruned_to_different_widths_export_dense_zero_padded(tiny_bert_di
     torch.testing.assert_close(_outputs(model, _ids()), _outputs(infercomp.load(single), _ids()))
 
 
-def test_output_directory_never_swallows_an_input(tiny_bert_dir: Path, tmp_path: Path, runner) -> None:
-    """--force replaces a whole directory: not one that holds the input, nor a folder that holds
-    no model."""
-    r = invoke(runner, "quantize", tiny_bert_dir, "-o", tmp_path, "--scheme", "fp16", "--force", "--no-latency")
-    assert r.exit_code == 2 and "holds an input of this run" in r.stderr and len(r.stderr.strip().splitlines()) == 1
+@pytest.mark.parametrize("stream", [False, True])
+def test_output_directory_never_swallows_an_input(
+    stream: bool, tiny_bert_dir: Path, tmp_path: Path, runner, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """--force replaces a whole directory: not one that holds the input or a data file (a
+    symlink to one included), not the current directory, not a folder that holds no model (data
+    .safetensors are no model)."""
+
+    def refused(out: Path, needle: str, *extra: object) -> None:
+        how = ("--stream",) if stream else ("--no-stream",)
+        r = invoke(runner, "quantize", tiny_bert_dir, "-o", out, "--scheme", "int8", "--force", "--no-latency", *how, *extra)
+        assert r.exit_code == 2 and needle in r.stderr, r.stderr
+        assert len([line for line in r.stderr.splitlines() if "error" in line]) == 1
+
+    refused(tmp_path, "holds an input of this run")
     assert (tiny_bert_dir / "model.safetensors").is_file() and (tmp_path / "vocab.txt").is_file()
-    other = tmp_path / "notes"
-    other.mkdir()
-    (other / "todo.txt").write_text("keep me\n")
-    r = invoke(runner, "quantize", tiny_bert_dir, "-o", other, "--scheme", "fp16", "--force", "--no-latency")
+    old = tmp_path / "old"  # an earlier output, which --force may replace, but not with the data inside
+    old.mkdir()
+    (old / "config.json").write_text("{}")
+    (old / "calib.txt").write_text("a man is eating food\n")
+    refused(old, "holds an input of this run", "--data", old / "calib.txt")
+    elsewhere = tmp_path / "calib.txt"
+    elsewhere.write_text("a man is eating food\n")
+    (old / "link.txt").symlink_to(elsewhere)
+    refused(old, "holds an input of this run", "--data", old / "link.txt")
+    assert sorted(p.name for p in old.iterdir()) == ["calib.txt", "config.json", "link.txt"]
+    monkeypatch.chdir(old)
+    refused(Path("."), "is the current directory")
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "train.safetensors").write_bytes(b"not a model")
+    refused(data, "holds no model")
+    r = invoke(runner, "quantize", tiny_bert_dir, "-o", data, "--scheme", "int8", "--no-latency")  # without --force: the same
     assert r.exit_code == 2 and "holds no model" in r.stderr
-    assert (other / "todo.txt").read_text() == "keep me\n"
+    assert (data / "train.safetensors").read_bytes() == b"not a model"
 
 
-def test_weights_in_other_formats_are_left_out(tiny_bert_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("stream", [False, True])
+def test_weights_in_other_formats_are_left_out(stream: bool, tiny_bert_dir: Path, tmp_path: Path) -> None:
     """A Hub repo's ONNX / OpenVINO / TF copies of the weights would be the stale, uncompressed
-    original beside the compressed ones: left out, and said."""
+    original beside the compressed ones: left out, and said in the report (in memory and streamed),
+    as is every other change of the output's form (column scales off here)."""
     import infercomp
 
     others = ("onnx/model.onnx", "openvino/openvino_model.xml", "openvino/openvino_model.bin", "tf_model.h5", "rust_model.ot")
@@ -443,8 +468,9 @@ def test_weights_in_other_formats_are_left_out(tiny_bert_dir: Path, tmp_path: Pa
         (tiny_bert_dir / rel).parent.mkdir(exist_ok=True)
         (tiny_bert_dir / rel).write_bytes(b"weights")
     out = tmp_path / "int8"
-    notes = infercomp.quantize(tiny_bert_dir, out, scheme="int8", measure=False).models[1].notes
+    notes = infercomp.quantize(tiny_bert_dir, out, scheme="int8", measure=False, stream=stream).models[1].notes
     assert any("left out 5 file(s)" in n for n in notes), notes
+    assert any("column scales off for a Hugging Face directory" in n for n in notes), notes
     kept = {p.relative_to(tiny_bert_dir).as_posix() for p in tiny_bert_dir.rglob("*") if p.is_file()} - set(others)
     assert {p.relative_to(out).as_posix() for p in out.rglob("*") if p.is_file()} == kept
     assert {"tokenizer_config.json", "model.safetensors"} < kept

@@ -39,7 +39,13 @@ Output = Annotated[
         "(config.json, tokenizer files, sharded safetensors) unless the path ends in .safetensors.",
     ),
 ]
-Force = Annotated[bool, typer.Option("--force", help="Overwrite OUTPUT if it exists (the input is never overwritten).")]
+Force = Annotated[
+    bool,
+    typer.Option(
+        "--force",
+        help="Overwrite OUTPUT if it exists (the input is never overwritten; a directory only when it holds a model and none of the run's inputs).",
+    ),
+]
 Data = Annotated[
     Path | None,
     typer.Option(

@@ -8,6 +8,7 @@ schedule, validation, interrupts, DDP),
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -47,14 +48,28 @@ def _student(config: DistillConfig, loader: ModelLoader, teacher: Checkpoint) ->
     return ModelLoader(ref=config.student_model, config=spec["config"]).build_fresh(), Checkpoint(tensors={}, model=spec)
 
 
+def _recorded_sparse(student: str | None) -> bool:
+    """Whether the student is a Hugging Face directory whose config.json records sparse weights
+    (a ``sparsity_config``): they are stored dense there, so only that record says the zeros are
+    pruning, not, say, int4 values that rounded to 0."""
+    if student is None:
+        return False
+    try:
+        q = json.loads((Path(student) / "config.json").read_text()).get("quantization_config")
+    except (OSError, ValueError, AttributeError):
+        return False
+    return isinstance(q, dict) and isinstance(q.get("sparsity_config"), dict)
+
+
 def _sparse_again(
     tensors: dict[str, torch.Tensor], encodings: dict[str, dict[str, Any]], masked: set[str]
 ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """The trained ``tensors`` with the student's sparse weights stored sparse again: training kept
     their zeros (``masked``: the names ``_sparsity_masks`` held), so the output stays as small as
     the student and a Hugging Face directory records their structure. Each keeps the student's
-    codec; a student that stored them dense (a Hugging Face directory) gets 2:4 where every group
-    of 4 holds 2 zeros, else the bitmask (where it is smaller)."""
+    codec; a student that stored them dense with a record that they are sparse (a Hugging Face
+    directory, ``_recorded_sparse``) gets 2:4 where every group of 4 holds 2 zeros, else the
+    bitmask (where it is smaller)."""
     stored: dict[str, torch.Tensor] = {}
     specs: dict[str, Any] = {}
     for name, t in tensors.items():
@@ -155,7 +170,7 @@ def distill(teacher_ckpt: Checkpoint, config: DistillConfig, ctx: Context) -> Ch
             features.close()
     finally:
         ddp.teardown(created)
-    masked = {name.removeprefix("student.") for name in masks}
+    masked = {name.removeprefix("student.") for name in masks} if _recorded_sparse(config.student) else set()
     tensors, encodings = _sparse_again({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, record.encodings, masked)
     return Checkpoint(tensors=tensors, model=record.model, plan=record.plan, encodings=encodings)
 

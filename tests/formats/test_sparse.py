@@ -12,8 +12,8 @@ import infercomp.formats as formats
 from infercomp import checkpoint
 from infercomp.checkpoint import Checkpoint
 from infercomp.formats import FORMATS
-from infercomp.formats.sparse import BITMASK, BITMASK_24, SemiSparseLinear, encoded_bytes
-from infercomp.prune import is_nm, nm_mask
+from infercomp.formats.sparse import BITMASK, BITMASK_24, SemiSparseLinear, encoded_bytes, is_nm
+from infercomp.prune import nm_mask
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
