@@ -341,6 +341,8 @@ def main(argv: list[str] | None = None) -> None:
         s = str(src)
         out = {k: tmp / f"{k}.safetensors" for k in ("wanda", "wanda_bc", "sparsegpt", "magnitude", "channel", "int4", "int4a")}
         out["distilled"] = tmp / "distilled"  # a Hugging Face directory
+        out["int4dir"] = tmp / "int4dir"  # the int4 model as a Hugging Face directory, for transformers
+        int4 = ["--scheme", "int4", "--group-size", "32", "--method", "gptq", "--calib-samples", "128", "--data", str(train)]
         steps: list[tuple[str, str, list[str]]] = [
             ("wanda", "prune", ["--method", "wanda", "--sparsity", "0.5", "--data", str(train)]),
             ("wanda_bc", "prune", ["--method", "wanda", "--sparsity", "0.5", "--bias-correction", "--data", str(train)]),
@@ -351,14 +353,11 @@ def main(argv: list[str] | None = None) -> None:
                 ["--method", "channel", "--sparsity", "0.25", "--scope", "ffn", "--importance", "activation", "--data", str(train)],
             ),
             ("distilled", "distill", ["--student", str(out["channel"]), "--data", str(train), "--epochs", str(epochs), *DISTILL]),
-            (
-                "int4",
-                "quantize",
-                ["--scheme", "int4", "--group-size", "32", "--method", "gptq", "--calib-samples", "128", "--data", str(train)],
-            ),
+            ("int4", "quantize", int4),
         ]
         if not quick:
             steps.insert(1, ("magnitude", "prune", ["--method", "magnitude", "--sparsity", "0.5"]))
+            steps.append(("int4dir", "quantize", int4))
             steps.append(
                 (
                     "int4a",
@@ -404,6 +403,10 @@ def main(argv: list[str] | None = None) -> None:
         hf_fid = _cos(hf_emb, ref)
         hf_vs_ours = float((hf_emb - _embed(models["distilled"], enc, recipe)).abs().max())
         ffn = json.loads((out["distilled"] / "config.json").read_text()).get("intermediate_size")
+        hf4 = None  # the int4 directory as transformers loads it (compressed-tensors pack-quantized)
+        if out["int4dir"].exists():
+            hf4_emb = _embed(transformers.AutoModel.from_pretrained(str(out["int4dir"]), local_files_only=True).eval(), enc, recipe)
+            hf4 = (*_cos(hf4_emb, ref), float((hf4_emb - _embed(models["int4dir"], enc, recipe)).abs().max()))
         emb_bytes, float_bytes = _breakdown(out["int4"])
 
     def row(label: str, key: str, target: str, ok: bool | None) -> list[str]:
@@ -429,6 +432,8 @@ def main(argv: list[str] | None = None) -> None:
     rows.append(
         row("quantize int4 g32 gptq", "int4", "cos mean >= 0.985, size x <= 0.15", fid["int4"][0] >= 0.985 and size["int4"] <= 0.15)
     )
+    if "int4dir" in fid:
+        rows.append(row("  (form) the same as a Hugging Face directory", "int4dir", "-", None))
     if "int4a" in fid:
         rows.append(row("  (alternative) int4 g32 gptq --asymmetric", "int4a", "same", fid["int4a"][0] >= 0.985 and size["int4a"] <= 0.15))
     _print(
@@ -446,6 +451,12 @@ def main(argv: list[str] | None = None) -> None:
         f"transformers.AutoModel.from_pretrained(distilled directory): loads, config intermediate_size {ffn}; "
         f"cos mean / min {hf_fid[0]:.4f} / {hf_fid[1]:.4f}; max |embedding difference| vs infercomp.load {hf_vs_ours:.2e}"
     )
+    if hf4 is not None:
+        print(
+            f"transformers.AutoModel.from_pretrained(int4 directory): loads (compressed-tensors pack-quantized; the embedding "
+            f"tables are written in float32, which transformers' loader expects); cos mean / min {hf4[0]:.4f} / {hf4[1]:.4f}; "
+            f"max |embedding difference| vs infercomp.load {hf4[2]:.2e}"
+        )
 
 
 if __name__ == "__main__":

@@ -178,6 +178,19 @@ def module_types(config: dict[str, Any]) -> dict[str, str]:
     return {name: type(m).__name__ for name, m in model.named_modules()}
 
 
+def non_linear_weights(config: dict[str, Any]) -> list[str]:
+    """Modules of the model ``config`` builds (on the meta device) whose weight is a matrix or
+    filter but that are not Linear layers (embedding tables, convolutions): compressed-tensors'
+    loaders quantize Linear layers only, so a directory holds these in float."""
+    with torch.device("meta"):
+        model = build(config)
+    return sorted(
+        name
+        for name, m in model.named_modules()
+        if not isinstance(m, nn.Linear) and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() >= 2
+    )
+
+
 def mismatch(config: dict[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> str | None:
     """The first tensor whose stored shape differs from what ``config`` builds (on the meta device,
     nothing allocated), or None when config.json describes the checkpoint."""

@@ -21,7 +21,7 @@ from infercomp.measure import Comparison, MeasureOptions, compare
 from infercomp.models import ModelLoader
 from infercomp.progress import NULL, Progress
 from infercomp.prune import PruneConfig, prune
-from infercomp.quantize import QuantizeConfig, quantize
+from infercomp.quantize import CASTS, QuantizeConfig, quantize
 from infercomp.stream import run as run_streamed
 from infercomp.stream import wanted as stream_wanted
 from infercomp.transform import Context, Transform, TransformConfig, pinned_threads
@@ -50,11 +50,19 @@ def _for_hf_output(config: TransformConfig, model_config: dict[str, Any], note: 
             )
         note(f"--scope ffn for a Hugging Face directory: {kind}'s config.json cannot describe pruned attention heads")
         return dataclasses.replace(config, scope="ffn")
-    if dense or not isinstance(config, QuantizeConfig):
+    if dense or not isinstance(config, QuantizeConfig) or config.scheme in CASTS:
         return config
     if config.column_scales is None and config.scheme in ("int8", "int4"):
         note("column scales off for a Hugging Face directory (compressed-tensors has no field for them; --column-scales forces ours)")
-        return dataclasses.replace(config, column_scales=False)
+        config = dataclasses.replace(config, column_scales=False)
+    # Quantized, they would be written back dense (their rounding error kept at float's size).
+    left = [name for name in hf.non_linear_weights(model_config) if name not in config.exclude] if model_config.get("model_type") else []
+    if left:
+        note(
+            f"{len(left)} weight(s) of layers that are not Linear left in float for a Hugging Face directory "
+            f"(compressed-tensors' loaders quantize Linear layers only), e.g. {left[0]!r}"
+        )
+        config = dataclasses.replace(config, exclude=(*config.exclude, *left))
     return config
 
 

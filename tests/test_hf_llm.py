@@ -172,7 +172,9 @@ def test_report_scores_a_causal_lm_by_perplexity(tiny_llama: tuple[Path, Path]) 
 
 # scheme -> (transform kwargs, the most perplexity may grow, logits' max difference to transformers)
 SCHEMES = {
-    "int8-dynamic": ("quantize", {"scheme": "int8-dynamic"}, 1.05, 1e-2),
+    # activations quantized per token at run time by each (transformers in float, ours in int8
+    # kernels): their roundings differ; measured by hand 0.04-0.11 on logits of ~6
+    "int8-dynamic": ("quantize", {"scheme": "int8-dynamic"}, 1.05, 3e-2),
     "int8": ("quantize", {"scheme": "int8"}, 1.05, 1e-4),
     # dequantized by transformers at load in the scales' dtype (fp16): its weights differ from
     # ours by fp16 rounding (3e-5 at 0.13, by hand), the logits by up to 1e-3 of their range
