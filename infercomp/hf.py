@@ -173,20 +173,22 @@ def _resized(config: dict[str, Any], plan: dict[str, Any]) -> dict[str, Any]:
 def module_types(config: dict[str, Any]) -> dict[str, str]:
     """Module name -> class name of the model ``config`` builds (on the meta device: nothing is
     allocated): how ``HFOutput`` knows which weights are Linear layers."""
+    return {name: type(m).__name__ for name, m in _on_meta(config).named_modules()}
+
+
+def _on_meta(config: dict[str, Any]) -> nn.Module:
+    """The model ``config`` builds, on the meta device (shapes and types only, nothing allocated)."""
     with torch.device("meta"):
-        model = build(config)
-    return {name: type(m).__name__ for name, m in model.named_modules()}
+        return build(config)
 
 
 def non_linear_weights(config: dict[str, Any]) -> list[str]:
     """Modules of the model ``config`` builds (on the meta device) whose weight is a matrix or
     filter but that are not Linear layers (embedding tables, convolutions): compressed-tensors'
     loaders quantize Linear layers only, so a directory holds these in float."""
-    with torch.device("meta"):
-        model = build(config)
     return sorted(
         name
-        for name, m in model.named_modules()
+        for name, m in _on_meta(config).named_modules()
         if not isinstance(m, nn.Linear) and isinstance(getattr(m, "weight", None), torch.Tensor) and m.weight.dim() >= 2
     )
 
@@ -202,9 +204,7 @@ def mismatch(config: dict[str, Any], shapes: Mapping[str, tuple[int, ...]]) -> s
 
 
 def _built_shapes(config: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    with torch.device("meta"):
-        model = build(config)
-    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    return {name: tuple(t.shape) for name, t in _on_meta(config).state_dict().items()}
 
 
 def padded(tensors: Mapping[str, torch.Tensor], config: dict[str, Any]) -> tuple[dict[str, torch.Tensor], list[str]]:

@@ -19,6 +19,7 @@ from infercomp.errors import InfercompError, UsageError
 from infercomp.export import EXPORTS, ExportConfig, dense, export
 from infercomp.measure import Comparison, MeasureOptions, compare
 from infercomp.models import ModelLoader
+from infercomp.patterns import selected
 from infercomp.progress import NULL, Progress
 from infercomp.prune import PruneConfig, prune
 from infercomp.quantize import CASTS, QuantizeConfig, quantize
@@ -56,7 +57,8 @@ def _for_hf_output(config: TransformConfig, model_config: dict[str, Any], note: 
         note("column scales off for a Hugging Face directory (compressed-tensors has no field for them; --column-scales forces ours)")
         config = dataclasses.replace(config, column_scales=False)
     # Quantized, they would be written back dense (their rounding error kept at float's size).
-    left = [name for name in hf.non_linear_weights(model_config) if name not in config.exclude] if model_config.get("model_type") else []
+    candidates = hf.non_linear_weights(model_config) if model_config.get("model_type") else []
+    left = [name for name in candidates if selected(name, config.include, config.exclude)]
     if left:
         note(
             f"{len(left)} weight(s) of layers that are not Linear left in float for a Hugging Face directory "
