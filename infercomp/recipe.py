@@ -1,6 +1,6 @@
 """``infercomp run RECIPE.yaml``: a chain of steps (prune -> distill -> quantize -> report), each
-with its CLI options, run like make: a step whose inputs (by SHA-256) and options did not change
-since the last run is skipped.
+with its CLI options, run like make: a step whose inputs (by SHA-256), options and infercomp
+version did not change since the last run is skipped.
 
     model: sample_models/digits_cnn.safetensors      # the recipe's input
     out: out/cnn_recipe                              # every step writes out/<name>.safetensors
@@ -41,6 +41,7 @@ from infercomp.errors import InfercompError, UsageError
 from infercomp.gates import check_gates
 from infercomp.measure import Comparison, MeasureOptions
 from infercomp.progress import NULL, Progress
+from infercomp.version import __version__
 
 VERBS: dict[str, Callable[..., Any]] = {"prune": api.prune, "quantize": api.quantize, "distill": api.distill, "report": api.report}
 # Options a recipe step may not set: the recipe decides them (or they make no sense in a chain).
@@ -228,7 +229,8 @@ def _run_step(
         opts.setdefault("student", previous if previous != recipe.model else None)
     out = recipe.out / f"{step.name}.safetensors"
     reads = [source, *(v for k, v in opts.items() if k in ("data", "eval_data", "val_data", "student") and v is not None)]
-    fingerprint = {
+    fingerprint = {  # a new infercomp may transform differently (defaults, formats): its outputs are not cached ones
+        "infercomp_version": __version__,
         "verb": step.verb,
         "options": json.dumps(opts, sort_keys=True, default=str),
         "inputs": {str(r): _sha(Path(r)) for r in reads},

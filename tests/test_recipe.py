@@ -3,13 +3,15 @@ unknown keys named by line, and the final history holding every step."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from infercomp import checkpoint
 from infercomp.errors import GateFailed, UsageError
-from infercomp.recipe import load, run
+from infercomp.recipe import STATE, load, run
+from infercomp.version import __version__
 from tests.conftest import DIGITS_TEST, SAMPLE, invoke, one_line_error
 
 RECIPE = """\
@@ -50,6 +52,20 @@ def test_steps_run_then_skip_then_rerun_from_a_changed_option(tmp_path: Path) ->
     assert (tmp_path / "out" / "small.safetensors").stat().st_mtime_ns == stamp
     assert _ran(run(load(_write(tmp_path, scheme="int4")))) == {"sparse": False, "small": True, "check": True}
     assert _ran(run(load(_write(tmp_path, sparsity=0.6, scheme="int4")))) == {"sparse": True, "small": True, "check": True}
+
+
+def test_outputs_of_another_infercomp_version_are_not_cached_ones(tmp_path: Path) -> None:
+    """A new version may transform differently (a default, a format): its steps run again."""
+    run(load(_write(tmp_path)))
+    state = tmp_path / "out" / STATE
+    recorded = json.loads(state.read_text())
+    assert recorded["sparse"]["infercomp_version"] == __version__
+    for fingerprint in recorded.values():
+        if fingerprint is not None:  # the report step is not cached
+            fingerprint["infercomp_version"] = "0.0.1"  # as an older infercomp wrote it
+    state.write_text(json.dumps(recorded))
+    assert _ran(run(load(_write(tmp_path)))) == {"sparse": True, "small": True, "check": True}
+    assert _ran(run(load(_write(tmp_path)))) == {"sparse": False, "small": False, "check": True}
 
 
 def test_a_failing_step_is_named_and_earlier_outputs_stay(tmp_path: Path) -> None:
