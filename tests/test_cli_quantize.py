@@ -21,7 +21,7 @@ NO_LAT = ("--min-time", "0.05", "--warmup", "1")
 @pytest.mark.parametrize(
     ("args", "needles"),
     [
-        (("--group-size", "7"), ("--group-size 7", "32, 64, 128")),
+        (("--group-size", "7"), ("--group-size 7", "32, 64, 128, or -1 (per channel)")),
         (("--scheme", "int5"), ("--scheme 'int5'", "int8-dynamic")),
         (("--scheme", "int8-dynamic", "--column-scales"), ("--column-scales applies to", "--method rtn")),
         (("--scheme", "int4", "--group-size", "128", "--include", "net.1"), ("'net.1.weight' has rows of 64", "--group-size 128")),
@@ -57,6 +57,13 @@ def test_cli_int4_gptq_on_sample_mlp(runner, tmp_path: Path) -> None:
     assert q["ratios"]["size"] <= 0.16 and q["accuracy_drop"] <= 0.01
     ck = checkpoint.load(out)
     assert ck.history[-1]["config"]["method"] == "gptq" and ck.encodings["net.1.weight"]["group_size"] == 32
+    per_channel = tmp_path / "mlp_int4_channel.safetensors"
+    r = invoke(runner, "quantize", SAMPLE["mlp"], "-o", per_channel, "--scheme", "int4", "--group-size", "-1", "--method", "gptq",
+               "--data", DIGITS_TRAIN, "--eval-data", DIGITS_TEST, "--format", "json", "--no-latency")  # fmt: skip
+    assert r.exit_code == 0, r.stderr
+    spec = checkpoint.load(per_channel).encodings["net.1.weight"]
+    assert spec["granularity"] == "channel" and spec["group_size"] is None  # one scale per output channel
+    assert json.loads(r.stdout)["models"][1]["ratios"]["size"] < q["ratios"]["size"]  # fewer scales to store
 
 
 @pytest.mark.slow  # 2 s idle, 4-8 s on a loaded 2-core machine; test_cli.py keeps a quantize subprocess in the fast suite

@@ -213,6 +213,7 @@ def _ids() -> torch.Tensor:
     [
         ({"scheme": "int4", "group_size": 32}, 4, "group", True),
         ({"scheme": "int4", "group_size": 32, "asymmetric": True}, 4, "group", False),
+        ({"scheme": "int4", "group_size": -1}, 4, "channel", True),
         ({"scheme": "int8"}, 8, "channel", True),
         ({"scheme": "int8", "group_size": 32}, 8, "group", True),
     ],

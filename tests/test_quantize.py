@@ -62,6 +62,7 @@ def _weights_ckpt() -> Checkpoint:
         ("int8-dynamic", None, False),
         ("int4", 32, False),
         ("int4", 64, True),
+        ("int4", -1, False),  # per output channel
         ("fp8", None, False),
     ],
 )

@@ -21,7 +21,7 @@ def quantize(
         int | None,
         typer.Option(
             "--group-size",
-            help=f"int8/int4: columns sharing one scale ({'|'.join(map(str, GROUP_SIZES))}). Default: per channel for int8, 32 for int4.",
+            help=f"int8/int4: columns sharing one scale ({'|'.join(map(str, GROUP_SIZES))}), or -1 for one scale per output channel. Default: per channel for int8, 32 for int4.",
         ),
     ] = None,
     asymmetric: Annotated[
@@ -83,8 +83,9 @@ def quantize(
     int8          int8 weights, a scale per output channel (or per --group-size columns); ~0.26x size.
     int8-dynamic  int8 weights per channel, and activations quantized to 8 bits at run time: Linear
                   layers run on int8 CPU kernels (the fast choice on CPU).
-    int4          4-bit weights, two per byte, a scale per group of 32 (--group-size), symmetric or
-                  --asymmetric; ~0.15x size. Use --method gptq --data FILE to keep accuracy.
+    int4          4-bit weights, two per byte, a scale per group of 32 (--group-size; -1: per
+                  channel), symmetric or --asymmetric; ~0.15x size. Use --method gptq --data FILE
+                  to keep accuracy.
     fp8           float8 e4m3 weights with per-channel scales; fp8 matmuls on CUDA GPUs >= sm89,
                   dequantized elsewhere.
     fp16, bf16    every float tensor cast to 16 bits.

@@ -34,6 +34,7 @@ from infercomp.transform import Context, TransformConfig, choice
 SCHEMES = ("int8", "int8-dynamic", "int4", "fp8", "fp16", "bf16")
 METHODS = ("rtn", "gptq")
 GROUP_SIZES = (32, 64, 128)
+PER_CHANNEL = -1  # --group-size: one scale per output channel
 DEFAULT_INT4_GROUP = 32
 _INT_BITS = {"int8": 8, "int8-dynamic": 8, "int4": 4}
 _CASTS = {"fp16": torch.float16, "bf16": torch.bfloat16}
@@ -45,8 +46,9 @@ class QuantizeConfig(TransformConfig):
 
     Attributes:
         scheme: see ``SCHEMES``.
-        group_size: columns sharing one scale (32, 64, 128); None: one scale per output channel
-            for int8, ``DEFAULT_INT4_GROUP`` for int4.
+        group_size: columns sharing one scale (32, 64, 128), or ``PER_CHANNEL`` (-1, as GPTQ
+            tools write it) for one scale per output channel; None: per channel for int8,
+            ``DEFAULT_INT4_GROUP`` for int4.
         asymmetric: int4 only: a zero point per group (range [0, 15]) instead of symmetric [-8, 7].
         method: ``rtn`` (round to nearest) or ``gptq`` (error-compensating; needs calibration data).
         calib_samples: calibration inputs GPTQ uses (the first ones of ``--data``).
@@ -70,8 +72,11 @@ class QuantizeConfig(TransformConfig):
         choice(self.scheme, SCHEMES, "--scheme")
         choice(self.method, METHODS, "--method")
         if self.group_size is not None:
-            if self.group_size not in GROUP_SIZES:
-                raise UsageError(f"--group-size {self.group_size} is not supported; choose one of: {', '.join(map(str, GROUP_SIZES))}")
+            if self.group_size not in (*GROUP_SIZES, PER_CHANNEL):
+                choices = ", ".join(map(str, GROUP_SIZES))
+                raise UsageError(
+                    f"--group-size {self.group_size} is not supported; choose one of: {choices}, or {PER_CHANNEL} (per channel)"
+                )
             if self.scheme not in ("int8", "int4"):
                 raise UsageError(f"--group-size applies to --scheme int8 and int4, not {self.scheme} (which uses one scale per channel)")
         if self.asymmetric and self.scheme != "int4":
@@ -90,6 +95,8 @@ class QuantizeConfig(TransformConfig):
     @property
     def groups(self) -> int | None:
         """Effective group size (None: per output channel)."""
+        if self.group_size == PER_CHANNEL:
+            return None
         if self.scheme == "int4" and self.group_size is None:
             return DEFAULT_INT4_GROUP
         return self.group_size
