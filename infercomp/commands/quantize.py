@@ -76,8 +76,9 @@ def quantize(
 ) -> None:
     """Quantize weights, write the compact checkpoint, and compare it with the input.
 
-    Weight matrices, conv filters and embedding tables of the selected modules are quantized;
-    biases and norms keep their dtype. Schemes:
+    Weight matrices, conv filters and embedding tables of the selected modules are quantized
+    (for a Hugging Face directory output, Linear layers only: what compressed-tensors' loaders
+    read); biases and norms keep their dtype. Schemes:
 
     \b
     int8          int8 weights, a scale per output channel (or per --group-size columns); ~0.26x size.
