@@ -16,6 +16,7 @@ import json
 import math
 import mmap
 import os
+import re
 import shutil
 import struct
 import sys
@@ -314,11 +315,15 @@ def shapes_of(tensors: Mapping[str, torch.Tensor]) -> Mapping[str, torch.Tensor]
     return tensors.meta() if isinstance(tensors, LazyTensors) else tensors
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
 def _read_torch(p: Path) -> dict[str, torch.Tensor]:
     try:
         obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # untrusted bytes: whatever torch's reader trips on, it is not a state dict we can read
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        text = _ANSI.sub("", str(e)).strip()  # torch's message carries terminal bold codes, even into a pipe
+        first = text.splitlines()[0] if text else type(e).__name__
         raise CheckpointError(
             f"{p}: cannot be read as a weights-only torch state dict ({first}); "
             "only plain tensors are loaded, never pickled code — convert it to .safetensors"

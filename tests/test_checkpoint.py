@@ -135,6 +135,19 @@ def test_pickled_code_is_refused(tmp_path: Path) -> None:
         checkpoint.load(p)
 
 
+class _Plain:  # any class torch's weights-only reader does not allow
+    pass
+
+
+def test_refusal_of_an_unknown_class_is_one_plain_line(tmp_path: Path) -> None:
+    """torch's own message embeds terminal bold codes; ours is plain text, a pipe or a log gets no escapes."""
+    p = tmp_path / "custom.pt"
+    torch.save({"x": _Plain()}, p)
+    with pytest.raises(CheckpointError, match="weights-only") as e:
+        checkpoint.load(p)
+    assert "\x1b" not in str(e.value) and len(str(e.value).splitlines()) == 1
+
+
 def test_non_tensor_entries_are_refused(tmp_path: Path) -> None:
     p = tmp_path / "mixed.pt"
     torch.save({"w": torch.ones(1), "step": 3}, p)
