@@ -56,6 +56,7 @@ COLUMNS = (
     "cos mean / min",
     "weights in RAM",
     "perplexity",  # added later: appended, so that Markdown columns keep their place
+    "peak memory",  # --memory; appended likewise
 )
 
 
@@ -80,6 +81,7 @@ def _cells(m: ModelReport) -> list[str]:
         cos,
         _size(m.weight_memory_bytes),
         "-" if m.perplexity is None else f"{m.perplexity:,.3f}",
+        _size(m.peak_memory_bytes),
     ]
 
 
@@ -137,8 +139,9 @@ def shorten_left(text: str, width: int) -> str:
 
 
 def _for_models(c: Comparison, columns: tuple[str, ...]) -> tuple[str, ...]:
-    """The default columns, with perplexity for language models, and without accuracy for models
-    that have none (language models, sentence embeddings: not classifiers)."""
+    """The default columns, with perplexity for language models and peak memory where --memory
+    measured it, and without accuracy for models that have none (language models, sentence
+    embeddings: not classifiers)."""
     if columns != DEFAULT_COLUMNS:
         return columns
     accuracy = any(m.accuracy is not None for m in c.models)
@@ -146,6 +149,8 @@ def _for_models(c: Comparison, columns: tuple[str, ...]) -> tuple[str, ...]:
     out = [col for col in columns if not no_accuracy or col not in ("accuracy", "acc drop")]
     if any(m.perplexity is not None for m in c.models):
         out.insert(out.index("cos mean / min"), "perplexity")
+    if any(m.peak_memory_bytes is not None for m in c.models):
+        out.append("peak memory")
     return tuple(out)
 
 

@@ -106,6 +106,21 @@ def test_table_shows_every_model_its_notes_and_layers() -> None:
     assert "device cpu, 2 thread(s), batch 32" in text
 
 
+def test_peak_memory_is_a_column_where_it_was_measured() -> None:
+    """--memory measures it: the default table then shows it (and Markdown always has the column)."""
+    c = _comparison()
+    plain = Console(record=True, width=400, color_system=None)
+    render.render_table(c, plain)
+    assert "peak memory" not in plain.export_text()
+    c.models[0].peak_memory_bytes, c.models[1].peak_memory_bytes = 20 * 1024 * 1024, 17 * 1024 * 1024
+    console = Console(record=True, width=400, color_system=None)
+    render.render_table(c, console)
+    text = console.export_text()
+    assert "peak memory" in text and "20.0 MiB" in text and "17.0 MiB" in text
+    rows = [line for line in render.to_markdown(c).splitlines() if line.startswith("| a")]
+    assert rows[0].split(" | ")[render.COLUMNS.index("peak memory")].rstrip(" |") == "17.0 MiB"
+
+
 @pytest.mark.parametrize(("fmt", "fn"), [("json", render.to_json), ("markdown", render.to_markdown), ("csv", render.to_csv)])
 def test_render_text_dispatches(fmt: str, fn) -> None:
     c = _comparison()
