@@ -293,7 +293,7 @@ class HFOutput:
         """(config.json for what was added, notes for the user); ``shapes``: the logical shapes."""
         notes: list[str] = []
         if self.others:
-            why = "layers compressed-tensors does not quantize: embeddings, convolutions"
+            why = "layers compressed-tensors compresses only in Linear layers: embeddings, convolutions"
             notes.append(f"{len(self.others)} tensor(s) written dense for transformers ({why}), e.g. {sorted(self.others)[0]!r}")
         if self.ours:
             notes.append(

@@ -15,7 +15,7 @@ import infercomp.checkpoint as checkpoint
 import infercomp.hf as hf
 from infercomp.data import load_data
 from infercomp.distill import DistillConfig, distill
-from infercomp.errors import InfercompError, UsageError
+from infercomp.errors import InfercompError, ModelError, UsageError
 from infercomp.export import EXPORTS, ExportConfig, dense, export
 from infercomp.measure import Comparison, MeasureOptions, compare
 from infercomp.models import ModelLoader
@@ -57,7 +57,10 @@ def _for_hf_output(config: TransformConfig, model_config: dict[str, Any], note: 
         note("column scales off for a Hugging Face directory (compressed-tensors has no field for them; --column-scales forces ours)")
         config = dataclasses.replace(config, column_scales=False)
     # Quantized, they would be written back dense (their rounding error kept at float's size).
-    candidates = hf.non_linear_weights(model_config) if model_config.get("model_type") else []
+    try:
+        candidates = hf.non_linear_weights(model_config) if model_config.get("model_type") else []
+    except ModelError:  # a model type transformers does not know (the user's --model builds it): no layer types to go by
+        candidates = []
     left = [name for name in candidates if selected(name, config.include, config.exclude)]
     if left:
         note(

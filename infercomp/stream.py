@@ -161,17 +161,16 @@ def run(
         dataset = load_data(data, model=src) if data is not None else None
         evaluation = load_data(eval_data, model=src) if eval_data is not None else dataset
         result = compare([checkpoint.load(src), checkpoint.load(out)], loader=loader, options=options, data=evaluation, progress=progress)
-        result.models[-1].notes[:0] = notes
-        return result
-    # Static figures, read tensor by tensor: the same numbers the in-memory path gives without a model.
-    # Non-zeros the walk counted are not read again (the input's, and the output's it knows).
-    counted = [walk.counted, walk.out_counted]
-    result = compare(
-        [ckpt, checkpoint.load(out, lazy=True)], loader=loader, options=options, progress=progress, run_models=False, counted=counted
-    )
-    if measure and loader.can_build(ckpt):
-        for m in result.models:
-            m.notes.append(f"streamed (input over {STREAM_ABOVE >> 20} MiB): static figures only, the model was not built")
+    else:
+        # Static figures, read tensor by tensor: the same numbers the in-memory path gives without a model.
+        # Non-zeros the walk counted are not read again (the input's, and the output's it knows).
+        counted = [walk.counted, walk.out_counted]
+        result = compare(
+            [ckpt, checkpoint.load(out, lazy=True)], loader=loader, options=options, progress=progress, run_models=False, counted=counted
+        )
+        if measure and loader.can_build(ckpt):
+            for m in result.models:
+                m.notes.append(f"streamed (input over {STREAM_ABOVE >> 20} MiB): static figures only, the model was not built")
     result.models[-1].notes[:0] = notes
     return result
 

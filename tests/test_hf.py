@@ -9,9 +9,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from infercomp import checkpoint
+from infercomp import checkpoint, pipeline
+from infercomp.hf import OURS_MODEL_TYPE
 from infercomp.models import ModelLoader
 from infercomp.progress import Progress
+from infercomp.quantize import QuantizeConfig
 from tests.conftest import invoke, run_cli
 
 transformers = pytest.importorskip("transformers")
@@ -495,3 +497,17 @@ def test_export_dense_takes_what_a_directory_cannot_hold_compressed(tiny_bert_di
     infercomp.quantize(tiny_bert_dir, single, scheme="int4", asymmetric=True, measure=False)
     theirs = _outputs(transformers.AutoModel.from_pretrained(out).eval(), _ids())
     torch.testing.assert_close(theirs, _outputs(infercomp.load(single, compute="fp32"), _ids()), atol=1e-5, rtol=1e-5)
+
+
+def test_directory_output_checks_read_the_real_model_type(tmp_path: Path) -> None:
+    """A --column-scales output as input is checked as the model it holds (its config.json's own
+    model_type is infercomp's marker); a model type transformers does not know (custom code given
+    with --model) is quantized without the Linear-only exclusion instead of failing."""
+    d = tmp_path / "cs"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": OURS_MODEL_TYPE, "infercomp": {"model_type": "llama"}, "head_dim": 16}))
+    assert pipeline._config_json(d)["model_type"] == "llama"
+    notes: list[str] = []
+    config = QuantizeConfig(scheme="int8-dynamic")
+    assert pipeline._for_hf_output(config, {"model_type": "not-a-transformers-type"}, notes.append, dense=False) == config
+    assert notes == []
