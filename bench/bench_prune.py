@@ -9,7 +9,8 @@ Sections (all on the committed sample models, no fine-tuning anywhere):
 2. digits CNN, 50 % magnitude: accuracy drop of ours (``--scope layer`` and ``global``) vs
    ``torch.nn.utils.prune.global_unstructured`` (L1), and the file size.
 3. sample Transformer, 50 %: fidelity (output cosine, top-1 agreement) and accuracy of ``wanda``
-   (calibrated on the training split) vs ``magnitude`` vs torch's global L1, unstructured and 2:4.
+   (calibrated on the training split; with its default mask refinement and with the paper's masks,
+   ``--no-refine``) vs ``magnitude`` vs torch's global L1, unstructured and 2:4.
 4. Sparse storage: file size of 50 % and 90 % magnitude-pruned fp32 checkpoints vs the dense file.
 Evaluation is on the test split; threads and batch are printed with the table.
 """
@@ -191,9 +192,11 @@ def main() -> None:
             ("infercomp magnitude", ours("transformer", PruneConfig(sparsity=0.5, scope="layer"), tmp)[0]),
             ("infercomp magnitude --scope global", ours("transformer", PruneConfig(sparsity=0.5, scope="global"), tmp)[0]),
             ("infercomp wanda", ours("transformer", PruneConfig(method="wanda", sparsity=0.5), tmp, train)[0]),
+            ("infercomp wanda --no-refine", ours("transformer", PruneConfig(method="wanda", refine=False), tmp, train)[0]),
             ("torch global_unstructured (L1)", torch_global_l1(tf, 0.5)),
             ("infercomp 2:4 (magnitude)", ours("transformer", PruneConfig(method="2:4"), tmp)[0]),
             ("infercomp wanda 2:4", ours("transformer", PruneConfig(method="wanda", n=2, m=4), tmp, train)[0]),
+            ("infercomp wanda 2:4 --no-refine", ours("transformer", PruneConfig(method="wanda", n=2, m=4, refine=False), tmp, train)[0]),
         ):
             r = results[name] = evaluate(m, ref_tf, test)
             print(f"   {name:36} {r['accuracy']:9.2%} {r['top1_agreement']:12.2%} {r['cosine_mean']:9.4f} {r['cosine_min']:8.4f}")
@@ -214,8 +217,16 @@ def main() -> None:
                 verdict(w["accuracy"] > mg["accuracy"]),
             )
         )
+        rows.append(
+            (
+                "Transformer 50%: wanda vs --no-refine cosine",
+                f"{w['cosine_mean']:.4f} vs {results['infercomp wanda --no-refine']['cosine_mean']:.4f}",
+                "refined higher",
+                verdict(w["cosine_mean"] > results["infercomp wanda --no-refine"]["cosine_mean"]),
+            )
+        )
         g = results["infercomp magnitude --scope global"]
-        rows.append(  # not a target: global magnitude is the stronger baseline on this small model, shown honestly
+        rows.append(  # not a target: shown as measured (global magnitude was the stronger baseline of the paper's wanda here)
             ("Transformer 50%: wanda vs global magnitude cosine", f"{w['cosine_mean']:.4f} vs {g['cosine_mean']:.4f}", "(info)", "-")
         )
 

@@ -107,8 +107,9 @@ def child_api(src: str, out: str, method: str, text: str, stream: bool) -> None:
 
 
 def _contents(p: Path) -> dict[str, bytes]:
-    """A file's bytes, or a directory's files' (by name)."""
-    return {f.name: f.read_bytes() for f in sorted(p.iterdir())} if p.is_dir() else {p.name: p.read_bytes()}
+    """A file's bytes (under no name: the two outputs compared have different names), or a
+    directory's files' (by name)."""
+    return {f.name: f.read_bytes() for f in sorted(p.iterdir())} if p.is_dir() else {"": p.read_bytes()}
 
 
 def child_cli(argv: list[str], sequential: bool) -> None:

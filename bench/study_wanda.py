@@ -9,13 +9,15 @@ the original's, mean and min). Nothing is chosen on EVAL: the one tuned setting 
 of the sparsity allocation) is picked by the cosine on TRAIN.
 
 Rows:
-- the product itself, through the CLI: ``--method wanda``, ``wanda --bias-correction``,
-  ``sparsegpt`` (the reference: the same mask shapes plus a weight update);
+- the product itself, through the CLI: ``--method wanda`` (its masks refined by swaps, the
+  default), ``wanda --no-refine`` (the paper's masks), ``wanda --bias-correction``, ``sparsegpt``
+  (the same mask shapes plus a weight update);
 - in this script, on wanda's masks (50 % of each row of every Linear but the pooler, activation
   norms over the real tokens of TRAIN): other scores (``|W|·||x||^a``, ``|W|·mean|x|``, RIA's
   relative importance, norms without [CLS]/[SEP]), per-row corrections that need no weight
-  reconstruction (the bias shift; a least-squares scale and shift of each output row), and a
-  non-uniform allocation (sparsity changing linearly with depth, 50 % overall), with either correction.
+  reconstruction (the bias shift; a least-squares scale and shift of each output row), a
+  non-uniform allocation (sparsity changing linearly with depth, 50 % overall), with either
+  correction, and the CLI's mask swaps (``refine_mask``) on the script's masks.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from bench_runtime import THREADS, minilm  # noqa: E402
 import infercomp  # noqa: E402
 from infercomp.kernels import cpu_features, cpu_model  # noqa: E402
 from infercomp.models import sentence_embedding_recipe  # noqa: E402
+from infercomp.prune.wanda import refine_mask  # noqa: E402
 
 SPARSITY = 0.5
 SLOPES = (-0.1, -0.075, -0.05, -0.025, 0.0, 0.025, 0.05)  # sparsity change per layer of depth
@@ -113,12 +116,18 @@ class Study:
         return _cos(_embed(model, getattr(self, split), self.recipe), self.ref[split])
 
     def pruned(
-        self, score: Score = _wanda, correct: str = "none", slope: float = 0.0, tokens: torch.Tensor | None = None
+        self,
+        score: Score = _wanda,
+        correct: str = "none",
+        slope: float = 0.0,
+        tokens: torch.Tensor | None = None,
+        swaps: bool = False,
     ) -> torch.nn.Module:
         """Wanda-shaped masks (``round(in * s)`` lowest scores of each row) on every Linear but the
         pooler; s = 50 % + slope * (layer - 2.5), so 50 % overall. ``correct``: ``bias`` adds
         (W ⊙ ¬mask)·E[x] to the bias; ``affine`` also scales each kept row by the least-squares
-        factor Cov(y, y') / Var(y') of the dense output y on the pruned one y'."""
+        factor Cov(y, y') / Var(y') of the dense output y on the pruned one y'. ``swaps``: the
+        masks refined as the CLI does by default (``refine_mask`` on E[x xᵀ])."""
         model = self.fresh()
         linears = {n: m for n, m in model.named_modules() if type(m) is torch.nn.Linear and "pooler" not in n}
         stats = _stats(model, linears, self.train, self.real if tokens is None else tokens)
@@ -130,6 +139,8 @@ class Study:
                 k = round(w.shape[1] * s)
                 keep = torch.ones_like(w, dtype=torch.bool)
                 keep.scatter_(1, score(w, st).argsort(dim=1)[:, :k], False)
+                if swaps:
+                    keep = refine_mask(w, keep, st["cov"] + torch.outer(st["mean"], st["mean"])).mask
                 kept, bias = w * keep, lin.bias.double()
                 if correct == "affine":
                     scale = ((w @ st["cov"]) * kept).sum(1) / ((kept @ st["cov"]) * kept).sum(1).clamp_min(1e-12)
@@ -160,7 +171,8 @@ def main() -> None:
         train.write_text("\n".join(TRAIN) + "\n")
         for i, (label, extra) in enumerate(
             [
-                ("CLI --method wanda", ["--method", "wanda"]),
+                ("CLI --method wanda (masks refined, the default)", ["--method", "wanda"]),
+                ("CLI --method wanda --no-refine (the paper's masks)", ["--method", "wanda", "--no-refine"]),
                 ("CLI --method wanda --bias-correction", ["--method", "wanda", "--bias-correction"]),
                 ("CLI --method sparsegpt (weight update)", ["--method", "sparsegpt"]),
             ]
@@ -169,6 +181,7 @@ def main() -> None:
             _cli("prune", str(study.src), "-o", str(out), *extra, "--sparsity", str(SPARSITY), "--data", str(train))
             row(label, study.score(infercomp.load(out, compute="fp32")))
     row("wanda |W|·||x|| (this script)", study.score(study.pruned()))
+    row("  + mask swaps (refine_mask, the CLI's default)", study.score(study.pruned(swaps=True)))
     row("  score |W|·||x||^0.5", study.score(study.pruned(lambda w, st: _wanda(w, st, 0.5))))
     row("  score |W|·||x||^2", study.score(study.pruned(lambda w, st: _wanda(w, st, 2.0))))
     row("  score |W|·mean|x|", study.score(study.pruned(lambda w, st: w.abs() * st["l1"][None])))

@@ -121,6 +121,7 @@ def prune(
     m: int | None = None,
     importance: str = "l1",
     bias_correction: bool = False,
+    refine: bool | None = None,
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     data: PathLike | None = None,
@@ -150,6 +151,7 @@ def prune(
         m=m,
         importance=importance,
         bias_correction=bias_correction,
+        refine=refine,
     )
     return _transform(config, locals())
 

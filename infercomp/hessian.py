@@ -31,7 +31,7 @@ def supported(module: nn.Module) -> bool:
     return type(module) is nn.Conv2d and module.groups == 1 and module.padding_mode == "zeros" and isinstance(module.padding, tuple)
 
 
-def _columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+def columns(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The layer's input as rows of the matmul it performs: (rows, in_features)."""
     if isinstance(module, nn.Conv2d):
         cols = F.unfold(x, module.kernel_size, dilation=module.dilation, padding=module.padding, stride=module.stride)  # (N, C*kh*kw, L)
@@ -51,7 +51,7 @@ def collect(model: Callable[[Any], Any], module: nn.Module, batches: Iterable[An
 
     def hook(_m: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
         nonlocal h, n
-        x = _columns(module, args[0].detach().float().cpu())
+        x = columns(module, args[0].detach().float().cpu())
         k = x.shape[0]
         h *= n / (n + k)
         n += k

@@ -44,6 +44,7 @@ def test_two_four_warns_about_skipped_layers(runner, tmp_path: Path) -> None:
         (("--method", "channel", "--importance", "activation"), "--importance activation needs --data"),
         (("--method", "fancy"), "--method 'fancy' is not supported; choose one of: magnitude, channel, 2:4, wanda, sparsegpt"),
         (("--bias-correction",), "--bias-correction applies to --method wanda, not magnitude"),
+        (("--refine",), "--refine applies to --method wanda, not magnitude"),
     ],
 )
 def test_bad_options_exit_2_with_one_line(runner, tmp_path: Path, args: tuple[str, ...], message: str) -> None:
@@ -57,7 +58,19 @@ def test_bad_options_exit_2_with_one_line(runner, tmp_path: Path, args: tuple[st
 def test_help_explains_the_methods(runner) -> None:
     r = invoke(runner, "prune", "--help")
     assert r.exit_code == 0
-    for word in ("magnitude", "channel", "2:4", "wanda", "sparsegpt", "--importance", "--n", "--m", "bitmask", "--bias-correction"):
+    for word in (
+        "magnitude",
+        "channel",
+        "2:4",
+        "wanda",
+        "sparsegpt",
+        "--importance",
+        "--n",
+        "--m",
+        "bitmask",
+        "--bias-correction",
+        "--no-refine",
+    ):
         assert word in r.stdout, word
 
 
@@ -68,21 +81,26 @@ def test_subprocess_wanda_with_separate_eval_data(tmp_path: Path) -> None:
                 "--data", SAMPLE["mlp"].parent / "digits_train.safetensors", "--eval-data", DIGITS_TEST, *FAST)  # fmt: skip
     assert p.returncode == 0, p.stderr
     assert str(out) in p.stdout and "accuracy" in p.stdout
+    assert "wanda: refined the masks of 3 layer(s)" in p.stderr  # the default, said on stderr
+    assert checkpoint.load(out).history[-1]["config"]["refine"] is True
     assert checkpoint.load(out).encodings["net.1.weight"]["codec"] == "sparse-bitmask"
 
 
 def test_wanda_bias_correction_through_the_cli(runner, tmp_path: Path) -> None:
-    """--bias-correction: the same masks, other biases, recorded in the history; in a real
-    subprocess too."""
+    """--bias-correction (with the paper's masks, --no-refine): the same masks, other biases,
+    recorded in the history; in a real subprocess too."""
     train = SAMPLE["mlp"].parent / "digits_train.safetensors"
     outs = {}
     for flag in ((), ("--bias-correction",)):
         out = tmp_path / f"w{len(flag)}.safetensors"
-        r = invoke(runner, "prune", SAMPLE["mlp"], "-o", out, "--method", "wanda", "--data", train, *flag, "--no-latency", "-q")
+        r = invoke(
+            runner, "prune", SAMPLE["mlp"], "-o", out, "--method", "wanda", "--data", train, "--no-refine", *flag, "--no-latency", "-q"
+        )
         assert r.exit_code == 0, r.stderr
         outs[bool(flag)] = checkpoint.load(out)
     plain, corrected = outs[False], outs[True]
     assert corrected.history[-1]["config"]["bias_correction"] is True and plain.history[-1]["config"]["bias_correction"] is False
+    assert plain.history[-1]["config"]["refine"] is False
     for name, t in plain.tensors.items():
         same = bool((t == corrected.tensors[name]).all())
         assert same != (name.endswith(".bias") and name.replace("bias", "weight") in plain.encodings), name

@@ -3,6 +3,7 @@ formats themselves: tests/formats/test_sparse.py; the command: tests/test_cli_pr
 
 from __future__ import annotations
 
+import itertools
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -21,7 +22,7 @@ from infercomp.models import ModelLoader
 from infercomp.progress import Progress
 from infercomp.prune import PruneConfig, is_nm, magnitude_masks, nm_mask, prune, prune_channels
 from infercomp.prune.magnitude import score_masks
-from infercomp.prune.wanda import bias_shift, input_norms, norms_of, wanda_scores
+from infercomp.prune.wanda import bias_shift, input_norms, norms_of, refine_mask, wanda_scores
 from infercomp.transform import Context
 from tests.conftest import DIGITS_TEST, DIGITS_TRAIN, SAMPLE
 
@@ -191,18 +192,118 @@ def test_bias_shift_restores_the_mean_output() -> None:
 
 
 def test_input_means_leave_padding_out() -> None:
-    """The mean input of a layer is taken over the real tokens only; the norms stay wanda's (all)."""
+    """The mean input of a layer, and its second moments E[x xᵀ] (for the mask swaps), are taken
+    over the real tokens only; the norms stay wanda's (all)."""
     lin = nn.Linear(4, 2)
     x = torch.ones(2, 3, 4)
     x[0, 2] = 100.0  # a padded position
     real = torch.tensor([[True, True, False], [True, True, True]])
     means: dict[str, torch.Tensor] = {}
-    norms = norms_of({"l": lin}, lambda: lin(x), means=means, positions=lambda: real)
+    grams: dict[str, torch.Tensor] = {}
+    norms = norms_of({"l": lin}, lambda: lin(x), means=means, grams=grams, positions=lambda: real)
     torch.testing.assert_close(means["l"], torch.ones(4))
+    torch.testing.assert_close(grams["l"], torch.ones(4, 4))
     torch.testing.assert_close(norms["l"], torch.full((4,), (5 + 100.0**2) ** 0.5))
     means.clear()
     norms_of({"l": lin}, lambda: lin(x), means=means)
     torch.testing.assert_close(means["l"], torch.full((4,), (5 + 100.0) / 6))
+
+
+def _correlated(rows: int, cols: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(weight, E[x xᵀ]) of a layer whose inputs move together (x = z A, A mixing features)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(512, cols, generator=g) @ (torch.eye(cols) + 0.5 * torch.randn(cols, cols, generator=g))
+    return torch.randn(rows, cols, generator=g), x.T @ x / len(x)
+
+
+def _error(w: torch.Tensor, keep: torch.Tensor, gram: torch.Tensor) -> float:
+    removed = w * ~keep
+    return float(((removed @ gram) * removed).sum())
+
+
+@pytest.mark.parametrize("pattern", [None, (2, 4)])
+def test_refine_mask_lowers_the_output_error_and_keeps_the_shape_of_the_mask(pattern: tuple[int, int] | None) -> None:
+    """Correlated inputs: the swaps lower the layer's output error on them (reported as measured
+    here), every row keeps its count, N:M keeps N in every group, and the weights are untouched."""
+    w, gram = _correlated(16, 32, 0)
+    scores = wanda_scores({"l.weight": w}, {"l": gram.diagonal().sqrt()})["l.weight"]
+    keep = nm_mask(scores, *pattern) if pattern else score_masks({"w": scores}, 0.5, "row")["w"]
+    before = w.clone()
+    r = refine_mask(w, keep, gram, pattern)
+    assert torch.equal(w, before)
+    assert r.steps > 0 and not torch.equal(r.mask, keep)
+    assert r.error_before == pytest.approx(_error(w, keep, gram), rel=1e-4)
+    assert r.error_after == pytest.approx(_error(w, r.mask, gram), rel=1e-3)
+    assert r.error_after < 0.9 * r.error_before
+    assert torch.equal(r.mask.sum(1), keep.sum(1))
+    if pattern:
+        assert bool((r.mask.view(-1, 4).sum(1) == 2).all())
+    assert r.mask.dtype == torch.bool and r.mask.shape == keep.shape
+
+
+def test_refine_mask_leaves_wanda_alone_when_inputs_are_independent() -> None:
+    """With uncorrelated inputs (diagonal E[x xᵀ]) the error is wanda's score summed: wanda's mask
+    is already the best one, and no swap is made."""
+    w, _ = _correlated(8, 24, 1)
+    gram = torch.diag(torch.rand(24, generator=torch.Generator().manual_seed(2)) + 0.1)
+    keep = score_masks(wanda_scores({"l.weight": w}, {"l": gram.diagonal().sqrt()}), 0.5, "row")["l.weight"]
+    r = refine_mask(w, keep, gram)
+    assert r.steps == 0 and torch.equal(r.mask, keep) and r.error_after == pytest.approx(r.error_before)
+
+
+def test_refine_mask_lands_between_wanda_and_the_best_mask() -> None:
+    """On rows small enough to try every mask: the refined error is never above wanda's nor below
+    the exhaustive optimum, and over 12 rows it finds that optimum for most of them."""
+    w, gram = _correlated(12, 8, 3)
+    keep = score_masks(wanda_scores({"l.weight": w}, {"l": gram.diagonal().sqrt()}), 0.5, "row")["l.weight"]
+    r = refine_mask(w, keep, gram)
+    best_found = 0
+    for i in range(12):
+        row = w[i : i + 1]
+        best = min(_error(row, torch.tensor([[j not in cut for j in range(8)]]), gram) for cut in itertools.combinations(range(8), 4))
+        got, wanda = _error(row, r.mask[i : i + 1], gram), _error(row, keep[i : i + 1], gram)
+        assert best - 1e-4 <= got <= wanda + 1e-4, i
+        best_found += got <= best + 1e-4
+    assert best_found >= 8, best_found
+
+
+def test_norms_of_collects_the_second_moments_of_conv_patches() -> None:
+    """A Conv2d's second moments are over its unfolded input patches (the columns its weight
+    multiplies); a conv ``hessian.columns`` cannot unfold gets none."""
+    conv = nn.Conv2d(3, 4, 3, padding=1)
+    img = torch.randn(2, 3, 5, 5)
+    grams: dict[str, torch.Tensor] = {}
+    norms_of({"c": conv}, lambda: conv(img), grams=grams)
+    cols = torch.nn.functional.unfold(img, 3, padding=1).transpose(1, 2).reshape(-1, 27)
+    torch.testing.assert_close(grams["c"], cols.T @ cols / len(cols))
+    grams.clear()
+    conv1d = nn.Conv1d(3, 4, 3)  # not a matmul hessian.columns knows: no second moments, wanda's mask stays
+    norms_of({"c": conv1d}, lambda: conv1d(torch.randn(2, 3, 8)), grams=grams)
+    assert grams == {}
+
+
+def test_refine_is_wandas_default_recorded_and_only_wandas() -> None:
+    assert PruneConfig(method="wanda").refine is True
+    assert PruneConfig(method="wanda", refine=False).refine is False
+    assert PruneConfig(method="sparsegpt").refine is False
+    with pytest.raises(UsageError, match="--refine applies to --method wanda, not magnitude"):
+        PruneConfig(method="magnitude", refine=True)
+
+
+def test_refined_wanda_keeps_the_transformer_closer_and_says_by_how_much() -> None:
+    """The digits transformer at 50 %: the refined masks (the default) keep its outputs closer to
+    the original's than the paper's masks (measured 0.95 vs 0.83 cosine), with the same sparsity,
+    and the log names the layers refined and the error ratio."""
+    cosine = _cosine_to(sample("transformer"))
+    log = Log()
+    refined = prune(sample("transformer"), PruneConfig(method="wanda"), ctx(DIGITS_TRAIN, log))
+    paper = prune(sample("transformer"), PruneConfig(method="wanda", refine=False), ctx(DIGITS_TRAIN))
+    assert measure.static_stats(refined)["sparsity"] == measure.static_stats(paper)["sparsity"]
+    assert cosine(refined) > cosine(paper) + 0.05
+    line = next(x for x in log.lines if x.startswith("wanda: refined the masks of"))
+    assert "x wanda's on the calibration data" in line, line
+    ratio = float(line.split("median output error ")[1].split("x")[0])
+    assert 0 < ratio < 1, line
 
 
 def _cosine_to(original: Checkpoint) -> Callable[[Checkpoint], float]:
@@ -219,12 +320,13 @@ def _cosine_to(original: Checkpoint) -> Callable[[Checkpoint], float]:
 
 
 def test_wanda_bias_correction_changes_only_biases_and_helps_the_mlp() -> None:
-    """The same masks and weights as plain wanda; only the pruned layers' biases move, and the
-    digits MLP's outputs get closer to the original's (by more than 0.005 in cosine at 50 %)."""
+    """With the paper's masks (``refine=False``): the same masks and weights as plain wanda; only
+    the pruned layers' biases move, and the digits MLP's outputs get closer to the original's (by
+    more than 0.005 in cosine at 50 %)."""
     cosine = _cosine_to(sample("mlp"))
-    plain = prune(sample("mlp"), PruneConfig(method="wanda"), ctx(DIGITS_TRAIN))
+    plain = prune(sample("mlp"), PruneConfig(method="wanda", refine=False), ctx(DIGITS_TRAIN))
     log = Log()
-    corrected = prune(sample("mlp"), PruneConfig(method="wanda", bias_correction=True), ctx(DIGITS_TRAIN, log))
+    corrected = prune(sample("mlp"), PruneConfig(method="wanda", bias_correction=True, refine=False), ctx(DIGITS_TRAIN, log))
     a, b = dense(plain), dense(corrected)
     moved = {n for n in a if not torch.equal(a[n], b[n])}
     assert moved == {n.replace("weight", "bias") for n in plain.encodings}, moved

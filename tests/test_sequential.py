@@ -171,16 +171,17 @@ def test_bias_correction_block_by_block_streams_the_same_bytes(
 ) -> None:
     """A causal LM with biases, wanda --bias-correction block by block: streamed and in memory the
     same file; every pruned projection's bias moved, block 0's weights are plain wanda's (later
-    blocks calibrate on corrected ones), and transformers loads and scores it."""
+    blocks calibrate on corrected ones), and transformers loads and scores it. Masks unrefined
+    (``refine=False``): refined ones are chosen for the error the bias leaves, so they differ."""
     text = llama3[1]
     src = tmp_path / "biased"
     make_llama(src, layers=2, tied=False, steps=10, bias=True)
     outs = {}
     for key, kw in (("streamed", {"stream": True}), ("whole", {"stream": False}), ("out", {})):
         outs[key] = tmp_path / (f"{key}.safetensors" if key != "out" else "out")
-        infercomp.prune(src, outs[key], method="wanda", bias_correction=True, data=text, measure=False, **kw)
+        infercomp.prune(src, outs[key], method="wanda", bias_correction=True, refine=False, data=text, measure=False, **kw)
     assert outs["streamed"].read_bytes() == outs["whole"].read_bytes()
-    infercomp.prune(src, tmp_path / "plain.safetensors", method="wanda", data=text, measure=False)
+    infercomp.prune(src, tmp_path / "plain.safetensors", method="wanda", refine=False, data=text, measure=False)
     plain, corrected = checkpoint.load(tmp_path / "plain.safetensors"), checkpoint.load(outs["whole"])
     assert plain.encodings.keys() == corrected.encodings.keys()
     biases = {n.replace(".weight", ".bias") for n in plain.encodings if n.startswith("model.layers.")}
@@ -194,7 +195,7 @@ def test_bias_correction_block_by_block_streams_the_same_bytes(
     # In batches of 5 sentences (padding in each): each batch's mask picks its real tokens, so the
     # means, and the biases, are the one-batch run's.
     monkeypatch.setattr(sys.modules[PruneConfig.__module__], "WANDA_BATCH", 5)
-    infercomp.prune(src, tmp_path / "batched.safetensors", method="wanda", bias_correction=True, data=text, measure=False)
+    infercomp.prune(src, tmp_path / "batched.safetensors", method="wanda", bias_correction=True, refine=False, data=text, measure=False)
     batched = checkpoint.load(tmp_path / "batched.safetensors")
     assert len(SENTENCES) > 10
     for name in biases:

@@ -46,6 +46,16 @@ def prune(
             "(layers without a bias stay as they are).",
         ),
     ] = False,
+    refine: Annotated[
+        bool | None,
+        typer.Option(
+            "--refine/--no-refine",
+            help="wanda: after wanda's masks, swap pruned and kept weights within each row while that lowers the "
+            "layer's output error on --data (the weights are not changed). On by default; --no-refine gives the "
+            "Wanda paper's masks.",
+            show_default=False,
+        ),
+    ] = None,
     eval_data: Annotated[
         Path | None, typer.Option("--eval-data", help="Evaluate on this file instead of --data (keep calibration and test apart).")
     ] = None,
@@ -92,9 +102,11 @@ def prune(
       2:4        semi-structured N:M (--n 2 --m 4): in every 4 consecutive inputs keep the 2
                  largest |w|; runs torch's sparse kernels on CUDA, dense on CPU.
       wanda      |w| x ||input activation|| from --data calibration: per output row, or N:M with --n/--m;
-                 --bias-correction also moves each bias by the removed weights' mean contribution.
+                 then each row's mask is refined by swaps that lower the layer's output error
+                 (--no-refine: the paper's masks); --bias-correction also moves each bias by the
+                 removed weights' mean contribution.
       sparsegpt  the same masks, chosen with each layer's inverse Hessian from --data, and the kept
-                 weights updated to make up for the removed ones (closest outputs; slower).
+                 weights updated to make up for the removed ones (slower).
 
     Zeroed weights are stored as a bitmask plus the non-zero values when that is smaller.
     """
@@ -111,6 +123,7 @@ def prune(
         m=m,
         importance=importance,
         bias_correction=bias_correction,
+        refine=refine,
         include=include or (),
         exclude=exclude or (),
         data=data,

@@ -5,7 +5,8 @@ Methods (``METHODS``):
 - ``channel``: structured, whole output channels / filters / attention heads / FFN channels are
   removed with everything that depends on them, so the tensors really shrink (``structured``);
 - ``2:4``: N:M semi-structured (``--n 2 --m 4``), the smallest |w| of every M consecutive inputs;
-- ``wanda``: |w| · ||x|| from calibration activations (``--data``), per output row or N:M;
+- ``wanda``: |w| · ||x|| from calibration activations (``--data``), per output row or N:M, the
+  masks then refined by swaps that lower each layer's output error (``wanda.refine_mask``);
 - ``sparsegpt``: the same shapes of mask, chosen and compensated with the inverse Hessian of each
   layer's output error (``--data``): the weights kept are updated (``sparsegpt``).
 Zeroed weights are stored as a bitmask plus the non-zero values where that is smaller
@@ -33,7 +34,7 @@ from infercomp.prune.magnitude import magnitude_masks, score_masks
 from infercomp.prune.nm import is_nm, nm_fits, nm_mask
 from infercomp.prune.sparsegpt import sparsegpt
 from infercomp.prune.structured import CHANNEL_SCOPES, IMPORTANCES, prune_channels
-from infercomp.prune.wanda import batch_runner, bias_shift, input_norms, norms_of, wanda_scores
+from infercomp.prune.wanda import batch_runner, bias_shift, input_norms, norms_of, refine_mask, wanda_scores
 from infercomp.transform import Context, Transform, TransformConfig, choice
 
 SCOPES = ("layer", "global", *CHANNEL_SCOPES)
@@ -60,6 +61,9 @@ class PruneConfig(TransformConfig):
         bias_correction: ``wanda`` only: add to each pruned layer's bias what its removed weights
             contributed on average over the calibration data (``wanda.bias_shift``); layers
             without a bias are left as they are.
+        refine: ``wanda`` only: after wanda's masks, swap pruned and kept weights of a row while
+            that lowers the layer's output error on the calibration data (``wanda.refine_mask``;
+            the weights are not changed). None: on for wanda; False gives the paper's masks.
     """
 
     transform: ClassVar[str] = "prune"
@@ -72,9 +76,12 @@ class PruneConfig(TransformConfig):
     m: int | None = None
     importance: str = "l1"
     bias_correction: bool = False
+    refine: bool | None = None
 
     def __post_init__(self) -> None:
         choice(self.method, tuple(METHODS), "--method")
+        if self.refine is None:  # resolved once, so it is recorded
+            object.__setattr__(self, "refine", self.method == "wanda")
         if self.scope is None:  # frozen dataclass: resolve the default once, so it is recorded
             default = {"magnitude": "global", "channel": "all"}.get(self.method, "layer")
             object.__setattr__(self, "scope", default)
@@ -91,6 +98,8 @@ class PruneConfig(TransformConfig):
             raise UsageError(f"--importance applies to --method channel, not {self.method}")
         if self.bias_correction and self.method != "wanda":
             raise UsageError(f"--bias-correction applies to --method wanda, not {self.method}")
+        if self.refine and self.method != "wanda":
+            raise UsageError(f"--refine applies to --method wanda, not {self.method}")
         if (self.n is None) != (self.m is None):
             raise UsageError("--n and --m go together (e.g. --n 2 --m 4)")
         if self.n is not None:
@@ -205,12 +214,30 @@ def wanda_masks(
         ckpt, dense, config, ctx, fits=_wanda_fits, kinds="Linear / ungrouped Conv", build=lambda: ctx.loader.build(ckpt, runtime=False)
     )
     pattern = config.pattern()
+    grams: dict[str, torch.Tensor] | None = {} if config.refine else None
+    refined: list[tuple[float, float, int]] = []  # per layer: error with wanda's mask, with the refined one, swaps
 
-    def masks_of(weights: dict[str, torch.Tensor], norms: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    def masks_of(
+        weights: dict[str, torch.Tensor], norms: dict[str, torch.Tensor], done: Callable[[], None] = lambda: None
+    ) -> dict[str, torch.Tensor]:
+        """Wanda's masks, refined where ``grams`` has the layer's input moments; ``done()`` after each refined."""
         scores = wanda_scores(weights, norms)
         if pattern is not None:
-            return {n: nm_mask(s, *pattern) for n, s in scores.items()}
-        return score_masks(scores, config.sparsity, "row")  # Wanda compares weights within an output row
+            found = {n: nm_mask(s, *pattern) for n, s in scores.items()}
+        else:
+            found = score_masks(scores, config.sparsity, "row")  # Wanda compares weights within an output row
+        for n in found if grams is not None else ():
+            layer = n.rpartition(".")[0]
+            if layer not in grams:
+                continue  # a layer hessian.columns cannot see as a matmul keeps wanda's mask (noted below)
+            gram = grams[layer]
+            if means is not None and f"{layer}.bias" in corrected and weights[n].dim() == 2:
+                gram = gram - torch.outer(means[layer], means[layer])  # the bias takes the mean error away
+            r = refine_mask(weights[n], found[n], gram, pattern)
+            found[n] = r.mask
+            refined.append((r.error_before, r.error_after, r.steps))
+            done()
+        return found
 
     modules = [n.rpartition(".")[0] for n in targets]
     stored = shapes_of(dense)
@@ -242,7 +269,9 @@ def wanda_masks(
             run, positions = batch_runner(stage.run, stage.batches, WANDA_BATCH, mask_rows)  # blocks.calibrate's batches
             if means is not None:
                 means.clear()
-            norms = norms_of(dict(stage.layers), run, means=means, positions=positions)
+            if grams is not None:
+                grams.clear()
+            norms = norms_of(dict(stage.layers), run, means=means, grams=grams, positions=positions)
             weights = {f"{n}.weight": m.weight for n, m in stage.layers}
             found = masks_of(weights, norms)
             if means is not None:
@@ -257,11 +286,28 @@ def wanda_masks(
         blocks.calibrate(decoder, dense, ctx.data.inputs, set(modules), compress, batch_size=WANDA_BATCH, progress=ctx.progress)
     else:
         with ctx.progress.task(f"wanda: calibrating on {len(ctx.data)} samples", total=None):
-            norms = input_norms(model, modules, ctx.data.inputs, batch_size=WANDA_BATCH, attention_mask=mask_rows, means=means)
-        masks = masks_of({n: dense[n] for n in targets}, norms)
+            norms = input_norms(model, modules, ctx.data.inputs, batch_size=WANDA_BATCH, attention_mask=mask_rows, means=means, grams=grams)
+        if grams is None:
+            masks = masks_of({n: dense[n] for n in targets}, norms)
+        else:
+            with ctx.progress.task("wanda: refining the masks", total=len(grams)) as task:
+                masks = masks_of({n: dense[n] for n in targets}, norms, task.advance)
         if means is not None:
             correct({n: model.get_submodule(n) for n in modules}, masks)
+    _note_refined(refined, len(targets), ctx)
     return masks
+
+
+def _note_refined(refined: list[tuple[float, float, int]], layers: int, ctx: Context) -> None:
+    """One line: how much the swaps lowered the layers' output error (median ratio over layers)."""
+    if not refined:
+        return
+    ratios = sorted(after / before for before, after, _ in refined if before > 0)
+    median = f"; median output error {ratios[len(ratios) // 2]:.2f}x wanda's on the calibration data" if ratios else ""
+    left = f" ({layers - len(refined)} other(s) not a Linear / Conv2d: wanda's masks)" if layers > len(refined) else ""
+    ctx.progress.log(
+        f"wanda: refined the masks of {len(refined)} layer(s) by swaps, up to {max(s for *_, s in refined)} per row{left}{median}"
+    )
 
 
 WANDA_BATCH = 128
