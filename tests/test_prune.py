@@ -267,15 +267,20 @@ def test_refine_mask_lands_between_wanda_and_the_best_mask() -> None:
     assert best_found >= 8, best_found
 
 
-def test_norms_of_collects_the_second_moments_of_conv_patches() -> None:
+def test_norms_of_collects_the_second_moments_of_conv_patches(monkeypatch: pytest.MonkeyPatch) -> None:
     """A Conv2d's second moments are over its unfolded input patches (the columns its weight
-    multiplies); a conv ``hessian.columns`` cannot unfold gets none."""
+    multiplies), the same when they are unfolded one sample at a time (``GRAM_VALUES``); a conv
+    ``hessian.columns`` cannot unfold gets none."""
     conv = nn.Conv2d(3, 4, 3, padding=1)
     img = torch.randn(2, 3, 5, 5)
     grams: dict[str, torch.Tensor] = {}
     norms_of({"c": conv}, lambda: conv(img), grams=grams)
     cols = torch.nn.functional.unfold(img, 3, padding=1).transpose(1, 2).reshape(-1, 27)
     torch.testing.assert_close(grams["c"], cols.T @ cols / len(cols))
+    monkeypatch.setattr(sys.modules[norms_of.__module__], "GRAM_VALUES", 1)
+    one_by_one: dict[str, torch.Tensor] = {}
+    norms_of({"c": conv}, lambda: conv(img), grams=one_by_one)
+    torch.testing.assert_close(one_by_one["c"], grams["c"])
     grams.clear()
     conv1d = nn.Conv1d(3, 4, 3)  # not a matmul hessian.columns knows: no second moments, wanda's mask stays
     norms_of({"c": conv1d}, lambda: conv1d(torch.randn(2, 3, 8)), grams=grams)

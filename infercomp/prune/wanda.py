@@ -15,6 +15,8 @@ from torch import nn
 import infercomp.hessian as hessian
 from infercomp.errors import ModelError
 
+GRAM_VALUES = 1 << 24  # a conv's unfolded patches held at once, at most (about; one sample at least)
+
 
 def input_norms(
     model: nn.Module,
@@ -98,10 +100,13 @@ def norms_of(
                 firsts[name] = firsts[name] + total if name in firsts else total
                 counts[name] = counts.get(name, 0) + n
             if gram:
-                cols = hessian.columns(module, x) if conv else real_rows(x)
-                xx = cols.T @ cols
-                seconds[name] = seconds[name] + xx if name in seconds else xx
-                rows[name] = rows.get(name, 0) + cols.shape[0]
+                # A conv's unfolded patches are kh·kw times its input: a few samples at a time.
+                step = max(1, GRAM_VALUES // max(x[:1].numel() * module.weight[0, 0].numel(), 1)) if conv else len(x)
+                for i in range(0, len(x), step):
+                    cols = hessian.columns(module, x[i : i + step]) if conv else real_rows(x)
+                    xx = cols.T @ cols
+                    seconds[name] = seconds[name] + xx if name in seconds else xx
+                    rows[name] = rows.get(name, 0) + cols.shape[0]
 
         return fn
 
