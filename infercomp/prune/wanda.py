@@ -208,11 +208,15 @@ def _refine_rows(
     floor = 1e-6 * (pruned * own).sum(1).clamp_min(torch.finfo(torch.float32).tiny)
     rows = torch.arange(w.shape[0])  # the rows still gaining, as indices into w
     cw, cd, cb, ca, cf = w, d, back, away, floor  # their working copies (compacted as rows finish)
+    # The step's large temporaries live in buffers made once: a process that returns freed memory
+    # at once (checkpoint.return_freed_memory, as a streamed run does) would otherwise map and
+    # fault in fresh pages for each, which made the swaps 1.75x slower there.
+    buf_t, buf_r, buf_k, buf_j = (torch.empty_like(w) for _ in range(4))
     taken = 0
     for step in range(steps):
         n = len(rows)
-        t = cw * cd
-        restore = torch.add(cb, t, alpha=-2)  # error change if this pruned weight came back
+        t = torch.mul(cw, cd, out=buf_t[:n])
+        restore = torch.add(cb, t, alpha=-2, out=buf_r[:n])  # error change if this pruned weight came back
         cut = t.mul_(2).add_(ca)  # error change if this kept weight went
         at = torch.arange(n)
         if pattern is None:  # (min's values and indices: faster than argmin on CPU)
@@ -239,7 +243,9 @@ def _refine_rows(
         own_j, own_k = wj * wj * diag[j], wk * wk * diag[k]
         cb[gains, j], ca[gains, j] = own_j + big, own_j  # j kept now
         cb[gains, k], ca[gains, k] = own_k, own_k + big  # k pruned now
-        cd.index_add_(0, gains, wk[:, None] * g[k] - wj[:, None] * g[j])
+        moved = torch.index_select(g, 0, k, out=buf_k[: len(k)]).mul_(wk[:, None])
+        moved.sub_(torch.index_select(g, 0, j, out=buf_j[: len(j)]).mul_(wj[:, None]))
+        cd.index_add_(0, gains, moved)
     _write_back((back, d), rows, (cb, cd))
     pruned.copy_(back < big / 2)
     return taken, before, float((w * pruned * d).sum())
