@@ -267,10 +267,11 @@ def test_refine_mask_lands_between_wanda_and_the_best_mask() -> None:
     assert best_found >= 8, best_found
 
 
-def test_norms_of_collects_the_second_moments_of_conv_patches(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_norms_of_collects_the_second_moments_of_conv_patches_and_empty_batches(monkeypatch: pytest.MonkeyPatch) -> None:
     """A Conv2d's second moments are over its unfolded input patches (the columns its weight
-    multiplies), the same when they are unfolded one sample at a time (``GRAM_VALUES``); a conv
-    ``hessian.columns`` cannot unfold gets none."""
+    multiplies), the same when they are unfolded one sample at a time (``GRAM_VALUES``); a Linear
+    that one batch sends no rows still gets its moments; a conv ``hessian.columns`` cannot unfold
+    gets none."""
     conv = nn.Conv2d(3, 4, 3, padding=1)
     img = torch.randn(2, 3, 5, 5)
     grams: dict[str, torch.Tensor] = {}
@@ -281,6 +282,10 @@ def test_norms_of_collects_the_second_moments_of_conv_patches(monkeypatch: pytes
     one_by_one: dict[str, torch.Tensor] = {}
     norms_of({"c": conv}, lambda: conv(img), grams=one_by_one)
     torch.testing.assert_close(one_by_one["c"], grams["c"])
+    grams.clear()
+    lin = nn.Linear(8, 4)  # a layer some batch sends no rows (a mixture-of-experts expert no token chose)
+    norms_of({"l": lin}, lambda: (lin(torch.ones(5, 8)), lin(torch.ones(0, 8))), grams=grams)
+    torch.testing.assert_close(grams["l"], torch.ones(8, 8))
     grams.clear()
     conv1d = nn.Conv1d(3, 4, 3)  # not a matmul hessian.columns knows: no second moments, wanda's mask stays
     norms_of({"c": conv1d}, lambda: conv1d(torch.randn(2, 3, 8)), grams=grams)

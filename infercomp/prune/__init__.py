@@ -232,7 +232,7 @@ def wanda_masks(
                 continue  # a layer hessian.columns cannot see as a matmul keeps wanda's mask (noted below)
             gram = grams[layer]
             if means is not None and f"{layer}.bias" in corrected and weights[n].dim() == 2:
-                gram = gram - torch.outer(means[layer], means[layer])  # the bias takes the mean error away
+                gram = gram - torch.outer(means[layer], means[layer])  # the bias takes the mean error away (a conv's stays uncentred)
             r = refine_mask(weights[n], found[n], gram, pattern)
             found[n] = r.mask
             refined.append((r.error_before, r.error_after, r.steps))
@@ -304,7 +304,9 @@ def _note_refined(refined: list[tuple[float, float, int]], layers: int, ctx: Con
         return
     ratios = sorted(after / before for before, after, _ in refined if before > 0)
     median = f"; median output error {ratios[len(ratios) // 2]:.2f}x wanda's on the calibration data" if ratios else ""
-    left = f" ({layers - len(refined)} other(s) not a Linear / Conv2d: wanda's masks)" if layers > len(refined) else ""
+    left = (
+        f" ({layers - len(refined)} other(s) keep wanda's masks: not a plain Linear or zero-padded Conv2d)" if layers > len(refined) else ""
+    )
     ctx.progress.log(
         f"wanda: refined the masks of {len(refined)} layer(s) by swaps, up to {max(s for *_, s in refined)} per row{left}{median}"
     )

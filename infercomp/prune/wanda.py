@@ -101,7 +101,7 @@ def norms_of(
                 counts[name] = counts.get(name, 0) + n
             if gram:
                 # A conv's unfolded patches are kh·kw times its input: a few samples at a time.
-                step = max(1, GRAM_VALUES // max(x[:1].numel() * module.weight[0, 0].numel(), 1)) if conv else len(x)
+                step = max(1, GRAM_VALUES // max(x[:1].numel() * module.weight[0, 0].numel(), 1)) if conv else max(len(x), 1)
                 for i in range(0, len(x), step):
                     cols = hessian.columns(module, x[i : i + step]) if conv else real_rows(x)
                     xx = cols.T @ cols
@@ -169,12 +169,13 @@ def refine_mask(
     """``keep`` improved by swaps: in each row, restore one pruned weight and prune one kept one
     (within the same group of M for N:M) while that lowers the row's output error on the
     calibration inputs, e(p) = (w ⊙ p)ᵀ G (w ⊙ p) with p the pruned positions and G = E[x xᵀ]
-    (``gram``; the centred covariance when a bias correction takes the mean error away). Wanda's
+    (``gram``; for a Linear, the centred covariance when a bias correction takes the mean error away). Wanda's
     score is this error's diagonal; the swaps account for how inputs move together. The weights
     are not changed, only which are kept, and every row keeps its count (its N per group).
     Each step takes, per row, the restore and the prune that lower the error most, each alone, and
     applies the pair only if the pair's exact change (their interaction included) is negative: the
-    error never rises. Rows are independent, so a row with no such pair is done. At most ``steps``
+    error never rises. Rows are independent, so a row whose pair does not help is done (another
+    pair might still have helped: a local search, not an exhaustive one). At most ``steps``
     swaps per row. ``weight``: (out, in, ...) with the columns of ``hessian.columns``; ``gram``:
     (in·..., in·...)."""
     w_all = weight.detach().reshape(weight.shape[0], -1).float()
