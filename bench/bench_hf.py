@@ -261,13 +261,14 @@ EVAL = [
 assert len(set(TRAIN)) == len(TRAIN) and len(set(EVAL)) == len(EVAL) and not set(TRAIN) & set(EVAL)
 
 
-def _cli(*args: str) -> float:
-    """One ``infercomp`` command in a subprocess (as a user runs it); seconds it took."""
+def _cli(*args: str) -> tuple[float, list[str]]:
+    """One ``infercomp`` command in a subprocess (as a user runs it): (seconds it took, its line on
+    how far wanda's mask swaps lowered the layers' error, if any: the figure docs quote)."""
     t0 = time.perf_counter()
     r = subprocess.run([CLI, *args, "--no-latency", "-q"], capture_output=True, text=True)
     if r.returncode != 0:
         raise SystemExit(f"infercomp {' '.join(args)} failed (exit {r.returncode}):\n{r.stderr[-2000:]}")
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, [x.strip() for x in r.stderr.splitlines() if "wanda: refined the masks" in x]
 
 
 def _files(path: Path) -> list[Path]:
@@ -382,9 +383,11 @@ def main(argv: list[str] | None = None) -> None:
             )
         print("\ncommands (MODEL = the directory above, TRAIN = the training sentences, one a line):")
         for key, verb, opts in steps:
-            took = _cli(verb, s, "-o", str(out[key]), *opts)
+            took, refined = _cli(verb, s, "-o", str(out[key]), *opts)
             shown = " ".join(o.replace(str(train), "TRAIN").replace(str(out["channel"]), "CHANNEL.safetensors") for o in opts)
             print(f"  [{took:5.0f} s] infercomp {verb} MODEL -o {out[key].name} {shown}")
+            for line in refined:
+                print(f"            {line}")
 
         base = infercomp.load(src, compute="fp32")
         ref = _embed(base, enc, recipe)

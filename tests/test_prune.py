@@ -253,18 +253,20 @@ def test_refine_mask_leaves_wanda_alone_when_inputs_are_independent() -> None:
 
 def test_refine_mask_lands_between_wanda_and_the_best_mask() -> None:
     """On rows small enough to try every mask: the refined error is never above wanda's nor below
-    the exhaustive optimum, and over 12 rows it finds that optimum for most of them."""
+    the exhaustive optimum, and over 12 rows it finds that optimum for most of them, more often than
+    wanda's mask already is it."""
     w, gram = _correlated(12, 8, 3)
     keep = score_masks(wanda_scores({"l.weight": w}, {"l": gram.diagonal().sqrt()}), 0.5, "row")["l.weight"]
     r = refine_mask(w, keep, gram)
-    best_found = 0
+    best_found = wanda_best = 0
     for i in range(12):
         row = w[i : i + 1]
         best = min(_error(row, torch.tensor([[j not in cut for j in range(8)]]), gram) for cut in itertools.combinations(range(8), 4))
         got, wanda = _error(row, r.mask[i : i + 1], gram), _error(row, keep[i : i + 1], gram)
         assert best - 1e-4 <= got <= wanda + 1e-4, i
         best_found += got <= best + 1e-4
-    assert best_found >= 8, best_found
+        wanda_best += wanda <= best + 1e-4
+    assert best_found >= 8 and best_found > wanda_best, (best_found, wanda_best)
 
 
 def test_norms_of_collects_the_second_moments_of_conv_patches_and_empty_batches(monkeypatch: pytest.MonkeyPatch) -> None:
