@@ -186,13 +186,20 @@ def render_table(c: Comparison, console: Console, columns: tuple[str, ...] = DEF
 
 
 def _turned(c: Comparison, columns: tuple[str, ...], rows: list[list[str]], width: int) -> Table:
-    """One row per figure, one column per model (headed by the shortened path)."""
-    figure_width = max(len(col) for col in columns[1:]) + _PADDING
-    per_model = max(8, (width - 1 - figure_width) // max(1, len(rows)) - _PADDING)
+    """One row per figure, one column per model (headed by the shortened path). Where a model's
+    column is narrower than a figure, the figure wraps at its spaces ("20.291 /" over "27.968")
+    rather than lose digits to "…"."""
+    label = max(len(col) for col in columns[1:])
+    # rich's default box: one space of padding either side of each column, a border between
+    # columns and at both edges.
+    borders = 3 * (1 + len(rows)) + 1
+    if (width - label - borders) // max(1, len(rows)) < 9:  # too narrow for "20.291 /": labels wrap first
+        label = min(label, 14)
+    per_model = max(6, (width - label - borders) // max(1, len(rows)))
     table = Table(title="infercomp comparison (first column = baseline)", caption=_settings_line(c), caption_justify="left")
-    table.add_column("", justify="left", no_wrap=True)
+    table.add_column("", justify="left", width=label)
     for r in rows:
-        table.add_column(shorten_left(r[0], per_model), justify="right", no_wrap=True)
+        table.add_column(shorten_left(r[0], per_model), justify="right", max_width=per_model, overflow="fold")
     for j, col in enumerate(columns[1:], start=1):
         table.add_row(col, *(r[j] for r in rows))
     return table
@@ -220,15 +227,39 @@ def _render_sensitivity(s: dict[str, Any], console: Console) -> None:
         )
 
 
+_LAYER_COLUMNS = ("tensor", "shape", "stored", "bytes", "sparsity", "SQNR dB", "kernel")
+
+
 def _render_layers(m: ModelReport, console: Console) -> None:
-    t = Table(title=f"layers of {m.path}")
-    for col in ("tensor", "shape", "stored", "bytes", "sparsity", "SQNR dB", "kernel"):
-        t.add_column(col, justify="left" if col in ("tensor", "stored", "kernel") else "right")
+    """One row per tensor. Where the table would not fit the terminal, each tensor takes two
+    lines instead, its whole name over its figures, so that names and figures stay whole."""
+    rows = []
     for row in m.layers or []:
         db = "exact" if row["sqnr_db"] is None else f"{row['sqnr_db']:.1f}"
         shape = "x".join(map(str, row["shape"]))
-        t.add_row(row["name"], shape, row["stored"], _size(row["bytes"]), _pct(row["sparsity"]), db, row.get("kernel") or "-")
-    console.print(t)
+        rows.append([row["name"], shape, row["stored"], _size(row["bytes"]), _pct(row["sparsity"]), db, row.get("kernel") or "-"])
+    widths = [max(len(col), *(len(r[i]) for r in rows)) if rows else len(col) for i, col in enumerate(_LAYER_COLUMNS)]
+    title = f"layers of {m.path}"
+    if sum(widths) + _PADDING * len(widths) + 1 <= console.width:
+        t = Table(title=title)
+        for col in _LAYER_COLUMNS:
+            t.add_column(col, justify="left" if col in ("tensor", "stored", "kernel") else "right", no_wrap=True)
+        for r in rows:
+            t.add_row(*r)
+        console.print(t)
+        return
+
+    def line(cells: list[str]) -> str:
+        out = [f"{c:>{w}}" if i in (1, 3, 4, 5) else f"{c:<{w}}" for i, (c, w) in enumerate(zip(cells, widths), start=1)]
+        return "    " + "  ".join(out).rstrip()
+
+    widths = widths[1:]
+    console.print(title, markup=False, highlight=False)
+    console.print("tensor", markup=False, highlight=False)
+    console.print(line(list(_LAYER_COLUMNS[1:])), markup=False, highlight=False)
+    for r in rows:
+        console.print(r[0], markup=False, highlight=False, overflow="fold")
+        console.print(line(r[1:]), markup=False, highlight=False, overflow="fold")
 
 
 def to_json(c: Comparison) -> str:
