@@ -341,7 +341,8 @@ def main(argv: list[str] | None = None) -> None:
         train.write_text("\n".join(TRAIN) + "\n")
         s = str(src)
         out = {
-            k: tmp / f"{k}.safetensors" for k in ("wanda", "wanda_bc", "wanda_paper", "sparsegpt", "magnitude", "channel", "int4", "int4a")
+            k: tmp / f"{k}.safetensors"
+            for k in ("wanda", "wanda_bc", "wanda_paper", "wanda_paper_bc", "sparsegpt", "magnitude", "channel", "int4", "int4a")
         }
         out["distilled"] = tmp / "distilled"  # a Hugging Face directory
         out["int4dir"] = tmp / "int4dir"  # the int4 model as a Hugging Face directory, for transformers
@@ -361,6 +362,14 @@ def main(argv: list[str] | None = None) -> None:
         if not quick:
             steps.insert(1, ("magnitude", "prune", ["--method", "magnitude", "--sparsity", "0.5"]))
             steps.insert(1, ("wanda_paper", "prune", ["--method", "wanda", "--sparsity", "0.5", "--no-refine", "--data", str(train)]))
+            steps.insert(
+                2,
+                (
+                    "wanda_paper_bc",
+                    "prune",
+                    ["--method", "wanda", "--sparsity", "0.5", "--no-refine", "--bias-correction", "--data", str(train)],
+                ),
+            )
             steps.append(("int4dir", "quantize", int4))
             steps.append(
                 (
@@ -431,6 +440,7 @@ def main(argv: list[str] | None = None) -> None:
     rows.append(row("  wanda 50 % --bias-correction", "wanda_bc", "same", fid["wanda_bc"][0] >= 0.92))
     if "wanda_paper" in fid:
         rows.append(row("  (comparison) wanda 50 % --no-refine (the paper's masks)", "wanda_paper", "-", None))
+        rows.append(row("  (comparison) wanda 50 % --no-refine --bias-correction", "wanda_paper_bc", "-", None))
     rows.append(row("prune sparsegpt 50 % (the same target)", "sparsegpt", "cos mean >= 0.92", fid["sparsegpt"][0] >= 0.92))
     if "magnitude" in fid:
         rows.append(row("  (comparison) prune magnitude 50 % (global)", "magnitude", "-", None))

@@ -193,6 +193,7 @@ def main() -> None:
             ("infercomp magnitude --scope global", ours("transformer", PruneConfig(sparsity=0.5, scope="global"), tmp)[0]),
             ("infercomp wanda", ours("transformer", PruneConfig(method="wanda", sparsity=0.5), tmp, train)[0]),
             ("infercomp wanda --no-refine", ours("transformer", PruneConfig(method="wanda", refine=False), tmp, train)[0]),
+            ("infercomp sparsegpt", ours("transformer", PruneConfig(method="sparsegpt", sparsity=0.5), tmp, train)[0]),
             ("torch global_unstructured (L1)", torch_global_l1(tf, 0.5)),
             ("infercomp 2:4 (magnitude)", ours("transformer", PruneConfig(method="2:4"), tmp)[0]),
             ("infercomp wanda 2:4", ours("transformer", PruneConfig(method="wanda", n=2, m=4), tmp, train)[0]),

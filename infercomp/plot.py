@@ -11,6 +11,7 @@ when a plot is asked for.
 
 from __future__ import annotations
 
+import importlib.util
 import io
 from pathlib import Path
 from typing import Any
@@ -26,6 +27,8 @@ def check_path(path: Path) -> None:
     """Refuse a plot path we cannot write (the format comes from the suffix)."""
     if path.suffix.lower() not in SUFFIXES:
         raise UsageError(f"--plot {path}: give a .png or .svg path")
+    if importlib.util.find_spec("matplotlib") is None:  # said before any work, not after the output is written
+        raise UsageError("--plot needs matplotlib: pip install 'infercomp[plot]'")
 
 
 def _pyplot() -> Any:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ast
 import hashlib
+import importlib.util
 import os
 import signal
 import subprocess
@@ -175,6 +176,29 @@ def test_report_out_never_overwrites_a_checkpoint(runner, tmp_path: Path) -> Non
     one_line_error(r, "--report-out", "looks like a checkpoint")
     assert hashlib.sha256(src.read_bytes()).hexdigest() == digest
     assert not (tmp_path / "o.safetensors").exists()  # refused before any work
+
+
+def test_report_out_over_a_hugging_face_output_is_refused_before_any_work(runner, tmp_path: Path) -> None:
+    """An output directory has no suffix to tell it from a report: the names are compared instead,
+    before the transform runs (exit 2 leaves no output)."""
+    out = tmp_path / "out"
+    one_line_error(
+        invoke(runner, "quantize", SAMPLE["mlp"], "-o", out, "--report-out", out, "--no-latency"), "--report-out", "choose another path"
+    )
+    assert not out.exists()
+    data = tmp_path / "data.json"
+    data.write_bytes(b"[]")
+    one_line_error(invoke(runner, "report", SAMPLE["mlp"], "--data", data, "--report-out", data, "--no-latency"), "--report-out")
+    assert data.read_bytes() == b"[]"
+
+
+def test_plot_without_matplotlib_is_refused_before_any_work(runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a))
+    out = tmp_path / "o.safetensors"
+    r = invoke(runner, "quantize", SAMPLE["mlp"], "-o", out, "--plot", tmp_path / "t.png", "--no-latency")
+    one_line_error(r, "--plot needs matplotlib")
+    assert not out.exists()
 
 
 def test_unwritable_report_out_is_a_one_line_error(runner, tmp_path: Path) -> None:

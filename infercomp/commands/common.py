@@ -295,10 +295,20 @@ class RichProgress(Progress):
 def run(common: Common, verb: Callable[..., Comparison | None], *args: Any, **options: Any) -> None:
     """The body every command shares: call the API ``verb`` with the shared options and progress
     on stderr, then print / save / gate the comparison it returns."""
+    if common.report_out is not None:  # refused before any work: exit 2 leaves no output
+        _refuse_report_over(common.report_out, [*args, *options.values()])
     with common.progress() as progress:
         result = verb(*args, progress=progress, **{**common.verb_options(), **options})
     if result is not None:  # None: a torchrun rank other than 0, which prints nothing
         emit(result, common)
+
+
+def _refuse_report_over(report: Path, values: list[Any]) -> None:
+    """--report-out naming one of the command's paths (input, output, data) is refused."""
+    paths = [p for v in values for p in (v if isinstance(v, (list, tuple)) else [v]) if isinstance(p, Path)]
+    for p in paths:
+        if p.resolve() == report.resolve() or (p.exists() and report.exists() and os.path.samefile(p, report)):
+            raise UsageError(f"--report-out {report}: is also {p}, a path of this command; choose another path")
 
 
 def emit(comparison: Comparison, common: Common) -> None:

@@ -92,8 +92,8 @@ def prune(
 
     \b
     Methods (--method):
-      magnitude  unstructured: zero the smallest |w| of each weight, or with --scope global of
-                 all weights together (better for CNNs: small first layers stay whole).
+      magnitude  unstructured: zero the smallest |w| of all weights together (one threshold;
+                 --scope layer: of each weight tensor alone, each reaching --sparsity).
       channel    structured: remove whole output channels / conv filters / attention heads / FFN
                  channels and everything that depends on them (next layer inputs, BatchNorm,
                  residual-coupled layers); tensors shrink, the model runs faster. Ranked by L1
