@@ -8,6 +8,7 @@ interrupt at any moment exits 130 with one line (and nothing written: no work ha
 
 from __future__ import annotations
 
+import os
 import signal
 import sys
 from typing import Any
@@ -26,8 +27,11 @@ def main() -> None:
     try:
         from infercomp.cli import main as run  # imported after the handlers, see above
     except KeyboardInterrupt:
-        print("infercomp: interrupted while starting; nothing was written", file=sys.stderr)
-        sys.exit(INTERRUPTED)
+        print("infercomp: interrupted while starting; nothing was written", file=sys.stderr, flush=True)
+        # Out at once, without the interpreter's shutdown: torch interrupted halfway through its
+        # import can leave native threads that abort the process at shutdown (exit 134, "terminate
+        # called without an active exception", seen 2 times in 30). Nothing was written to clean up.
+        os._exit(INTERRUPTED)
     run()
 
 

@@ -20,7 +20,9 @@ import re
 import shutil
 import struct
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
@@ -29,7 +31,7 @@ import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 
-from infercomp.errors import CheckpointError
+from infercomp.errors import CheckpointError, InfercompError, OutputKept
 from infercomp.formats import format_version
 
 # The newest format this version reads. Files are written with the oldest version that describes
@@ -320,10 +322,12 @@ _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 def _read_torch(p: Path) -> dict[str, torch.Tensor]:
     try:
-        obj = torch.load(p, map_location="cpu", weights_only=True)
+        with warnings.catch_warnings():  # its warnings about legacy files would come before our one-line error
+            warnings.simplefilter("ignore")
+            obj = torch.load(p, map_location="cpu", weights_only=True)
     except Exception as e:  # untrusted bytes: whatever torch's reader trips on, it is not a state dict we can read
         text = _ANSI.sub("", str(e)).strip()  # torch's message carries terminal bold codes, even into a pipe
-        first = text.splitlines()[0] if text else type(e).__name__
+        first = text.splitlines()[0].split(" In PyTorch 2.6,")[0] if text else type(e).__name__  # not its advice to load unsafely
         raise CheckpointError(
             f"{p}: cannot be read as a weights-only torch state dict ({first}); "
             "only plain tensors are loaded, never pickled code — convert it to .safetensors"
@@ -499,7 +503,9 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], None], *, what: str = 
         os.replace(tmp, path)
     except OSError as e:
         _remove_quietly(tmp)
-        raise CheckpointError(f"{path}: cannot write {what} ({e.strerror or e})") from e
+        blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        why = f"{blocker} is a file, not a folder" if blocker is not None else e.strerror or e
+        raise CheckpointError(f"{path}: cannot write {what} ({why})") from e
     except BaseException:  # Ctrl-C included: never leave a partial file behind
         _remove_quietly(tmp)
         raise
@@ -514,6 +520,26 @@ def check_regular(path: Path) -> None:
             raise CheckpointError(f"{path}: is a directory; give a file path")
         if not path.is_file():
             raise CheckpointError(f"{path}: exists and is not a regular file (a device, FIFO or socket); choose another path")
+
+
+@contextmanager
+def after_write(out: Path) -> Iterator[None]:
+    """Around the work done once ``out`` is written (reading it back, measuring it). Bad input
+    found there (an ``InfercompError``, exit 2) removes the output, so that such an exit leaves
+    none; an interrupt keeps the finished output and says so (``OutputKept``)."""
+    try:
+        yield
+    except InfercompError as e:
+        if out.is_dir():
+            shutil.rmtree(out, ignore_errors=True)
+        else:
+            out.unlink(missing_ok=True)
+        e.args = (f"{e} (the output {out} was removed)",)
+        raise
+    except KeyboardInterrupt as e:
+        if isinstance(e, OutputKept):
+            raise
+        raise OutputKept(out) from e
 
 
 def remove_stale_temps(path: Path) -> None:

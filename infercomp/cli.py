@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+import sys
+from typing import Annotated, Any
 
 import typer
 
@@ -44,6 +45,32 @@ def _root(
     del version
 
 
+def _click_exceptions() -> Any:
+    """The click exceptions typer raises: its vendored copy (typer >= 0.20), else click's own."""
+    try:
+        from typer._click import exceptions
+    except ImportError:
+        from click import exceptions
+    return exceptions
+
+
 def main() -> None:
-    """Console-script entry point."""
-    app(prog_name="infercomp")
+    """Console-script entry point. Usage errors (an unknown option, a value of the wrong type, a
+    missing argument) are one line like every other error, instead of click's usage block."""
+    ex = _click_exceptions()
+    try:
+        code = app(prog_name="infercomp", standalone_mode=False)
+    except ex.UsageError as e:
+        if type(e).__name__ == "NoArgsIsHelpError":  # bare `infercomp`: the help, as before
+            e.show()
+            sys.exit(e.exit_code)
+        where = e.ctx.command_path if e.ctx is not None else "infercomp"
+        print(f"infercomp: error: {e.format_message()} (see '{where} --help')", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except ex.ClickException as e:
+        print(f"infercomp: error: {e.format_message()}", file=sys.stderr)
+        sys.exit(e.exit_code)
+    except ex.Abort:
+        print("infercomp: interrupted; no partial output was left behind", file=sys.stderr)
+        sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)

@@ -48,13 +48,19 @@ def load_data(path: str | Path, *, model: str | Path | None = None) -> Dataset:
     if p.suffix in (".txt", ".jsonl"):
         if model is None or not Path(model).is_dir():
             raise DataError(f"{p}: text data needs the model's tokenizer; use a Hugging Face model directory as the (first) input")
-        ids, mask, labels = tokenize(p, Path(model))
+        try:
+            ids, mask, labels = tokenize(p, Path(model))
+        except UnicodeDecodeError as e:
+            raise DataError(f"{p}: not UTF-8 text (byte {e.start}); text data is one example a line, or JSON lines") from e
         return Dataset(inputs=ids, labels=labels, path=p, attention_mask=mask)
     if p.suffix == ".npz":
+        with open(p, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":  # a .npz is a zip archive of .npy arrays
+                raise DataError(f"{p}: not a .npz file (not a zip archive: numpy.savez writes one)")
         try:
             with np.load(p, allow_pickle=False) as z:
                 arrays = {k: torch.from_numpy(z[k].copy()) for k in z.files}
-        except (ValueError, OSError) as e:
+        except (ValueError, OSError, EOFError) as e:
             raise DataError(f"{p}: not a readable .npz file ({e})") from e
     elif p.suffix == ".safetensors":
         try:

@@ -25,6 +25,15 @@ class DataError(InfercompError):
     """A --data file that is missing or does not hold what is needed."""
 
 
+class OutputKept(KeyboardInterrupt):
+    """Ctrl-C / SIGTERM after the output was written completely (while it was read back and
+    measured): the output is valid and kept, and the CLI says so (exit 130)."""
+
+    def __init__(self, path: object):
+        super().__init__(str(path))
+        self.path = path
+
+
 class GateFailed(InfercompError):
     """A --fail-if gate did not hold (exit 1: the run worked, the result is not good enough)."""
 

@@ -48,13 +48,15 @@ def _gate_value(r: ModelReport, key: str) -> float | None:
 
 
 def check_gates(comparison: Comparison, gates: Sequence[str]) -> None:
-    """Raise GateFailed (exit 1) naming every gate that held true for a non-baseline model.
-    A gate on a figure that was not measured, or is NaN / infinite, fails too: a CI gate must
-    not pass silently."""
+    """Raise GateFailed (exit 1) naming every gate that held true for a non-baseline model (the
+    one model of a single-model report: its ratios and drops are against itself). A gate on a
+    figure that was not measured, or is NaN / infinite, fails too: a CI gate must not pass
+    silently."""
     failures = []
+    checked = comparison.models[1:] or comparison.models[:1]
     for text in gates:
         key, op, value = parse_gate(text)
-        for r in comparison.models[1:]:
+        for r in checked:
             got = _gate_value(r, key)
             if got is None:
                 failures.append(f"{r.path}: {key} was not measured (gate {text!r})")

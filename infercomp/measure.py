@@ -326,7 +326,7 @@ def _accuracy_and_fidelity(entries: list[_Entry], data: Dataset, options: Measur
             if t.kind == "causal-lm":
                 continue
             e = entries[i]
-            out = _guarded(e, data, predict, e.module, data, batch_size=options.batch_size, device=device, task=t)
+            out = _guarded(e.ckpt.name, data, predict, e.module, data, batch_size=options.batch_size, device=device, task=t)
             if t.kind == "outputs" and out.dim() == 2:
                 t = Task("classifier")
             e.report.task = t.kind
@@ -365,7 +365,7 @@ def _language_models(
             ref: torch.Tensor | None = None
             for e in lms:
                 with torch.inference_mode():
-                    logits = first_output(_guarded(e, data, call, e.module, x, mask)).float().cpu()  # (B, T, V)
+                    logits = first_output(_guarded(e.ckpt.name, data, call, e.module, x, mask)).float().cpu()  # (B, T, V)
                 total, count = nll[id(e)]
                 s, n = next_token_nll(logits, x.cpu(), mask.cpu())
                 nll[id(e)] = (total + s, count + n)
@@ -400,7 +400,26 @@ def _merge_fidelity(parts: list[tuple[int, dict[str, float | None]]]) -> dict[st
     }
 
 
-def _guarded(e: _Entry, data: Dataset, run: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+def check_data(ckpt: Checkpoint, loader: ModelLoader, data: Dataset, device: torch.device) -> None:
+    """Run the first samples of ``data`` through ``ckpt``'s model before any transform: a model
+    that cannot take these inputs, or labels beyond its class scores, is a DataError now, before
+    calibration and before an output is written (exit 2 leaves no output), instead of a traceback
+    from inside a calibration pass. Text is tokenized for the model by its own tokenizer and
+    needs no check; a model infercomp cannot build is checked where it is measured."""
+    if data.attention_mask is not None or not loader.can_build(ckpt):
+        return
+    module = loader.build(ckpt, runtime=False).to(device).eval()
+    task = task_for(ckpt, module)
+    if task.kind == "causal-lm":
+        return
+    few = Dataset(inputs=data.inputs[:2], labels=None, path=data.path)
+    with torch.inference_mode():
+        out = _guarded(ckpt.name, data, predict, module, few, batch_size=2, device=device, task=task)
+    if data.labels is not None and task.kind in ("outputs", "classifier") and out.dim() == 2:
+        _check_labels(data, out)
+
+
+def _guarded(name: str, data: Dataset, run: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
     """``run(*args, **kwargs)``: the model's outputs on --data; a model that cannot take these
     inputs is a DataError naming the file and the shape, not a traceback from inside its forward
     pass."""
@@ -409,7 +428,7 @@ def _guarded(e: _Entry, data: Dataset, run: Callable[..., Any], *args: Any, **kw
     except (RuntimeError, ValueError, TypeError, IndexError) as err:
         detail = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         shape = tuple(data.inputs.shape[1:])
-        raise DataError(f"{data.path}: {e.ckpt.name} cannot run on 'inputs' of shape {shape} ({data.inputs.dtype}): {detail}") from err
+        raise DataError(f"{data.path}: {name} cannot run on 'inputs' of shape {shape} ({data.inputs.dtype}): {detail}") from err
 
 
 def _check_labels(data: Dataset, out: torch.Tensor) -> None:

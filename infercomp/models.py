@@ -43,7 +43,11 @@ def parse_config(text: str | None) -> dict[str, Any] | None:
     src = "--model-config"
     p = Path(text)
     if not text.lstrip().startswith("{") and p.exists():
-        src, text = str(p), p.read_text()
+        try:
+            src, text = str(p), p.read_text()
+        except (OSError, UnicodeDecodeError) as e:
+            why = e.strerror if isinstance(e, OSError) else "not UTF-8 text"
+            raise UsageError(f"{p}: --model-config is not a readable JSON file ({why})") from e
     try:
         cfg = json.loads(text)
     except ValueError as e:

@@ -15,9 +15,9 @@ import infercomp.checkpoint as checkpoint
 import infercomp.hf as hf
 from infercomp.data import load_data
 from infercomp.distill import DistillConfig, distill
-from infercomp.errors import InfercompError, ModelError, UsageError
+from infercomp.errors import CheckpointError, InfercompError, ModelError, UsageError
 from infercomp.export import EXPORTS, ExportConfig, dense, export
-from infercomp.measure import Comparison, MeasureOptions, compare
+from infercomp.measure import Comparison, MeasureOptions, check_data, compare
 from infercomp.models import ModelLoader
 from infercomp.patterns import selected
 from infercomp.progress import NULL, Progress
@@ -72,15 +72,17 @@ def _for_hf_output(config: TransformConfig, model_config: dict[str, Any], note: 
 
 
 def _config_json(d: Path) -> dict[str, Any]:
-    """The directory's config.json (empty if it has none or it is not JSON: reading the checkpoint
-    then says what is wrong), with the model type it describes (a column-scales output's is kept
-    aside, ``hf.OURS_MODEL_TYPE``)."""
+    """The directory's config.json, which a Hugging Face directory output needs, with the model
+    type it describes (a column-scales output's is kept aside, ``hf.OURS_MODEL_TYPE``)."""
+    cfg = d / "config.json"
+    if not cfg.is_file():
+        raise CheckpointError(f"{d}: has no config.json, which a Hugging Face directory output needs (-o NAME.safetensors writes one file)")
     try:
-        config = json.loads((d / "config.json").read_text())
-    except (OSError, ValueError):
-        return {}
-    if not isinstance(config, dict):
-        return {}
+        config = json.loads(cfg.read_text())
+    except (OSError, ValueError) as e:
+        raise CheckpointError(f"{cfg}: not valid JSON ({e.strerror if isinstance(e, OSError) else type(e).__name__})") from e
+    if not isinstance(config, dict) or "model_type" not in config:
+        raise CheckpointError(f"{cfg}: not a Hugging Face model config (no 'model_type' to pick a transformers class by)")
     ours = config.get("infercomp")
     if config.get("model_type") == hf.OURS_MODEL_TYPE and isinstance(ours, dict):  # a --column-scales output of ours
         return {**config, "model_type": ours.get("model_type")}
@@ -125,14 +127,23 @@ def run(
     hf_out = src.is_dir() and out.suffix != ".safetensors"
     notes: list[str] = []  # about the output's form: logged, and in the output's report
 
-    def note(text: str) -> None:
-        progress.log(text)
+    logged = [0]  # notes logged so far: those about the output's form wait until the input has loaded
+
+    def flush() -> None:
+        for pending in notes[logged[0] :]:
+            progress.log(pending)
+        logged[0] = len(notes)
+
+    def note(text: str, now: bool = True) -> None:
         notes.append(text)
+        if now:
+            flush()
 
     if hf_out:  # what transformers cannot load is changed or refused before any work (config.json is enough)
-        config = _for_hf_output(config, _config_json(src), note, dense=export == "dense")
+        config = _for_hf_output(config, _config_json(src), lambda text: note(text, now=False), dense=export == "dense")
     streamed = export is None and stream_wanted(src, out, config, stream, progress)
     if streamed:  # weight-only, tensor by tensor: see infercomp.stream (--stream)
+        flush()
         result = run_streamed(
             src, out, config, loader=loader, options=options, progress=progress, data=data, eval_data=eval_data, force=force,
             measure=measure, allow_nonfinite=allow_nonfinite, max_shard_size=max_shard_size, on_saved=on_saved,
@@ -140,11 +151,15 @@ def run(
         result.models[-1].notes[:0] = notes
         return result
     ckpt = checkpoint.load(src)
+    flush()
     if not allow_nonfinite:
         checkpoint.check_finite(ckpt)
     reads = tuple(Path(p) for p in (*config.inputs(), data, eval_data) if p is not None)
     checkpoint.check_output(out, force=force, source=src, inputs=reads, directory=hf_out)  # fail before any expensive work
     dataset = load_data(data, model=src) if data is not None else None
+    evaluation = load_data(eval_data, model=src) if eval_data is not None else dataset
+    for d in {id(x): x for x in (dataset, evaluation) if x is not None}.values():
+        check_data(ckpt, loader, d, options.torch_device())  # bad data: exit 2 before any work, nothing written
     ctx = Context(loader=loader, data=dataset, device=options.torch_device(), progress=progress, source=src, output=out)
     with progress.task(f"{config.transform}: {src.name}", total=None), pinned_threads(config.threads):
         new = TRANSFORMS[type(config)](ckpt, config, ctx)
@@ -175,7 +190,7 @@ def run(
         try:
             built = loader.build(new, runtime=False)  # the output must load into its model: checked before anything is written
         except InfercompError as e:
-            raise type(e)(f"{e} (nothing was written)") from e
+            raise type(e)(f"{e} (the model transformed from {src}; nothing was written)") from e
     if hf_out:
         types = {name: type(m).__name__ for name, m in (built.named_modules() if built is not None else [])}
         st = (src / "modules.json").exists()
@@ -185,13 +200,13 @@ def run(
         checkpoint.save_dir(to_write, out, source=src, config=hf_config, force=force, max_shard_size=max_shard_size)
     else:
         checkpoint.save(new, out, force=force, source=src)
+    with checkpoint.after_write(out):  # exit 2 from here on removes the output; an interrupt keeps it
+        written = checkpoint.load(out)
+        if not measure:
+            result = compare([ckpt, written], loader=loader, options=options, progress=progress, run_models=False)
+        else:  # the output's model reference is stored in it (and the user's --model, if any, applies to both)
+            result = compare([ckpt, written], loader=loader, options=options, data=evaluation, progress=progress)
     if on_saved is not None:
         on_saved(out)
-    written = checkpoint.load(out)
-    if not measure:
-        result = compare([ckpt, written], loader=loader, options=options, progress=progress, run_models=False)
-    else:  # the output's model reference is stored in it (and the user's --model, if any, applies to both)
-        evaluation = load_data(eval_data, model=src) if eval_data is not None else dataset
-        result = compare([ckpt, written], loader=loader, options=options, data=evaluation, progress=progress)
     result.models[-1].notes[:0] = notes
     return result

@@ -102,6 +102,8 @@ def load(path: str | Path) -> Recipe:
         node = yaml.compose(p.read_text())
     except (OSError, yaml.YAMLError) as e:
         raise UsageError(f"{p}: not a readable YAML recipe ({str(e).splitlines()[0]})") from e
+    except UnicodeDecodeError as e:
+        raise UsageError(f"{p}: not a YAML recipe (not UTF-8 text: byte {e.start})") from e
     doc = _lines(node) if node is not None else None
     if not isinstance(doc, dict):
         raise UsageError(f"{p}: a recipe is a mapping with 'model', 'out' and 'steps'")
@@ -175,19 +177,26 @@ def run(
             result = _run_step(step, outputs, previous, recipe, state, force, progress)
         except InfercompError as e:
             raise type(e)(f"{where}: {e}") from e
-        state[step.name] = result.pop("fingerprint")
-        checkpoint.write_atomic(
-            state_path, lambda f: f.write(json.dumps(state, indent=1, sort_keys=True).encode()), what="the recipe state"
-        )
+        fingerprint = result.pop("fingerprint")
         res = StepResult(name=step.name, verb=step.verb, **result)
         results.append(res)
         if on_step is not None:
             on_step(res)
+        failed: InfercompError | None = None
         if res.comparison is not None and step.options.get("fail_if"):
             try:
                 check_gates(res.comparison, step.options["fail_if"])
             except InfercompError as e:
-                raise type(e)(f"{where}: {e}") from e
+                failed = type(e)(f"{where}: {e}")
+        if failed is None:
+            state[step.name] = fingerprint
+        else:  # a step whose gate failed is not up to date: the next run does it again (and fails again)
+            state.pop(step.name, None)
+        checkpoint.write_atomic(
+            state_path, lambda f: f.write(json.dumps(state, indent=1, sort_keys=True).encode()), what="the recipe state"
+        )
+        if failed is not None:
+            raise failed
         if res.output is not None:
             outputs[step.name] = res.output
             previous = res.output

@@ -41,11 +41,11 @@ import infercomp.checkpoint as checkpoint
 import infercomp.formats as formats
 import infercomp.hf as hf
 from infercomp.checkpoint import Checkpoint
-from infercomp.data import load_data
+from infercomp.data import Dataset, load_data
 from infercomp.errors import UsageError
 from infercomp.formats.base import Spec, count_nonzero
 from infercomp.formats.grid import Quantized
-from infercomp.measure import Comparison, MeasureOptions, compare, is_weight
+from infercomp.measure import Comparison, MeasureOptions, check_data, compare, is_weight
 from infercomp.models import ModelLoader
 from infercomp.progress import NULL, Progress
 from infercomp.prune import PruneConfig, encode_pruned, magnitude_targets, note_pattern, sparsegpt_weights, tensor_mask, wanda_masks
@@ -131,6 +131,11 @@ def run(
     hf_out = src.is_dir() and out.suffix != ".safetensors"
     checkpoint.check_output(out, force=force, source=src, inputs=reads, directory=hf_out)
     dataset = load_data(data, model=src) if data is not None else None  # calibration (gptq, wanda)
+    evaluation = load_data(eval_data, model=src) if eval_data is not None else dataset
+    if built:  # small enough to build: bad data is exit 2 before any work, nothing written
+        whole = checkpoint.load(src)
+        for d in {id(x): x for x in (dataset, evaluation) if x is not None}.values():
+            check_data(whole, loader, d, options.torch_device())
     ctx = Context(loader=loader, data=dataset, device=options.torch_device(), progress=progress, source=src, output=out)
     digest: list[str] = []
     hasher = threading.Thread(target=lambda: digest.append(checkpoint.sha256(src)), daemon=True)  # reads beside the transform
@@ -155,11 +160,30 @@ def run(
             notes = _write_directory(src, out, new, spool, force=force, max_shard_size=max_shard_size, progress=progress)
         else:
             spool.write(out, sorted(spool.index), new.metadata())
+    with checkpoint.after_write(out):  # exit 2 from here on removes the output; an interrupt keeps it
+        result = _compared(src, out, ckpt, walk, built, evaluation, loader=loader, options=options, measure=measure, progress=progress)
     if on_saved is not None:
         on_saved(out)
+    result.models[-1].notes[:0] = notes
+    return result
+
+
+def _compared(
+    src: Path,
+    out: Path,
+    ckpt: Checkpoint,
+    walk: _Walk,
+    built: bool,
+    evaluation: Dataset | None,
+    *,
+    loader: ModelLoader,
+    options: MeasureOptions,
+    measure: bool,
+    progress: Progress,
+) -> Comparison:
+    """The input and the written output compared: measured when the model is small enough to
+    build, else static figures read tensor by tensor."""
     if built:
-        dataset = load_data(data, model=src) if data is not None else None
-        evaluation = load_data(eval_data, model=src) if eval_data is not None else dataset
         result = compare([checkpoint.load(src), checkpoint.load(out)], loader=loader, options=options, data=evaluation, progress=progress)
     else:
         # Static figures, read tensor by tensor: the same numbers the in-memory path gives without a model.
@@ -171,7 +195,6 @@ def run(
         if measure and loader.can_build(ckpt):
             for m in result.models:
                 m.notes.append(f"streamed (input over {STREAM_ABOVE >> 20} MiB): static figures only, the model was not built")
-    result.models[-1].notes[:0] = notes
     return result
 
 

@@ -23,7 +23,7 @@ from rich.progress import Progress as RichBar
 import infercomp.plot as plotting
 import infercomp.render as render
 from infercomp.checkpoint import TORCH_SUFFIXES, write_atomic
-from infercomp.errors import InfercompError, UsageError
+from infercomp.errors import InfercompError, OutputKept, UsageError
 from infercomp.gates import check_gates, parse_gate
 from infercomp.measure import Comparison
 from infercomp.models import parse_config
@@ -359,6 +359,9 @@ def handle_errors(fn: F) -> F:
                 traceback.print_exc()
             print(f"infercomp: error: {e}", file=sys.stderr)
             raise typer.Exit(e.exit_code) from None
+        except OutputKept as e:
+            print(f"infercomp: interrupted while the output was measured; {e.path} was written completely and is kept", file=sys.stderr)
+            raise typer.Exit(130) from None
         except KeyboardInterrupt:
             print("infercomp: interrupted; no partial output was left behind", file=sys.stderr)
             raise typer.Exit(130) from None

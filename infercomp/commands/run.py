@@ -34,7 +34,7 @@ def run(
     def report(step: recipes.StepResult) -> None:
         what = "ran" if step.ran else "up to date, skipped"
         print(f"infercomp: step {step.name} ({step.verb}): {what}" + (f" -> {step.output}" if step.output else ""), file=sys.stderr)
-        if step.verb == "report" and step.comparison is not None:
+        if step.comparison is not None:  # report steps, and transform steps measured for their gates
             c.emit(step.comparison, opts)
 
     with opts.progress() as progress:

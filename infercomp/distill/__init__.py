@@ -145,6 +145,8 @@ def distill(teacher_ckpt: Checkpoint, config: DistillConfig, ctx: Context) -> Ch
         if config.alpha == 0 and data.labels is None:
             progress.log("--alpha 0 but the training data has no 'labels': every sample learns from the teacher alone")
         val = load_data(config.val_data, model=ctx.source) if config.val_data is not None else None
+        if val is not None:  # scored after every epoch: a file the models cannot take fails now, not after the first
+            _check_fit(teacher, student, val, config, teacher_ckpt.name)
         torch.manual_seed(config.seed)  # projections initialise the same way on every rank and every run
         features = None
         if config.feature_loss == "mse":
