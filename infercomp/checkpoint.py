@@ -523,10 +523,11 @@ def check_regular(path: Path) -> None:
 
 
 @contextmanager
-def after_write(out: Path) -> Iterator[None]:
+def after_write(out: Path, on_kept: Callable[[Path], None] | None = None) -> Iterator[None]:
     """Around the work done once ``out`` is written (reading it back, measuring it). Bad input
     found there (an ``InfercompError``, exit 2) removes the output, so that such an exit leaves
-    none; an interrupt keeps the finished output and says so (``OutputKept``)."""
+    none; an interrupt keeps the finished output and says so (``OutputKept``), after
+    ``on_kept(out)`` (distill drops its resumable training state: the output is complete)."""
     try:
         yield
     except InfercompError as e:
@@ -537,6 +538,8 @@ def after_write(out: Path) -> Iterator[None]:
         e.args = (f"{e} (the output {out} was removed)",)
         raise
     except KeyboardInterrupt as e:
+        if on_kept is not None:
+            on_kept(out)
         if isinstance(e, OutputKept):
             raise
         raise OutputKept(out) from e

@@ -325,8 +325,10 @@ class HFOutput:
             qconfig["sparsity_config"] = _sparsity_config(self)
         if qconfig:
             out["quantization_config"] = qconfig
-        if len(self.floats) == 1 and self.floats != {"float32"}:
-            out["torch_dtype"] = next(iter(self.floats))
+        if len(self.floats) == 1:  # transformers 5 reads "dtype", earlier ones "torch_dtype": both say what the file holds
+            name = next(iter(self.floats))
+            if name != "float32" or any(out.get(k) not in (None, "float32") for k in ("dtype", "torch_dtype")):
+                out["dtype"] = out["torch_dtype"] = name
         if self.ours:  # transformers would cast the stored integers to float and run them as weights
             out["infercomp"] = {"loads_with": "infercomp.load (--column-scales)", "model_type": config.get("model_type")}
             out["model_type"] = OURS_MODEL_TYPE

@@ -200,7 +200,7 @@ def run(
         checkpoint.save_dir(to_write, out, source=src, config=hf_config, force=force, max_shard_size=max_shard_size)
     else:
         checkpoint.save(new, out, force=force, source=src)
-    with checkpoint.after_write(out):  # exit 2 from here on removes the output; an interrupt keeps it
+    with checkpoint.after_write(out, on_kept=on_saved):  # exit 2 from here on removes the output; an interrupt keeps it
         written = checkpoint.load(out)
         if not measure:
             result = compare([ckpt, written], loader=loader, options=options, progress=progress, run_models=False)

@@ -3,7 +3,7 @@ with its CLI options, run like make: a step whose inputs (by SHA-256), options a
 version did not change since the last run is skipped.
 
     model: sample_models/digits_cnn.safetensors      # the recipe's input
-    out: out/cnn_recipe                              # every step writes out/<name>.safetensors
+    out: out/cnn_recipe                              # every step writes out/<name>.safetensors (out/<name>/ from a HF directory)
     steps:
       - name: channel50
         prune: {method: channel, sparsity: 0.5, data: sample_models/digits_test.safetensors}
@@ -15,8 +15,11 @@ version did not change since the last run is skipped.
                  fail_if: ["accuracy_drop>0.01"]}
 
 A transform step reads the previous step's output (``input: NAME`` or ``input: model`` to choose);
-distill's teacher is the recipe's model unless ``teacher:`` says otherwise, and ``student:`` may name
-a step. Option names are the CLI flags (``group_size`` or ``group-size``). Each output's history
+distill's teacher is the recipe's model unless ``teacher:`` says otherwise, and its student is the
+previous step's output, the one ``input:`` names, or ``student:`` (which may name a step). A step
+name names its output: letters, digits, ``_``, ``-`` and ``.``. A step's fingerprint (inputs by
+SHA-256, options and gates, paths as seen from the recipe's folder) decides whether it is up to date;
+a step whose gate failed never is. Option names are the CLI flags (``group_size`` or ``group-size``). Each output's history
 holds every step that led to it. A failing step stops the recipe naming the step; the outputs of
 earlier steps stay as they are.
 """
@@ -28,6 +31,7 @@ import hashlib
 import inspect
 import json
 import os
+import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -154,6 +158,8 @@ def _step(p: Path, i: int, raw: Any) -> Step:
             raise UsageError(f"{p}:{line}: unknown option {key!r} for {verb}; known: {known}")
         options[name] = _plain(value)
     name = str(_plain(raw["name"][0])) if "name" in raw else f"{i}_{verb}"
+    if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]*", name):  # it names a file in `out`: no folders, no "../"
+        raise UsageError(f"{p}:{raw['name'][1]}: step name {name!r}: use letters, digits, '_', '-' and '.' (it names the output file)")
     step_input = str(_plain(raw["input"][0])) if "input" in raw else None
     return Step(name=name, verb=verb, options=options, line=first_line, input=step_input)
 
@@ -234,15 +240,25 @@ def _run_step(
         raise UsageError(f"input {step.input!r} names no earlier step (steps so far: {', '.join(outputs)})")
     if step.verb == "distill":
         teacher = opts.pop("teacher", "model")
+        if step.input is not None and opts.get("student") is not None:
+            raise UsageError("a distill step takes its student from 'input' or 'student', not both")
+        student = source if step.input is not None else previous if previous != recipe.model else None
         source = _resolve(teacher, outputs, base)
-        opts.setdefault("student", previous if previous != recipe.model else None)
-    out = recipe.out / f"{step.name}.safetensors"
+        opts.setdefault("student", student)
+    # A Hugging Face directory in gives one out (config.json, tokenizer), as the commands do.
+    out = recipe.out / (step.name if source.is_dir() else f"{step.name}.safetensors")
     reads = [source, *(v for k, v in opts.items() if k in ("data", "eval_data", "val_data", "student") and v is not None)]
+    home = recipe.path.resolve().parent  # paths as seen from the recipe: the same however its path was spelled
+
+    def seen(v: Any) -> Any:
+        return os.path.relpath(Path(v).resolve(), home) if isinstance(v, Path) else v
+
     fingerprint = {  # a new infercomp may transform differently (defaults, formats): its outputs are not cached ones
         "infercomp_version": __version__,
         "verb": step.verb,
-        "options": json.dumps(opts, sort_keys=True, default=str),
-        "inputs": {str(r): _sha(Path(r)) for r in reads},
+        "options": json.dumps({k: seen(v) for k, v in opts.items()}, sort_keys=True, default=str),
+        "gates": step.options.get("fail_if") or [],  # a changed gate must be checked: the step runs again
+        "inputs": {seen(Path(r)): _sha(Path(r)) for r in reads},
     }
     if not force and out.exists() and state.get(step.name) == fingerprint:
         return {"ran": False, "output": out, "fingerprint": fingerprint}

@@ -205,39 +205,58 @@ def _turned(c: Comparison, columns: tuple[str, ...], rows: list[list[str]], widt
     return table
 
 
-def _render_sensitivity(s: dict[str, Any], console: Console) -> None:
-    t = Table(title=f"sensitivity: {s['spec']} on one layer at a time ({s['metric'].replace('_', ' ')})")
-    for col in ("layer", "drop", "cos mean"):
-        t.add_column(col, justify="left" if col == "layer" else "right", no_wrap=True)
+_SENSITIVITY_COLUMNS = ("layer", "drop", "cos mean")
+
+
+def _sensitivity_rows(s: dict[str, Any]) -> tuple[str, list[list[str]], str, str]:
+    """(title, one row per layer, the verdict, the suggested --exclude flags or "") of a
+    --sensitivity result."""
+    title = f"sensitivity: {s['spec']} on one layer at a time ({s['metric'].replace('_', ' ')})"
+    rows = []
     for row in s["layers"]:
         drop = "-" if row["drop"] is None else f"{100 * row['drop']:+.2f} pt"
-        t.add_row(row["name"], drop, "-" if row["cosine_mean"] is None else f"{row['cosine_mean']:.4f}")
-    console.print(t)
+        rows.append([row["name"], drop, "-" if row["cosine_mean"] is None else f"{row['cosine_mean']:.4f}"])
     budget = f"{100 * s['max_drop']:.2f} pt"
+    flags = ""
     if s["drop_with_exclude"] is None:
-        console.print(f"no exclude list keeps the drop within {budget}: leave this model uncompressed", markup=False)
+        verdict = f"no exclude list keeps the drop within {budget}: leave this model uncompressed"
     elif not s["suggested_exclude"]:
-        console.print(f"all layers together drop {100 * s['drop_all']:+.2f} pt, within {budget}: nothing to exclude", markup=False)
+        verdict = f"all layers together drop {100 * s['drop_all']:+.2f} pt, within {budget}: nothing to exclude"
     else:
         flags = " ".join(f"--exclude {n}" for n in s["suggested_exclude"])
-        console.print(
-            f"suggested (measured: {100 * s['drop_with_exclude']:+.2f} pt, all layers {100 * s['drop_all']:+.2f} pt, budget {budget}): {flags}",
-            markup=False,
-            highlight=False,
+        verdict = (
+            f"suggested (measured: {100 * s['drop_with_exclude']:+.2f} pt, all layers {100 * s['drop_all']:+.2f} pt, budget {budget}):"
         )
+    return title, rows, verdict, flags
+
+
+def _render_sensitivity(s: dict[str, Any], console: Console) -> None:
+    title, rows, verdict, flags = _sensitivity_rows(s)
+    t = Table(title=title)
+    for col in _SENSITIVITY_COLUMNS:
+        t.add_column(col, justify="left" if col == "layer" else "right", no_wrap=True)
+    for r in rows:
+        t.add_row(*r)
+    console.print(t)
+    console.print(f"{verdict} {flags}".rstrip(), markup=False, highlight=False)
 
 
 _LAYER_COLUMNS = ("tensor", "shape", "stored", "bytes", "sparsity", "SQNR dB", "kernel")
 
 
-def _render_layers(m: ModelReport, console: Console) -> None:
-    """One row per tensor. Where the table would not fit the terminal, each tensor takes two
-    lines instead, its whole name over its figures, so that names and figures stay whole."""
+def _layer_rows(m: ModelReport) -> list[list[str]]:
     rows = []
     for row in m.layers or []:
         db = "exact" if row["sqnr_db"] is None else f"{row['sqnr_db']:.1f}"
         shape = "x".join(map(str, row["shape"]))
         rows.append([row["name"], shape, row["stored"], _size(row["bytes"]), _pct(row["sparsity"]), db, row.get("kernel") or "-"])
+    return rows
+
+
+def _render_layers(m: ModelReport, console: Console) -> None:
+    """One row per tensor. Where the table would not fit the terminal, each tensor takes two
+    lines instead, its whole name over its figures, so that names and figures stay whole."""
+    rows = _layer_rows(m)
     widths = [max(len(col), *(len(r[i]) for r in rows)) if rows else len(col) for i, col in enumerate(_LAYER_COLUMNS)]
     title = f"layers of {m.path}"
     if sum(widths) + _PADDING * len(widths) + 1 <= console.width:
@@ -294,7 +313,18 @@ def to_markdown(c: Comparison) -> str:
     runs = [f"- `{m.path}`: {line}" for m in c.models if (line := _compute_line(m))]
     if runs:
         lines += ["", *runs]
+    if c.sensitivity:
+        title, rows, verdict, flags = _sensitivity_rows(c.sensitivity)
+        lines += ["", f"**{title}**", "", *_markdown_table(_SENSITIVITY_COLUMNS, rows), "", verdict + (f" `{flags}`" if flags else "")]
+    for m in c.models:
+        if m.layers:
+            lines += ["", f"**layers of `{m.path}`**", "", *_markdown_table(_LAYER_COLUMNS, _layer_rows(m))]
     return "\n".join(lines) + "\n"
+
+
+def _markdown_table(columns: tuple[str, ...], rows: list[list[str]]) -> list[str]:
+    head = ["| " + " | ".join(columns) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(columns))) + "|"]
+    return head + ["| " + " | ".join(cell.replace("|", "\\|") for cell in r) + " |" for r in rows]
 
 
 CSV_FIELDS = (

@@ -160,7 +160,7 @@ def run(
             notes = _write_directory(src, out, new, spool, force=force, max_shard_size=max_shard_size, progress=progress)
         else:
             spool.write(out, sorted(spool.index), new.metadata())
-    with checkpoint.after_write(out):  # exit 2 from here on removes the output; an interrupt keeps it
+    with checkpoint.after_write(out, on_kept=on_saved):  # exit 2 from here on removes the output; an interrupt keeps it
         result = _compared(src, out, ckpt, walk, built, evaluation, loader=loader, options=options, measure=measure, progress=progress)
     if on_saved is not None:
         on_saved(out)

@@ -90,6 +90,22 @@ def test_an_interrupt_while_measuring_keeps_the_finished_output_and_says_so(
     assert invoke(runner, "report", out, "--no-latency").exit_code == 0  # complete: it loads
 
 
+def test_an_interrupt_while_a_distilled_output_is_measured_drops_the_training_state(
+    runner, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The output is complete: a --resume retry must not find a stale state (it would be refused
+    by the existing output)."""
+
+    def compare(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "compare", compare)
+    out = tmp_path / "s.safetensors"
+    r = invoke(runner, "distill", SAMPLE["mlp"], "-o", out, "--student-model", "digits-mlp", "--data", DIGITS_TEST, "--epochs", "1")
+    assert r.exit_code == 130 and out.exists()
+    assert not (tmp_path / "s.train-state.safetensors").exists()
+
+
 @pytest.mark.parametrize(
     ("name", "content", "needle"),
     [

@@ -132,7 +132,9 @@ def test_directory_in_gives_a_directory_transformers_loads(tiny_bert_dir: Path, 
     copied = {p.relative_to(src).as_posix() for p in src.rglob("*") if p.is_file() and not p.name.endswith(".safetensors")}
     assert copied <= names and {"modules.json", "1_Pooling/config.json", "tokenizer_config.json"} <= copied
     assert {"config.json", "model.safetensors"} <= names
-    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    config = json.loads((out / "config.json").read_text())
+    assert config["torch_dtype"] == config["dtype"] == "bfloat16"  # transformers 5 reads "dtype"
+    assert transformers.AutoConfig.from_pretrained(out).dtype == torch.bfloat16
     ids = torch.tensor([[2, 6, 7, 8, 9, 3]])
     ref = _outputs(transformers.AutoModel.from_pretrained(src).eval(), ids)
     got = _outputs(transformers.AutoModel.from_pretrained(out).eval(), ids)

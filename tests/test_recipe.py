@@ -4,6 +4,7 @@ unknown keys named by line, and the final history holding every step."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -98,3 +99,63 @@ def test_cli_runs_the_recipe(tmp_path: Path, runner) -> None:
     assert "step sparse (prune): ran" in r.stderr and "small.safetensors" in r.stdout
     r = invoke(runner, "run", _write(tmp_path, budget=-1), "-q")
     assert r.exit_code == 1 and "up to date, skipped" in r.stderr and "gate failed" in r.stderr
+
+
+def _one_step(tmp_path: Path, step: str, name: str = "r.yaml") -> Path:
+    p = tmp_path / name
+    p.write_text(f"model: {SAMPLE['cnn']}\nout: out\nsteps:\n{step}")
+    return p
+
+
+def test_a_tightened_gate_is_checked_although_nothing_else_changed(tmp_path: Path) -> None:
+    step = "  - name: q\n    quantize: {{scheme: int4, data: {d}, no_latency: true, fail_if: ['size_ratio>{b}']}}\n"
+    p = _one_step(tmp_path, step.format(d=DIGITS_TEST, b=0.5))
+    assert _ran(run(load(p))) == {"q": True}
+    assert _ran(run(load(p))) == {"q": False}
+    p.write_text(p.read_text().replace("size_ratio>0.5", "size_ratio>0.1"))
+    with pytest.raises(GateFailed, match="size_ratio"):
+        run(load(p))
+
+
+def test_up_to_date_whatever_the_recipe_path_is_spelled(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / "sub").mkdir()
+    model, data = (os.path.relpath(f, tmp_path / "sub") for f in (SAMPLE["cnn"], DIGITS_TEST))  # as written by hand
+    p = tmp_path / "sub" / "r.yaml"
+    p.write_text(f"model: {model}\nout: out\nsteps:\n  - name: q\n    quantize: {{scheme: int8, eval_data: {data}}}\n")
+    assert _ran(run(load(p))) == {"q": True}
+    monkeypatch.chdir(tmp_path)
+    assert _ran(run(load(Path("sub/r.yaml")))) == {"q": False}
+    monkeypatch.chdir(tmp_path / "sub")
+    assert _ran(run(load(Path("r.yaml")))) == {"q": False}
+
+
+def test_a_distill_steps_input_is_its_student(tmp_path: Path) -> None:
+    steps = (
+        "  - name: half\n    prune: {method: channel, sparsity: 0.5}\n"
+        "  - name: quarter\n    input: model\n    prune: {method: channel, sparsity: 0.25}\n"
+        f"  - name: small\n    input: half\n    distill: {{data: {DIGITS_TEST}, epochs: 1}}\n"
+    )
+    run(load(_one_step(tmp_path, steps)))
+    out = tmp_path / "out"
+    shape = checkpoint.load(out / "small.safetensors").tensors["features.0.weight"].shape
+    assert shape == checkpoint.load(out / "half.safetensors").tensors["features.0.weight"].shape
+    clash = f"  - name: s\n    input: model\n    distill: {{data: {DIGITS_TEST}, student: model, epochs: 1}}\n"
+    with pytest.raises(UsageError, match="not both"):
+        run(load(_one_step(tmp_path, clash, "clash.yaml")))
+
+
+@pytest.mark.parametrize("name", ["../escaped", "sub/x", ".hidden"])
+def test_step_names_stay_inside_out(tmp_path: Path, name: str) -> None:
+    with pytest.raises(UsageError, match="step name"):
+        load(_one_step(tmp_path, f"  - name: '{name}'\n    quantize: {{scheme: int8}}\n"))
+
+
+def test_json_lines_one_report_per_measured_step(tmp_path: Path, runner) -> None:
+    steps = (
+        f"  - name: q\n    quantize: {{scheme: int8, data: {DIGITS_TEST}, no_latency: true, fail_if: ['size_ratio>0.9']}}\n"
+        f"  - name: r\n    report: {{checkpoints: [model, q], data: {DIGITS_TEST}, no_latency: true}}\n"
+    )
+    r = invoke(runner, "run", _one_step(tmp_path, steps), "--format", "json")
+    assert r.exit_code == 0, r.stderr
+    docs = [json.loads(line) for line in r.stdout.splitlines()]
+    assert [d["step"] for d in docs] == ["q", "r"] and all(d["schema"] == "infercomp.report/1" for d in docs)

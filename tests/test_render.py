@@ -54,11 +54,12 @@ def test_markdown_has_one_row_per_model_and_escapes_pipes() -> None:
     lines = render.to_markdown(_comparison()).splitlines()
     assert lines[0] == "| " + " | ".join(render.COLUMNS) + " |"
     assert lines[1].count("---") == len(render.COLUMNS)
-    rows = [line for line in lines[2:] if line.startswith("| ")]
+    rows = [line for line in lines[2 : lines.index("")] if line.startswith("| ")]  # the models table
     assert len(rows) == 3 and rows[1].startswith("| a\\|b.safetensors | 3.0 MiB | 0.50x | 1,000 | 60.0% | 12.50 | 1.000 / 1.250 | 0.50x |")
     assert "| 97.00% | +2.00 pt | 98.50% | 0.9988 / 0.9000 |" in rows[1]
     assert rows[2].split(" | ")[render.COLUMNS.index("latency ms (p50 / p90)")] == "-"
-    assert lines[-1].startswith("_device cpu, 2 thread(s), batch 32, data d.safetensors, torch 2.x") and lines[-1].endswith("_")
+    settings = lines[lines.index("") + 1]  # after the models table
+    assert settings.startswith("_device cpu, 2 thread(s), batch 32, data d.safetensors, torch 2.x") and settings.endswith("_")
 
 
 def test_csv_has_the_fields_and_empty_cells_for_missing_numbers() -> None:
@@ -224,3 +225,16 @@ def test_layer_view_keeps_names_and_figures_whole_at_any_width(width: int) -> No
     for figure in ("8x4", "sparse-bitmask", "100 B", "60.0%", "12.3", "pack-quantized", "fp32 linear", "exact"):
         assert figure in view, (figure, width)
     assert ("┃ tensor" in view) == (width == 200)  # the one-row table where it fits (117 columns)
+
+
+def test_markdown_carries_the_layer_view_and_the_sensitivity_ranking() -> None:
+    """--layers and --sensitivity are in the Markdown a CI job posts, not only on the terminal."""
+    c = _comparison()
+    c.sensitivity = {
+        "spec": "quantize:int4", "metric": "accuracy_drop", "max_drop": 0.005, "drop_all": 0.03, "drop_with_exclude": 0.002,
+        "suggested_exclude": ["fc1"], "layers": [{"name": "fc1", "drop": 0.02, "cosine_mean": 0.97}, {"name": "fc2", "drop": None, "cosine_mean": None}],
+    }  # fmt: skip
+    text = render.to_markdown(c)
+    assert "**layers of `a|b.safetensors`**" in text and "| fc.weight | 8x4 | sparse-bitmask | 100 B | 60.0% | 12.3 | - |" in text
+    assert "| fc1 | +2.00 pt | 0.9700 |" in text and "| fc2 | - | - |" in text
+    assert "budget 0.50 pt): `--exclude fc1`" in text

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -10,6 +11,7 @@ import typer
 
 import infercomp.commands.common as c
 import infercomp.recipe as recipes
+import infercomp.render as render
 
 
 @c.handle_errors
@@ -34,7 +36,13 @@ def run(
     def report(step: recipes.StepResult) -> None:
         what = "ran" if step.ran else "up to date, skipped"
         print(f"infercomp: step {step.name} ({step.verb}): {what}" + (f" -> {step.output}" if step.output else ""), file=sys.stderr)
-        if step.comparison is not None:  # report steps, and transform steps measured for their gates
+        if step.comparison is None:
+            return
+        if opts.fmt == "json":  # one report per measured step, one a line (JSON Lines), each naming its step
+            doc = json.loads(render.to_json(step.comparison))
+            doc["step"] = step.name
+            print(json.dumps(doc, allow_nan=False), flush=True)
+        else:  # report steps, and transform steps measured for their gates
             c.emit(step.comparison, opts)
 
     with opts.progress() as progress:
