@@ -5,6 +5,7 @@ normalised embedding; neither shows top-1 agreement or accuracy."""
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -353,3 +354,34 @@ def test_minilm_fidelity_is_what_sentence_transformers_users_see(tmp_path: Path)
     assert after.task == "sentence-embedding" and after.fidelity["top1_agreement"] is None
     cos = torch.nn.functional.cosine_similarity(_encode(out), _encode(src), dim=1)
     assert after.fidelity["cosine_mean"] == pytest.approx(float(cos.mean()), abs=1e-4)
+
+
+def test_distill_validates_a_causal_lm_by_perplexity(tiny_llama: tuple[Path, Path]) -> None:
+    """Top-1 agreement with the teacher sits at 1.0 for a pretrained student: the best epoch is
+    chosen by validation perplexity instead (negated: higher is better), as transformers' loss gives it."""
+    from infercomp.data import load_data
+    from infercomp.distill.trainer import _metric, _shown, _validate
+
+    d, text = tiny_llama
+    model = transformers.AutoModelForCausalLM.from_pretrained(d).eval()
+    val = load_data(text, model=d)
+    score = _validate(model, model, val, 4, torch.device("cpu"))
+    with torch.no_grad():
+        labels = val.inputs.masked_fill(val.attention_mask == 0, -100)
+        ref = math.exp(float(model(val.inputs, attention_mask=val.attention_mask, labels=labels).loss))
+    assert score == pytest.approx(-ref, rel=1e-3)
+    assert _metric(model, val) == "perplexity" and _shown("perplexity", score) == f"perplexity {ref:.4f}"
+
+
+def test_distill_validates_hidden_states_by_cosine_not_argmax() -> None:
+    from infercomp.data import Dataset
+    from infercomp.distill.trainer import _validate
+
+    torch.manual_seed(0)
+    teacher = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.Unflatten(1, (4, 4)))  # (N, 4, 4): not class scores
+    student = copy.deepcopy(teacher)
+    with torch.no_grad():
+        student[0].weight.add_(0.3 * torch.randn_like(student[0].weight))
+    val = Dataset(inputs=torch.randn(32, 8), labels=None, path=Path("v"))
+    assert _validate(teacher, teacher, val, 8, torch.device("cpu")) == pytest.approx(1.0)
+    assert 0.5 < _validate(student, teacher, val, 8, torch.device("cpu")) < 0.999

@@ -23,8 +23,8 @@ from infercomp.distill.state import TrainState, flatten_optimizer, restore_optim
 from infercomp.distill.state import load as load_state
 from infercomp.distill.state import save as save_state
 from infercomp.errors import DataError, UsageError
-from infercomp.metrics import accuracy
-from infercomp.models import first_output, predict
+from infercomp.metrics import accuracy, next_token_nll
+from infercomp.models import call, first_output, is_causal_lm, predict
 from infercomp.progress import NULL, Progress
 
 
@@ -239,7 +239,7 @@ class Trainer:
                 self.best = {k: v.detach().cpu().clone() for k, v in self.trainable.student.state_dict().items()}
                 note = " (best so far)"
         self.log.append(entry)
-        metric = "" if entry["val"] is None else f", validation {_metric_name(val)} {entry['val']:.4f}{note}"
+        metric = "" if entry["val"] is None else f", validation {_shown(_metric(self.trainable.student, val), entry['val'])}{note}"
         self.job.progress.log(f"epoch {self.epoch + 1}/{config.epochs}: loss {entry['loss']:.4f}{metric}")
         self.epoch, self.step_in_epoch = self.epoch + 1, 0
         self.save_state(finished=self.epoch == config.epochs)
@@ -263,22 +263,46 @@ class Trainer:
             save_state(self.job.state_file, st)
 
 
-def _metric_name(val: Dataset | None) -> str:
-    return "accuracy" if val is not None and val.labels is not None else "top-1 agreement with the teacher"
+def _metric(student: nn.Module, val: Dataset | None) -> str:
+    """What ``_validate`` scores ``student`` by on ``val``."""
+    if val is not None and is_causal_lm(student):
+        return "perplexity"
+    return "accuracy" if val is not None and val.labels is not None else "agreement with the teacher"
+
+
+def _shown(metric: str, score: float) -> str:
+    """The validation score as the log line says it (perplexity is kept negated: higher is better)."""
+    return f"perplexity {-score:.4f}" if metric == "perplexity" else f"{metric} {score:.4f}"
 
 
 def _validate(student: nn.Module, teacher: nn.Module, val: Dataset, batch_size: int, device: torch.device) -> float:
-    """Accuracy on labeled validation data, else top-1 agreement with the teacher."""
+    """A score where higher is better: a causal LM's negated perplexity on the validation text
+    (next real token; top-1 agreement with the teacher says little there: a pretrained student
+    agrees on nearly every token from the first epoch on); else accuracy on labeled data; else
+    agreement with the teacher's outputs: top-1 for class scores (N, C), mean cosine of each
+    sample's outputs for anything else (hidden states: their argmax means nothing)."""
     was = student.training
     student.eval()
     with torch.no_grad():
-        out = predict(student, val, batch_size=batch_size, device=device)
-        labelled = None if val.labels is None else accuracy(out, val.labels)
-        if labelled is not None:
-            score = labelled
+        if is_causal_lm(student):
+            total, count = 0.0, 0
+            for i in range(0, len(val), batch_size):
+                ids = val.inputs[i : i + batch_size].to(device)
+                mask = None if val.attention_mask is None else val.attention_mask[i : i + batch_size].to(device)
+                s, n = next_token_nll(first_output(call(student, ids, mask)).float(), ids, mask)
+                total, count = total + s, count + n
+            score = -math.exp(total / max(count, 1))
         else:
-            ref = predict(teacher, val, batch_size=batch_size, device=device)
-            score = float((out.argmax(-1) == ref.argmax(-1)).float().mean())
+            out = predict(student, val, batch_size=batch_size, device=device)
+            labelled = None if val.labels is None else accuracy(out, val.labels)
+            if labelled is not None:
+                score = labelled
+            else:
+                ref = predict(teacher, val, batch_size=batch_size, device=device)
+                if out.dim() == 2:
+                    score = float((out.argmax(-1) == ref.argmax(-1)).float().mean())
+                else:
+                    score = float(torch.nn.functional.cosine_similarity(out.flatten(1), ref.flatten(1), dim=1).mean())
     student.train(was)
     return round(score, 6)
 
