@@ -286,7 +286,7 @@ def export(
 
 
 def report(
-    paths: Sequence[PathLike],
+    paths: PathLike | Sequence[PathLike],
     *,
     data: PathLike | None = None,
     sensitivity: str | None = None,
@@ -301,7 +301,10 @@ def report(
     """``infercomp report``: size, parameters, sparsity, latency and accuracy (or fidelity) of
     checkpoints side by side; the first is the baseline. ``sensitivity`` (``quantize:int4``,
     ``prune:magnitude:0.5``...) also ranks the first checkpoint's layers by the damage that
-    compressing each alone does on ``data``, and suggests an exclude list within ``max_drop``."""
+    compressing each alone does on ``data``, and suggests an exclude list within ``max_drop``.
+    One path (a string or a ``Path``) is a report of that checkpoint alone."""
+    if isinstance(paths, (str, os.PathLike)):
+        paths = [paths]
     if not paths:
         raise UsageError("report needs at least one checkpoint")
     loader = _loader(model, model_config, trust_model_code)

@@ -390,7 +390,9 @@ def _from_parts(tensors: Mapping[str, torch.Tensor], meta: dict[str, str], p: Pa
         return Checkpoint(tensors=tensors, path=p)
     try:
         info = json.loads(raw)
-    except (ValueError, RecursionError) as e:
+    except RecursionError as e:
+        raise CheckpointError(f"{p}: the 'infercomp' metadata is nested too deeply to read") from e
+    except ValueError as e:
         raise CheckpointError(f"{p}: the 'infercomp' metadata is not valid JSON") from e
     version = info.get("format_version", 0) if isinstance(info, dict) else None
     if not isinstance(version, int) or isinstance(version, bool):
@@ -467,12 +469,14 @@ def save(ckpt: Checkpoint, path: str | os.PathLike[str], *, force: bool = False,
     and metadata always give the same bytes."""
     out = Path(path)
     check_output(out, force=force, source=source)
-    write_safetensors(out, ckpt.tensors, ckpt.metadata())
+    write_safetensors(out, ckpt.tensors, ckpt.metadata(), exclusive=not force)
     ckpt.path = out
     return out
 
 
-def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, what: str = "the checkpoint") -> None:
+def write_safetensors(
+    path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str], *, what: str = "the checkpoint", exclusive: bool = False
+) -> None:
     """Write ``tensors`` and ``metadata`` as one safetensors file, atomically, with a
     deterministic byte layout (tensors sorted by name, metadata keys sorted)."""
     header, blobs = _serialise(tensors, metadata)
@@ -483,10 +487,10 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor], metadata: di
         for blob in blobs:
             f.write(blob)
 
-    write_atomic(path, write, what=what)
+    write_atomic(path, write, what=what, exclusive=exclusive)
 
 
-def write_atomic(path: Path, write: Callable[[IO[bytes]], None], *, what: str = "the output") -> None:
+def write_atomic(path: Path, write: Callable[[IO[bytes]], None], *, what: str = "the output", exclusive: bool = False) -> None:
     """The one atomic writer: ``write`` fills a temp file in the same folder, which is fsynced and
     renamed over ``path``; a reader never sees half a file, and an error or Ctrl-C leaves no temp
     file behind. An OSError (read-only folder, full disk, no permission) becomes a one-line
@@ -500,10 +504,15 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], None], *, what: str = 
             write(f)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
+        if exclusive:  # without --force: a file another run wrote meanwhile is not replaced
+            _link_new(tmp, path)
+        else:
+            os.replace(tmp, path)
     except OSError as e:
         _remove_quietly(tmp)
         blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+        if isinstance(e, FileExistsError) and exclusive and blocker is None:
+            raise CheckpointError(f"{path}: already exists (written by another run meanwhile); pass --force to overwrite it") from e
         why = f"{blocker} is a file, not a folder" if blocker is not None else e.strerror or e
         raise CheckpointError(f"{path}: cannot write {what} ({why})") from e
     except BaseException:  # Ctrl-C included: never leave a partial file behind
@@ -512,12 +521,47 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], None], *, what: str = 
     _fsync_dir(path.parent)
 
 
+def stamp(p: Path) -> tuple[tuple[str, int, int], ...]:
+    """Size and modification time of ``p`` (of every file under it, for a directory): taken
+    before an input is read and compared before the output is written (``check_unchanged``)."""
+    try:
+        files = sorted(x for x in p.rglob("*") if x.is_file()) if p.is_dir() else [p]
+        return tuple((str(f), (st := f.stat()).st_size, st.st_mtime_ns) for f in files)
+    except OSError:  # missing or unreadable: reading it says so, naming the problem
+        return ()
+
+
+def check_unchanged(p: Path, before: tuple[tuple[str, int, int], ...]) -> None:
+    """A CheckpointError when ``p`` changed since ``stamp`` took ``before``: an input rewritten
+    during the run would give an output of mixed provenance."""
+    if stamp(p) != before:
+        raise CheckpointError(f"{p}: changed while this run read it; nothing was written (rerun once it stays the same)")
+
+
+def _link_new(tmp: Path, path: Path) -> None:
+    """``tmp`` renamed to ``path`` only if ``path`` does not exist, atomically (a hard link, which
+    fails on an existing name, then the temp name dropped); FileExistsError otherwise. On a
+    filesystem without hard links: a check, then a rename."""
+    try:
+        os.link(tmp, path)
+    except FileExistsError:
+        raise
+    except OSError:
+        if path.exists():
+            raise FileExistsError(str(path)) from None
+        os.replace(tmp, path)
+        return
+    os.unlink(tmp)
+
+
 def check_regular(path: Path) -> None:
     """Refuse an output path that exists and is not a regular file (a device such as /dev/null, a
     FIFO, a socket, a directory): renaming over it would replace it, even with --force."""
     if path.exists() or path.is_symlink():
         if path.is_dir():
             raise CheckpointError(f"{path}: is a directory; give a file path")
+        if path.is_symlink() and not path.exists():
+            raise CheckpointError(f"{path}: is a broken symbolic link (to {os.readlink(path)}); remove it or choose another path")
         if not path.is_file():
             raise CheckpointError(f"{path}: exists and is not a regular file (a device, FIFO or socket); choose another path")
 
@@ -636,9 +680,14 @@ def save_dir(
             weights(tmp)
         elif ckpt is not None:
             _write_shards(tmp, ckpt, max_shard_size)
-        if out.exists():  # --force: the old directory goes only once the new one is complete
-            os.replace(out, old)
+        if out.exists():
+            if not force:  # another run wrote it meanwhile
+                raise FileExistsError(str(out))
+            os.replace(out, old)  # --force: the old directory goes only once the new one is complete
         os.replace(tmp, out)
+    except FileExistsError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise CheckpointError(f"{out}: already exists (written by another run meanwhile); pass --force to overwrite it") from e
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"{out}: cannot write the directory ({e.strerror or e})") from e

@@ -15,7 +15,7 @@ def selected(name: str, include: tuple[str, ...], exclude: tuple[str, ...]) -> b
 
 
 def selected_weight(name: str, t: torch.Tensor, include: tuple[str, ...], exclude: tuple[str, ...]) -> bool:
-    """Weight matrices, filters and embedding tables (floating point, 2-D and up) of the modules
-    the patterns select: what prune and quantize work on."""
+    """Weight matrices, filters and embedding tables (floating point, 2-D and up, not empty) of
+    the modules the patterns select: what prune and quantize work on."""
     module, _, attr = name.rpartition(".")
-    return attr == "weight" and t.dim() >= 2 and t.is_floating_point() and selected(module, include, exclude)
+    return attr == "weight" and t.dim() >= 2 and t.numel() > 0 and t.is_floating_point() and selected(module, include, exclude)

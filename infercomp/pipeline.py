@@ -71,6 +71,19 @@ def _for_hf_output(config: TransformConfig, model_config: dict[str, Any], note: 
     return config
 
 
+def _decoded_note(ckpt: checkpoint.Checkpoint, config: TransformConfig) -> str | None:
+    """What pruning or quantizing an already quantized input does to it, said once: its weights
+    are decoded to float first (pruning stores them in float; quantizing rounds them again)."""
+    codecs = sorted({str(e.get("codec")) for e in ckpt.encodings.values() if not str(e.get("codec", "")).startswith("sparse")})
+    n = sum(1 for e in ckpt.encodings.values() if not str(e.get("codec", "")).startswith("sparse"))
+    if not n or config.transform not in ("prune", "quantize"):
+        return None
+    held = f"the input holds {n} quantized weight(s) ({', '.join(codecs)})"
+    if config.transform == "prune":
+        return f"{held}: they are decoded to float to be pruned, and stored in float; quantize the pruned output again"
+    return f"{held}: they are quantized again from their decoded values, so the rounding errors add up; quantize the float original where you have it"
+
+
 def _config_json(d: Path) -> dict[str, Any]:
     """The directory's config.json, which a Hugging Face directory output needs, with the model
     type it describes (a column-scales output's is kept aside, ``hf.OURS_MODEL_TYPE``)."""
@@ -143,6 +156,9 @@ def run(
         config = _for_hf_output(config, _config_json(src), lambda text: note(text, now=False), dense=export == "dense")
     streamed = export is None and stream_wanted(src, out, config, stream, progress)
     if streamed:  # weight-only, tensor by tensor: see infercomp.stream (--stream)
+        decoded = _decoded_note(checkpoint.load(src, lazy=True), config)
+        if decoded:
+            note(decoded, now=False)
         flush()
         result = run_streamed(
             src, out, config, loader=loader, options=options, progress=progress, data=data, eval_data=eval_data, force=force,
@@ -150,7 +166,11 @@ def run(
         )  # fmt: skip
         result.models[-1].notes[:0] = notes
         return result
+    before = checkpoint.stamp(src)
     ckpt = checkpoint.load(src)
+    decoded = _decoded_note(ckpt, config)
+    if decoded:
+        note(decoded, now=False)
     flush()
     if not allow_nonfinite:
         checkpoint.check_finite(ckpt)
@@ -191,6 +211,7 @@ def run(
             built = loader.build(new, runtime=False)  # the output must load into its model: checked before anything is written
         except InfercompError as e:
             raise type(e)(f"{e} (the model transformed from {src}; nothing was written)") from e
+    checkpoint.check_unchanged(src, before)  # the output would mix two versions of the input
     if hf_out:
         types = {name: type(m).__name__ for name, m in (built.named_modules() if built is not None else [])}
         st = (src / "modules.json").exists()

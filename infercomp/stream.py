@@ -121,6 +121,7 @@ def run(
     """``pipeline.run`` for a transform that streams (see the module's docstring): the same output,
     and the same comparison when the input is small enough to build, else the static figures."""
     src, out = Path(source), Path(output)
+    before = checkpoint.stamp(src)
     ckpt = checkpoint.load(src, lazy=True)
     # Small enough to build: measured as in memory (models timed, so glibc's allocator is left as
     # it is); else static figures only, and freed blocks go back to the system at once.
@@ -156,10 +157,11 @@ def run(
         entry = {"transform": config.transform, "config": config.to_dict(), "source_sha256": digest[0], "infercomp_version": __version__}
         new.history = [*ckpt.history, entry]
         notes: list[str] = []  # about the output's form: logged, and in the output's report
+        checkpoint.check_unchanged(src, before)  # the output would mix two versions of the input
         if hf_out:
             notes = _write_directory(src, out, new, spool, force=force, max_shard_size=max_shard_size, progress=progress)
         else:
-            spool.write(out, sorted(spool.index), new.metadata())
+            spool.write(out, sorted(spool.index), new.metadata(), exclusive=not force)
     with checkpoint.after_write(out, on_kept=on_saved):  # exit 2 from here on removes the output; an interrupt keeps it
         result = _compared(src, out, ckpt, walk, built, evaluation, loader=loader, options=options, measure=measure, progress=progress)
     if on_saved is not None:
@@ -459,7 +461,7 @@ class _Spool:
             self.path, {n: (offset, nbytes, dtype, shape) for n, (dtype, shape, offset, nbytes) in self.index.items()}
         )
 
-    def write(self, path: Path, names: list[str], metadata: dict[str, str]) -> None:
+    def write(self, path: Path, names: list[str], metadata: dict[str, str], *, exclusive: bool = False) -> None:
         """One safetensors file of ``names`` (sorted), atomically; the same bytes as
         ``checkpoint.write_safetensors`` of those tensors."""
         header = checkpoint.header_bytes([(n, *self.index[n][:2], self.index[n][3]) for n in names], metadata)
@@ -474,7 +476,7 @@ class _Spool:
 
         self._written()
         self.f.flush()
-        checkpoint.write_atomic(path, fill)
+        checkpoint.write_atomic(path, fill, exclusive=exclusive)
 
     def _copy(self, f: IO[bytes], offset: int, nbytes: int) -> None:
         src, dst = self.f.fileno(), f.fileno()

@@ -12,7 +12,8 @@ import torch
 from safetensors.torch import save_file
 
 import infercomp.pipeline as pipeline
-from infercomp.errors import DataError, GateFailed
+from infercomp import checkpoint
+from infercomp.errors import CheckpointError, DataError, GateFailed, UsageError
 from infercomp.recipe import load, run
 from tests.conftest import DIGITS_TEST, DIGITS_TRAIN, SAMPLE, invoke, one_line_error, run_cli
 
@@ -210,3 +211,86 @@ def test_an_output_under_a_file_says_so(runner, tmp_path: Path) -> None:
     (tmp_path / "afile").write_text("x")
     r = invoke(runner, "quantize", SAMPLE["mlp"], "-o", tmp_path / "afile" / "o.safetensors", "--no-latency")
     one_line_error(r, "afile is a file, not a folder")
+
+
+def test_int4_leaves_rows_of_odd_length_in_float(runner, tmp_path: Path) -> None:
+    """int4 stores two values a byte: the CNN's first conv (rows of 9) stays float, with a note (was exit 3)."""
+    out = tmp_path / "o.safetensors"
+    r = invoke(runner, "quantize", SAMPLE["cnn"], "-o", out, "--scheme", "int4", "--group-size", "-1", "--no-latency")
+    assert r.exit_code == 0 and "'features.0.weight' has rows of 9 values, an odd number" in r.stderr
+    encodings = checkpoint.load(out).encodings
+    assert "features.0.weight" not in encodings and encodings["features.3.weight"]["codec"] == "int4"
+
+
+@pytest.mark.parametrize(
+    "args", [["quantize"], ["quantize", "--scheme", "fp8"], ["prune", "--sparsity", "0.5"], ["prune", "--method", "2:4"]]
+)
+def test_empty_tensors_pass_through(runner, tmp_path: Path, args: list[str]) -> None:
+    src = tmp_path / "z.safetensors"
+    save_file({"a.weight": torch.zeros(0, 64), "b.weight": torch.zeros(4, 0), "c.weight": torch.randn(8, 64)}, str(src))
+    out = tmp_path / "o.safetensors"
+    r = invoke(runner, args[0], src, "-o", out, *args[1:], "--no-latency")
+    assert r.exit_code == 0, r.stderr
+    back = checkpoint.load(out)
+    assert set(back.encodings) <= {"c.weight"} and tuple(back.tensors["a.weight"].shape) == (0, 64)
+
+
+def test_an_output_another_run_wrote_meanwhile_is_not_replaced(tmp_path: Path) -> None:
+    """Without --force, the existence check and the final rename were two steps: two runs could
+    both succeed, one silently replacing the other. The rename now fails on an existing name."""
+    out = tmp_path / "o.safetensors"
+    out.write_bytes(b"the other run's output")
+    with pytest.raises(CheckpointError, match="written by another run meanwhile"):
+        checkpoint.write_safetensors(out, {"w": torch.zeros(2)}, {}, exclusive=True)
+    assert out.read_bytes() == b"the other run's output" and list(tmp_path.iterdir()) == [out]
+    checkpoint.write_safetensors(out, {"w": torch.zeros(2)}, {})  # --force: replaced
+    assert checkpoint.load(out).tensors["w"].shape == (2,)
+
+
+def test_an_input_rewritten_during_the_run_is_refused(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import infercomp
+    from infercomp.quantize import QuantizeConfig
+
+    src = tmp_path / "in.safetensors"
+    src.write_bytes(SAMPLE["mlp"].read_bytes())
+    real = pipeline.TRANSFORMS[QuantizeConfig]
+
+    def rewriting(ckpt, config, ctx):
+        src.write_bytes(SAMPLE["mlp"].read_bytes() + b" ")  # another process saves over it meanwhile
+        return real(ckpt, config, ctx)
+
+    monkeypatch.setitem(pipeline.TRANSFORMS, QuantizeConfig, rewriting)
+    out = tmp_path / "o.safetensors"
+    with pytest.raises(CheckpointError, match="changed while this run read it"):
+        infercomp.quantize(src, out, measure=False)
+    assert not out.exists()
+
+
+def test_transforming_a_quantized_input_says_what_happens_to_it(runner, tmp_path: Path) -> None:
+    q = tmp_path / "q.safetensors"
+    assert invoke(runner, "quantize", SAMPLE["mlp"], "-o", q, "--scheme", "int4", "--no-latency").exit_code == 0
+    r = invoke(runner, "prune", q, "-o", tmp_path / "p.safetensors", "--sparsity", "0.5", "--no-latency")
+    assert r.exit_code == 0 and "quantized weight(s) (int4): they are decoded to float to be pruned" in r.stderr
+    r = invoke(runner, "quantize", q, "-o", tmp_path / "r.safetensors", "--scheme", "int4", "--no-latency", "--format", "json")
+    assert r.exit_code == 0 and "rounding errors add up" in json.loads(r.stdout)["models"][1]["notes"][0]
+
+
+def test_api_arguments_are_checked() -> None:
+    import infercomp
+
+    assert len(infercomp.report(str(SAMPLE["mlp"]), latency=False).models) == 1  # one path, not its characters
+    with pytest.raises(UsageError, match="sparsity must be a number"):
+        infercomp.prune(SAMPLE["mlp"], "x.safetensors", sparsity="0.5")
+    with pytest.raises(UsageError, match="group_size must be an integer"):
+        infercomp.quantize(SAMPLE["mlp"], "x.safetensors", scheme="int4", group_size="32")
+    with pytest.raises(UsageError, match=r"not bf16 \(no scales\)"):
+        infercomp.quantize(SAMPLE["mlp"], "x.safetensors", scheme="bf16", group_size=32)
+
+
+def test_odd_paths_and_metadata_get_their_own_message(runner, tmp_path: Path) -> None:
+    link = tmp_path / "o.safetensors"
+    link.symlink_to(tmp_path / "nowhere" / "x.safetensors")
+    one_line_error(invoke(runner, "quantize", SAMPLE["mlp"], "-o", link, "--no-latency"), "broken symbolic link")
+    deep = tmp_path / "deep.safetensors"
+    save_file({"w": torch.zeros(2, 2)}, str(deep), {"infercomp": "[" * 100_000 + "]" * 100_000})
+    one_line_error(invoke(runner, "report", deep, "--no-latency"), "nested too deeply")

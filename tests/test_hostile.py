@@ -128,7 +128,7 @@ def test_deeply_nested_metadata(tmp_path: Path) -> None:
     deep = '{"format_version": 1, "plan": ' + "[" * 5000 + "]" * 5000 + "}"
     p = tmp_path / "deep.safetensors"
     save_file({"w": torch.zeros(1)}, str(p), metadata={"infercomp": deep})
-    with pytest.raises(CheckpointError, match="not valid JSON|nested deeper"):
+    with pytest.raises(CheckpointError, match="nested too deeply|nested deeper"):
         checkpoint.load(p)
 
 

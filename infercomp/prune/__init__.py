@@ -87,6 +87,8 @@ class PruneConfig(TransformConfig):
             object.__setattr__(self, "scope", default)
         choice(self.scope, SCOPES, "--scope")
         choice(self.importance, IMPORTANCES, "--importance")
+        if not isinstance(self.sparsity, (int, float)) or isinstance(self.sparsity, bool):
+            raise UsageError(f"sparsity must be a number (a fraction: 0.5 removes half), got {self.sparsity!r}")
         if not 0.0 <= self.sparsity < 1.0:
             raise UsageError(f"--sparsity must be in [0, 1) (a fraction: 0.5 removes half), got {self.sparsity}")
         if self.scope == "global" and self.method != "magnitude":

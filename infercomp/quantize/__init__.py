@@ -72,13 +72,22 @@ class QuantizeConfig(TransformConfig):
         choice(self.scheme, SCHEMES, "--scheme")
         choice(self.method, METHODS, "--method")
         if self.group_size is not None:
+            if not isinstance(self.group_size, int) or isinstance(self.group_size, bool):
+                raise UsageError(f"group_size must be an integer, got {self.group_size!r}")
             if self.group_size not in (*GROUP_SIZES, PER_CHANNEL):
                 choices = ", ".join(map(str, GROUP_SIZES))
                 raise UsageError(
                     f"--group-size {self.group_size} is not supported; choose one of: {choices}, or {PER_CHANNEL} (per channel)"
                 )
             if self.scheme not in ("int8", "int4"):
-                raise UsageError(f"--group-size applies to --scheme int8 and int4, not {self.scheme} (which uses one scale per channel)")
+                how = (
+                    "one scale per channel"
+                    if self.scheme == "fp8"
+                    else "no scales"
+                    if self.scheme in ("bf16", "fp16")
+                    else "scales per channel"
+                )
+                raise UsageError(f"--group-size applies to --scheme int8 and int4, not {self.scheme} ({how})")
         if self.asymmetric and self.scheme != "int4":
             raise UsageError(f"--asymmetric applies to --scheme int4 only, not {self.scheme}")
         if self.method == "gptq" and self.scheme not in ("int8", "int4"):
@@ -171,28 +180,32 @@ def _rtn(t: torch.Tensor, config: QuantizeConfig) -> Quantized:
 
 
 def _check_groups(ckpt: Checkpoint, chosen: dict[str, torch.Tensor], config: QuantizeConfig, ctx: Context) -> dict[str, torch.Tensor]:
-    """Drop tensors whose rows do not split into groups (noted); an error when the user named
-    them with --include, or when nothing is left."""
+    """Drop tensors that cannot take the scheme (noted): empty ones, rows that do not split into
+    groups, rows of odd length for int4 (two values a byte); an error when the user named them
+    with --include, or when nothing is left."""
     g = config.groups
     if not chosen:
         raise UsageError(f"{ckpt.name}: no weight matches --include/--exclude; nothing to quantize")
-    if g is None:
-        return chosen
     keep, skipped = {}, []
     for name, t in chosen.items():
-        n = t.numel() // t.shape[0]
-        if n % g == 0:
+        n = t.numel() // t.shape[0] if t.numel() else 0
+        fix = f"--exclude {name.rpartition('.')[0]}"
+        if t.numel() == 0:
+            why = f"tensor {name!r} is empty ({'x'.join(map(str, t.shape))})"
+        elif g is not None and n % g:
+            why = f"tensor {name!r} has rows of {n} values, not divisible by --group-size {g}"
+            fix = f"choose a --group-size that divides {n} or {fix}"
+        elif config.scheme == "int4" and n % 2:
+            why = f"tensor {name!r} has rows of {n} values, an odd number: int4 stores two values a byte"
+        else:
             keep[name] = t
             continue
-        why = f"tensor {name!r} has rows of {n} values, not divisible by --group-size {g}"
         if config.include:
-            raise UsageError(f"{ckpt.name}: {why}; choose a --group-size that divides {n} or --exclude {name.rpartition('.')[0]}")
+            raise UsageError(f"{ckpt.name}: {why}; {fix}")
         skipped.append(name)
         ctx.progress.log(f"{why}: left unquantized")
     if not keep:
-        raise UsageError(
-            f"{ckpt.name}: no weight has rows divisible by --group-size {g} (e.g. {skipped[0]!r}); choose a smaller --group-size"
-        )
+        raise UsageError(f"{ckpt.name}: no weight can be quantized to {config.scheme} as asked (e.g. {why}); see the lines above")
     return keep
 
 
