@@ -512,7 +512,9 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], None], *, what: str = 
         _remove_quietly(tmp)
         blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
         if isinstance(e, FileExistsError) and exclusive and blocker is None:
-            raise CheckpointError(f"{path}: already exists (written by another run meanwhile); pass --force to overwrite it") from e
+            raise CheckpointError(
+                f"{path}: already exists (written by another run meanwhile); pass --force (force=True in Python) to overwrite it"
+            ) from e
         why = f"{blocker} is a file, not a folder" if blocker is not None else e.strerror or e
         raise CheckpointError(f"{path}: cannot write {what} ({why})") from e
     except BaseException:  # Ctrl-C included: never leave a partial file behind
@@ -687,7 +689,9 @@ def save_dir(
         os.replace(tmp, out)
     except FileExistsError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"{out}: already exists (written by another run meanwhile); pass --force to overwrite it") from e
+        raise CheckpointError(
+            f"{out}: already exists (written by another run meanwhile); pass --force (force=True in Python) to overwrite it"
+        ) from e
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise CheckpointError(f"{out}: cannot write the directory ({e.strerror or e})") from e
@@ -767,7 +771,7 @@ def check_output(out: Path, *, force: bool, source: Path | None, inputs: tuple[P
     if not directory:
         check_regular(out)
     if out.exists() and not force:
-        raise CheckpointError(f"{out}: already exists; pass --force to overwrite it")
+        raise CheckpointError(f"{out}: already exists; pass --force (force=True in Python) to overwrite it")
 
 
 def _model_directory(d: Path) -> bool:

@@ -428,6 +428,8 @@ def storage_precisions(ckpt: Checkpoint) -> set[str]:
     out: set[str] = set()
     for spec in ckpt.encodings.values():
         out.add(spec.get("codec", "?"))
+        if spec.get("codec") == "pack-quantized":  # a Hugging Face directory's int4 / int8 (compressed-tensors)
+            out.add(f"int{spec.get('bits', 8)}")
         if spec.get("codec", "").startswith("sparse"):
             out.add(spec.get("dtype", "float32"))
     taken = {k for keys in formats.stored_keys(ckpt.encodings, ckpt.name).values() for k in keys}

@@ -513,3 +513,17 @@ def test_directory_output_checks_read_the_real_model_type(tmp_path: Path) -> Non
     config = QuantizeConfig(scheme="int8-dynamic")
     assert pipeline._for_hf_output(config, {"model_type": "not-a-transformers-type"}, notes.append, dense=False) == config
     assert notes == []
+
+
+def test_a_quantized_directory_may_run_bf16_under_auto(tiny_bert_dir: Path, tmp_path: Path) -> None:
+    """The directory stores int8 as compressed-tensors' pack-quantized: auto must see int8 weights
+    there (bf16 allowed) as it does in a single file; it said "nothing else to try"."""
+    import infercomp
+    from infercomp.compute import allowed_modes
+    from infercomp.models import storage_precisions
+
+    out = tmp_path / "int8"
+    infercomp.quantize(tiny_bert_dir, out, scheme="int8", measure=False)
+    ckpt = checkpoint.load(out)
+    assert {e["codec"] for e in ckpt.encodings.values()} == {"pack-quantized"}
+    assert "bf16" in allowed_modes(storage_precisions(ckpt))

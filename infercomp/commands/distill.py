@@ -41,7 +41,7 @@ def distill(
         float,
         typer.Option("--alpha", help="Weight of the distillation term; 1 - alpha goes to cross-entropy on labels (0 = plain fine-tuning)."),
     ] = 0.9,
-    epochs: Annotated[int, typer.Option("--epochs", min=1)] = 10,
+    epochs: Annotated[int, typer.Option("--epochs", help="Passes over --data.", min=1)] = 10,
     lr: Annotated[
         float | None,
         typer.Option(
@@ -51,7 +51,7 @@ def distill(
             show_default=False,
         ),
     ] = None,
-    weight_decay: Annotated[float, typer.Option("--weight-decay")] = 1e-4,
+    weight_decay: Annotated[float, typer.Option("--weight-decay", help="AdamW's decoupled weight decay.")] = 1e-4,
     seed: Annotated[
         int, typer.Option("--seed", help="Seeds initialisation and data order: the same seed gives the same bytes on CPU.")
     ] = 0,

@@ -92,21 +92,27 @@ def prune(
 
     \b
     Methods (--method):
-      magnitude  unstructured: zero the smallest |w| of all weights together (one threshold;
-                 --scope layer: of each weight tensor alone, each reaching --sparsity).
-      channel    structured: remove whole output channels / conv filters / attention heads / FFN
-                 channels and everything that depends on them (next layer inputs, BatchNorm,
-                 residual-coupled layers); tensors shrink, the model runs faster. Ranked by L1
-                 row norm, --importance l2, or activation (with --data). Output sizes never change;
-                 a transformer keeps its hidden size (--scope ffn, heads, or all of both).
-      2:4        semi-structured N:M (--n 2 --m 4): in every 4 consecutive inputs keep the 2
-                 largest |w|; runs torch's sparse kernels on CUDA, dense on CPU.
-      wanda      |w| x ||input activation|| from --data calibration: per output row, or N:M with --n/--m;
-                 then each row's mask is refined by swaps that lower the layer's output error
-                 (--no-refine: the paper's masks); --bias-correction also moves each bias by the
+      magnitude  unstructured: zero the smallest |w| of all weights together (one
+                 threshold; --scope layer: of each weight tensor alone, each
+                 reaching --sparsity).
+      channel    structured: remove whole output channels / conv filters /
+                 attention heads / FFN channels and everything that depends on
+                 them (next layer inputs, BatchNorm, residual-coupled layers);
+                 tensors shrink, the model runs faster. Ranked by L1 row norm,
+                 --importance l2, or activation (with --data). Output sizes never
+                 change; a transformer keeps its hidden size (--scope ffn, heads,
+                 or all of both).
+      2:4        semi-structured N:M (--n 2 --m 4): in every 4 consecutive inputs
+                 keep the 2 largest |w|; runs torch's sparse kernels on CUDA,
+                 dense on CPU.
+      wanda      |w| x ||input activation|| from --data calibration: per output
+                 row, or N:M with --n/--m; then each row's mask is refined by
+                 swaps that lower the layer's output error (--no-refine: the
+                 paper's masks); --bias-correction also moves each bias by the
                  removed weights' mean contribution.
-      sparsegpt  the same masks, chosen with each layer's inverse Hessian from --data, and the kept
-                 weights updated to make up for the removed ones (slower).
+      sparsegpt  the same masks, chosen with each layer's inverse Hessian from
+                 --data, and the kept weights updated to make up for the removed
+                 ones (slower).
 
     Zeroed weights are stored as a bitmask plus the non-zero values when that is smaller.
     """

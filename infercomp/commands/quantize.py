@@ -81,19 +81,21 @@ def quantize(
     read); biases and norms keep their dtype. Schemes:
 
     \b
-    int8          int8 weights, a scale per output channel (or per --group-size columns); ~0.26x size.
-    int8-dynamic  int8 weights per channel, and activations quantized to 8 bits at run time: Linear
-                  layers run on int8 CPU kernels (the fast choice on CPU).
-    int4          4-bit weights, two per byte, a scale per group of 32 (--group-size; -1: per
-                  channel), symmetric or --asymmetric; ~0.15x size. Use --method gptq --data FILE
-                  to keep accuracy.
-    fp8           float8 e4m3 weights with per-channel scales; fp8 matmuls on CUDA GPUs >= sm89,
-                  dequantized elsewhere.
+    int8          int8 weights, a scale per output channel (or per --group-size
+                  columns); ~0.26x size.
+    int8-dynamic  int8 weights per channel, and activations quantized to 8 bits
+                  at run time: Linear layers run on int8 CPU kernels (the fast
+                  choice on CPU).
+    int4          4-bit weights, two per byte, a scale per group of 32
+                  (--group-size; -1: per channel), symmetric or --asymmetric;
+                  ~0.15x size. Use --method gptq --data FILE to keep accuracy.
+    fp8           float8 e4m3 weights with per-channel scales; fp8 matmuls on
+                  CUDA GPUs >= sm89, dequantized elsewhere.
     fp16, bf16    every float tensor cast to 16 bits.
 
-    Stored as plain integer tensors + scales (compressed-tensors names: weight_packed, weight_scale,
-    weight_zero_point, plus weight_column_scale where column scales are used); infercomp.load()
-    runs them quantized.
+    Stored as plain integer tensors + scales (compressed-tensors names: weight_packed,
+    weight_scale, weight_zero_point, plus weight_column_scale where column scales are used);
+    infercomp.load() runs them quantized.
     """
     opts = c.Common.pick(locals())
     c.run(

@@ -25,8 +25,9 @@ def run(
 ) -> None:
     """Run a recipe: prune -> distill -> quantize -> report steps, each with its CLI options.
 
-    Each step writes OUT/NAME.safetensors. A step whose inputs (by SHA-256) and options have not
-    changed since the last run is skipped, like make; a failing step or gate stops the recipe,
+    Each step writes OUT/NAME.safetensors (OUT/NAME from a Hugging Face directory). A step whose
+    inputs (by SHA-256) and options have not changed since the last run is skipped, like make; a
+    failing step or gate stops the recipe,
     naming the step, and leaves the earlier outputs as they are. See infercomp/recipe.py for the
     format and examples/compress_cnn.yaml for an example.
     """
