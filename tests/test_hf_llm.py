@@ -385,3 +385,26 @@ def test_distill_validates_hidden_states_by_cosine_not_argmax() -> None:
     val = Dataset(inputs=torch.randn(32, 8), labels=None, path=Path("v"))
     assert _validate(teacher, teacher, val, 8, torch.device("cpu")) == pytest.approx(1.0)
     assert 0.5 < _validate(student, teacher, val, 8, torch.device("cpu")) < 0.999
+
+
+def test_distill_validates_a_sentence_model_on_its_pooled_embedding(tiny_sentence_model: Path, tmp_path: Path) -> None:
+    """The best epoch is picked on the figure the report shows (pooled, normalised embeddings,
+    padding left out), not on the last hidden state with its padding positions."""
+    from infercomp import checkpoint
+    from infercomp.data import load_data
+    from infercomp.distill.trainer import _metric, _validate
+    from infercomp.models import ModelLoader, task_for
+
+    d = tiny_sentence_model
+    text = tmp_path / "sentences.txt"
+    text.write_text("\n".join(SENTENCES) + "\n")
+    pruned = tmp_path / "pruned"
+    after = infercomp.prune(d, pruned, method="magnitude", sparsity=0.6, data=text, **FAST).models[1]
+    loader = ModelLoader()
+    teacher_ckpt, student_ckpt = checkpoint.load(d), checkpoint.load(pruned)
+    teacher, student = (loader.build(c, runtime=False).eval() for c in (teacher_ckpt, student_ckpt))
+    task = task_for(teacher_ckpt, teacher)
+    val = load_data(text, model=d)
+    score = _validate(student, teacher, val, 4, torch.device("cpu"), task)
+    assert score == pytest.approx(after.fidelity["cosine_mean"], abs=1e-5)
+    assert _metric(student, val, task) == "embedding cosine with the teacher"

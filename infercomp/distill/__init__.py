@@ -26,7 +26,7 @@ from infercomp.distill.state import state_path
 from infercomp.distill.trainer import Job, Trainable, Trainer
 from infercomp.errors import DataError, ModelError
 from infercomp.formats.sparse import is_nm
-from infercomp.models import ModelLoader, first_output
+from infercomp.models import ModelLoader, first_output, task_for
 from infercomp.progress import NULL, Progress
 from infercomp.transform import Context
 
@@ -166,6 +166,7 @@ def distill(teacher_ckpt: Checkpoint, config: DistillConfig, ctx: Context) -> Ch
             fingerprint=config.to_dict(),
             progress=progress,
             masks=masks,
+            task=task_for(teacher_ckpt, teacher),
         )
         tensors = Trainer(teacher, trainable, config, job, d).run()
         if features is not None:

@@ -24,7 +24,7 @@ from infercomp.distill.state import load as load_state
 from infercomp.distill.state import save as save_state
 from infercomp.errors import DataError, UsageError
 from infercomp.metrics import accuracy, next_token_nll
-from infercomp.models import call, first_output, is_causal_lm, predict
+from infercomp.models import Task, call, first_output, is_causal_lm, predict
 from infercomp.progress import NULL, Progress
 
 
@@ -94,6 +94,8 @@ class Job:
         fingerprint: JSON-able description of the options; a saved state must match it to resume.
         masks: parameter name (in ``Trainable``) -> bool mask of the weights to keep; the zeros of
             an unstructured-pruned student stay zero.
+        task: how the teacher's outputs are read (``models.task_for``): a sentence-embedding
+            model is validated on its pooled, normalised embeddings, as the report scores it.
     """
 
     data: Dataset
@@ -104,6 +106,7 @@ class Job:
     fingerprint: dict[str, Any] | None = None
     progress: Progress = NULL
     masks: dict[str, torch.Tensor] | None = None
+    task: Task | None = None
 
 
 class Trainer:
@@ -233,13 +236,17 @@ class Trainer:
         entry: dict[str, Any] = {"epoch": self.epoch + 1, "loss": round(loss, 6), "val": None}
         note = ""
         if val is not None and self.d.main:
-            entry["val"] = score = _validate(self.trainable.student, self.teacher, val, config.batch_size, self.device)
+            entry["val"] = score = _validate(self.trainable.student, self.teacher, val, config.batch_size, self.device, self.job.task)
             if self.best_score is None or score >= self.best_score:  # ties go to the later (lower learning rate) epoch
                 self.best_score = score
                 self.best = {k: v.detach().cpu().clone() for k, v in self.trainable.student.state_dict().items()}
                 note = " (best so far)"
         self.log.append(entry)
-        metric = "" if entry["val"] is None else f", validation {_shown(_metric(self.trainable.student, val), entry['val'])}{note}"
+        metric = (
+            ""
+            if entry["val"] is None
+            else f", validation {_shown(_metric(self.trainable.student, val, self.job.task), entry['val'])}{note}"
+        )
         self.job.progress.log(f"epoch {self.epoch + 1}/{config.epochs}: loss {entry['loss']:.4f}{metric}")
         self.epoch, self.step_in_epoch = self.epoch + 1, 0
         self.save_state(finished=self.epoch == config.epochs)
@@ -263,10 +270,12 @@ class Trainer:
             save_state(self.job.state_file, st)
 
 
-def _metric(student: nn.Module, val: Dataset | None) -> str:
+def _metric(student: nn.Module, val: Dataset | None, task: Task | None = None) -> str:
     """What ``_validate`` scores ``student`` by on ``val``."""
     if val is not None and is_causal_lm(student):
         return "perplexity"
+    if val is not None and task is not None and task.kind == "sentence-embedding" and val.labels is None:
+        return "embedding cosine with the teacher"
     return "accuracy" if val is not None and val.labels is not None else "agreement with the teacher"
 
 
@@ -275,12 +284,15 @@ def _shown(metric: str, score: float) -> str:
     return f"perplexity {-score:.4f}" if metric == "perplexity" else f"{metric} {score:.4f}"
 
 
-def _validate(student: nn.Module, teacher: nn.Module, val: Dataset, batch_size: int, device: torch.device) -> float:
+def _validate(
+    student: nn.Module, teacher: nn.Module, val: Dataset, batch_size: int, device: torch.device, task: Task | None = None
+) -> float:
     """A score where higher is better: a causal LM's negated perplexity on the validation text
     (next real token; top-1 agreement with the teacher says little there: a pretrained student
     agrees on nearly every token from the first epoch on); else accuracy on labeled data; else
     agreement with the teacher's outputs: top-1 for class scores (N, C), mean cosine of each
-    sample's outputs for anything else (hidden states: their argmax means nothing)."""
+    sample's outputs for anything else (hidden states: their argmax means nothing), of the
+    pooled, normalised embeddings for a sentence-embedding ``task`` (padding left out)."""
     was = student.training
     student.eval()
     with torch.no_grad():
@@ -293,13 +305,14 @@ def _validate(student: nn.Module, teacher: nn.Module, val: Dataset, batch_size: 
                 total, count = total + s, count + n
             score = -math.exp(total / max(count, 1))
         else:
-            out = predict(student, val, batch_size=batch_size, device=device)
+            embed = task if task is not None and task.kind == "sentence-embedding" and val.labels is None else None
+            out = predict(student, val, batch_size=batch_size, device=device, task=embed)
             labelled = None if val.labels is None else accuracy(out, val.labels)
             if labelled is not None:
                 score = labelled
             else:
-                ref = predict(teacher, val, batch_size=batch_size, device=device)
-                if out.dim() == 2:
+                ref = predict(teacher, val, batch_size=batch_size, device=device, task=embed)
+                if out.dim() == 2 and embed is None:  # class scores
                     score = float((out.argmax(-1) == ref.argmax(-1)).float().mean())
                 else:
                     score = float(torch.nn.functional.cosine_similarity(out.flatten(1), ref.flatten(1), dim=1).mean())
