@@ -268,3 +268,21 @@ def test_every_cli_call_in_the_tests_checks_its_exit_code() -> None:
     assert _unchecked_cli_calls("def test_y():\n    run_cli('report')\n    subprocess.run(['x']).returncode\n") == ["test_y (line 2)"]
     assert _unchecked_cli_calls("def test_z():\n    subprocess.run([sys.executable, '-m', 'infercomp'])\n") == ["test_z (line 2)"]
     assert _unchecked_cli_calls("def test_w():\n    pid = subprocess.run(['true']).stdout\n") == []  # not the CLI
+
+
+def test_progress_bars_keep_their_numbers_in_80_columns() -> None:
+    """A long info line (distill's epoch, loss, samples/s) widened a column every bar shares: at 80
+    columns the counts and times of all bars read "…". The words give way now, not the numbers."""
+    from rich.console import Console
+
+    from infercomp.commands.common import RichProgress
+
+    p = RichProgress()
+    p.bar.add_task("distill: digits_cnn.safetensors", total=None, info="")
+    inner = p.bar.add_task("distilling", total=230, info="epoch 5/10 loss 0.06 samples/s 7081 and more words")
+    p.bar.update(inner, completed=100)
+    console = Console(record=True, width=80, color_system=None)
+    console.print(p.bar.make_tasks_table(p.bar.tasks))
+    text = console.export_text()
+    assert max(len(line) for line in text.splitlines()) <= 80
+    assert "100/230" in text and "0/?" in text and "epoch 5/10" in text

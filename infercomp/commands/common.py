@@ -17,8 +17,9 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.progress import BarColumn, MofNCompleteColumn, ProgressColumn, SpinnerColumn, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.progress import Progress as RichBar
+from rich.table import Column
 
 import infercomp.plot as plotting
 import infercomp.render as render
@@ -261,16 +262,25 @@ class RichProgress(Progress):
     """Progress bars on stderr (rich); removed when each task ends."""
 
     def __init__(self) -> None:
+        # The counts and times keep their width; the words (description, info) are cut with "…"
+        # first: in 80 columns a long info line of one bar squeezed every bar's numbers to "…".
+        def words(field: str, ratio: int) -> TextColumn:
+            return TextColumn(field, table_column=Column(no_wrap=True, overflow="ellipsis", ratio=ratio, min_width=8))
+
+        def figures(column: type[ProgressColumn]) -> ProgressColumn:
+            return column(table_column=Column(no_wrap=True, min_width=7))
+
         self.bar = RichBar(
             SpinnerColumn(),
-            TextColumn("{task.description}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            TimeRemainingColumn(),
-            TextColumn("{task.fields[info]}"),
+            words("{task.description}", 2),
+            BarColumn(bar_width=None, table_column=Column(ratio=1, min_width=6)),
+            figures(MofNCompleteColumn),
+            figures(TimeElapsedColumn),
+            figures(TimeRemainingColumn),
+            words("{task.fields[info]}", 3),
             console=stderr_console(),
             transient=True,
+            expand=True,
         )
 
     def __enter__(self) -> RichProgress:
