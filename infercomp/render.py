@@ -305,9 +305,10 @@ def _nonfinite_to_null(d: dict[str, Any] | list[Any], prefix: str) -> list[str]:
     return bad
 
 
-def to_markdown(c: Comparison) -> str:
-    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" if i == 0 else "---:" for i in range(len(COLUMNS))) + "|"]
-    lines += ["| " + " | ".join(cell.replace("|", "\\|") for cell in _cells(m)) + " |" for m in c.models]
+def to_markdown(c: Comparison, columns: tuple[str, ...] | None = None) -> str:
+    chosen = COLUMNS if columns is None else columns
+    index = [COLUMNS.index(col) for col in chosen]
+    lines = _markdown_table(chosen, [[_cells(m)[i] for i in index] for m in c.models])
     lines.append("")
     lines.append(f"_{_settings_line(c)}_")
     runs = [f"- `{m.path}`: {line}" for m in c.models if (line := _compute_line(m))]
@@ -367,6 +368,9 @@ def to_csv(c: Comparison) -> str:
     return buf.getvalue()
 
 
-def render_text(c: Comparison, fmt: str) -> str:
-    """JSON / Markdown / CSV text (the table is drawn by ``render_table``)."""
-    return {"json": to_json, "markdown": to_markdown, "csv": to_csv}[fmt](c)
+def render_text(c: Comparison, fmt: str, columns: tuple[str, ...] | None = None) -> str:
+    """JSON / Markdown / CSV text (the table is drawn by ``render_table``). ``columns``
+    (``--columns``): the Markdown table's, when chosen; JSON and CSV always hold every figure."""
+    if fmt == "markdown":
+        return to_markdown(c, columns)
+    return {"json": to_json, "csv": to_csv}[fmt](c)

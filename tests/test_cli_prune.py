@@ -108,3 +108,12 @@ def test_wanda_bias_correction_through_the_cli(runner, tmp_path: Path) -> None:
                 "--bias-correction", "--no-latency", "-q")  # fmt: skip
     assert p.returncode == 0, p.stderr
     assert checkpoint.load(tmp_path / "sub.safetensors").tensors.keys() == corrected.tensors.keys()
+
+
+def test_scope_ffn_on_a_model_without_attention_says_it_prunes_every_channel(runner, tmp_path: Path) -> None:
+    r = invoke(runner, "prune", SAMPLE["cnn"], "-o", tmp_path / "o.safetensors", "--method", "channel", "--scope", "ffn", "--no-latency")
+    assert r.exit_code == 0 and "has no attention heads, so it prunes every channel group" in r.stderr
+    r = invoke(
+        runner, "prune", SAMPLE["transformer"], "-o", tmp_path / "t.safetensors", "--method", "channel", "--scope", "ffn", "--no-latency"
+    )
+    assert r.exit_code == 0 and "has no attention heads" not in r.stderr

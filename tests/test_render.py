@@ -238,3 +238,11 @@ def test_markdown_carries_the_layer_view_and_the_sensitivity_ranking() -> None:
     assert "**layers of `a|b.safetensors`**" in text and "| fc.weight | 8x4 | sparse-bitmask | 100 B | 60.0% | 12.3 | - |" in text
     assert "| fc1 | +2.00 pt | 0.9700 |" in text and "| fc2 | - | - |" in text
     assert "budget 0.50 pt): `--exclude fc1`" in text
+
+
+def test_markdown_takes_the_chosen_columns() -> None:
+    """--columns applied to the table only; Markdown printed all 16 columns whatever was asked."""
+    c = _comparison()
+    lines = render.render_text(c, "markdown", render.parse_columns("size,accuracy")).splitlines()
+    assert lines[0] == "| model | size | accuracy |" and lines[3].startswith("| a\\|b.safetensors | 3.0 MiB | 97.00% |")
+    assert render.render_text(c, "markdown").splitlines()[0] == "| " + " | ".join(render.COLUMNS) + " |"  # default: all

@@ -326,7 +326,7 @@ def emit(comparison: Comparison, common: Common) -> None:
     if common.fmt == "table":
         render.render_table(comparison, stdout_console(), render.parse_columns(common.columns))
     else:
-        sys.stdout.write(render.render_text(comparison, common.fmt))
+        sys.stdout.write(render.render_text(comparison, common.fmt, render.parse_columns(common.columns) if common.columns else None))
         sys.stdout.flush()
     if common.report_out is not None:
         out = common.report_out

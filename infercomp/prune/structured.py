@@ -122,6 +122,8 @@ def prune_channels(
     if grouped and scope != "ffn":
         progress.log("attention heads of grouped-query attention are kept whole (only their FFN channels are pruned)")
     groups = _groups(model, graph, names, frozen | grouped, include, exclude, l2=importance == "l2")
+    if scope == "ffn" and groups and not any(g.unit > 1 for g in groups):
+        progress.log("--scope ffn: this model has no attention heads, so it prunes every channel group (as --scope all does)")
     if scope != "all":
         groups = [g for g in groups if (g.unit > 1) == (scope == "heads")]
     if not groups:
