@@ -510,13 +510,11 @@ def write_atomic(path: Path, write: Callable[[IO[bytes]], None], *, what: str = 
             os.replace(tmp, path)
     except OSError as e:
         _remove_quietly(tmp)
-        blocker = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
-        if isinstance(e, FileExistsError) and exclusive and blocker is None:
+        if isinstance(e, FileExistsError) and exclusive and _blocker(path) is None:
             raise CheckpointError(
                 f"{path}: already exists (written by another run meanwhile); pass --force (force=True in Python) to overwrite it"
             ) from e
-        why = f"{blocker} is a file, not a folder" if blocker is not None else e.strerror or e
-        raise CheckpointError(f"{path}: cannot write {what} ({why})") from e
+        raise CheckpointError(f"{path}: cannot write {what} ({_why(path, e)})") from e
     except BaseException:  # Ctrl-C included: never leave a partial file behind
         _remove_quietly(tmp)
         raise
@@ -538,6 +536,17 @@ def check_unchanged(p: Path, before: tuple[tuple[str, int, int], ...]) -> None:
     during the run would give an output of mixed provenance."""
     if stamp(p) != before:
         raise CheckpointError(f"{p}: changed while this run read it; nothing was written (rerun once it stays the same)")
+
+
+def _blocker(path: Path) -> Path | None:
+    """The first parent of ``path`` that exists as something other than a folder."""
+    return next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+
+
+def _why(path: Path, e: OSError) -> str:
+    """Why writing ``path`` failed, in words: a parent that is a file, else the system's reason."""
+    blocker = _blocker(path)
+    return f"{blocker} is a file, not a folder" if blocker is not None else str(e.strerror or e)
 
 
 def _link_new(tmp: Path, path: Path) -> None:
@@ -694,7 +703,7 @@ def save_dir(
         ) from e
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
-        raise CheckpointError(f"{out}: cannot write the directory ({e.strerror or e})") from e
+        raise CheckpointError(f"{out}: cannot write the directory ({_why(out, e)})") from e
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -400,23 +400,26 @@ def _merge_fidelity(parts: list[tuple[int, dict[str, float | None]]]) -> dict[st
     }
 
 
-def check_data(ckpt: Checkpoint, loader: ModelLoader, data: Dataset, device: torch.device) -> None:
-    """Run the first samples of ``data`` through ``ckpt``'s model before any transform: a model
-    that cannot take these inputs, or labels beyond its class scores, is a DataError now, before
-    calibration and before an output is written (exit 2 leaves no output), instead of a traceback
-    from inside a calibration pass. Text is tokenized for the model by its own tokenizer and
-    needs no check; a model infercomp cannot build is checked where it is measured."""
-    if data.attention_mask is not None or not loader.can_build(ckpt):
+def check_data(ckpt: Checkpoint, loader: ModelLoader, datasets: Sequence[Dataset | None], device: torch.device) -> None:
+    """Run the first samples of each of ``datasets`` (None: none given) through ``ckpt``'s model
+    before any transform: a model that cannot take these inputs, or labels beyond its class
+    scores, is a DataError now, before calibration and before an output is written (exit 2 leaves
+    no output), instead of a traceback from inside a calibration pass. Text is tokenized for the
+    model by its own tokenizer and needs no check; a model infercomp cannot build is checked where
+    it is measured. The model is built once, only when some tensor data needs it."""
+    tensors = list({id(d): d for d in datasets if d is not None and d.attention_mask is None}.values())
+    if not tensors or not loader.can_build(ckpt):
         return
     module = loader.build(ckpt, runtime=False).to(device).eval()
     task = task_for(ckpt, module)
     if task.kind == "causal-lm":
         return
-    few = Dataset(inputs=data.inputs[:2], labels=None, path=data.path)
-    with torch.inference_mode():
-        out = _guarded(ckpt.name, data, predict, module, few, batch_size=2, device=device, task=task)
-    if data.labels is not None and task.kind in ("outputs", "classifier") and out.dim() == 2:
-        _check_labels(data, out)
+    for data in tensors:
+        few = Dataset(inputs=data.inputs[:2], labels=None, path=data.path)
+        with torch.inference_mode():
+            out = _guarded(ckpt.name, data, predict, module, few, batch_size=2, device=device, task=task)
+        if data.labels is not None and task.kind in ("outputs", "classifier") and out.dim() == 2:
+            _check_labels(data, out)
 
 
 def _guarded(name: str, data: Dataset, run: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

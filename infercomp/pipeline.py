@@ -74,11 +74,10 @@ def _for_hf_output(config: TransformConfig, model_config: dict[str, Any], note: 
 def _decoded_note(ckpt: checkpoint.Checkpoint, config: TransformConfig) -> str | None:
     """What pruning or quantizing an already quantized input does to it, said once: its weights
     are decoded to float first (pruning stores them in float; quantizing rounds them again)."""
-    codecs = sorted({str(e.get("codec")) for e in ckpt.encodings.values() if not str(e.get("codec", "")).startswith("sparse")})
-    n = sum(1 for e in ckpt.encodings.values() if not str(e.get("codec", "")).startswith("sparse"))
-    if not n or config.transform not in ("prune", "quantize"):
+    quantized = [c for e in ckpt.encodings.values() if not (c := str(e.get("codec", ""))).startswith("sparse")]
+    if not quantized or config.transform not in ("prune", "quantize"):
         return None
-    held = f"the input holds {n} quantized weight(s) ({', '.join(codecs)})"
+    held = f"the input holds {len(quantized)} quantized weight(s) ({', '.join(sorted(set(quantized)))})"
     if config.transform == "prune":
         return f"{held}: they are decoded to float to be pruned, and stored in float; quantize the pruned output again"
     return f"{held}: they are quantized again from their decoded values, so the rounding errors add up; quantize the float original where you have it"
@@ -178,8 +177,7 @@ def run(
     checkpoint.check_output(out, force=force, source=src, inputs=reads, directory=hf_out)  # fail before any expensive work
     dataset = load_data(data, model=src) if data is not None else None
     evaluation = load_data(eval_data, model=src) if eval_data is not None else dataset
-    for d in {id(x): x for x in (dataset, evaluation) if x is not None}.values():
-        check_data(ckpt, loader, d, options.torch_device())  # bad data: exit 2 before any work, nothing written
+    check_data(ckpt, loader, [dataset, evaluation], options.torch_device())  # bad data: exit 2 before any work, nothing written
     ctx = Context(loader=loader, data=dataset, device=options.torch_device(), progress=progress, source=src, output=out)
     with progress.task(f"{config.transform}: {src.name}", total=None), pinned_threads(config.threads):
         new = TRANSFORMS[type(config)](ckpt, config, ctx)

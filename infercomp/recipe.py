@@ -262,6 +262,10 @@ def _run_step(
     }
     if not force and out.exists() and state.get(step.name) == fingerprint:
         return {"ran": False, "output": out, "fingerprint": fingerprint}
+    if state.pop(step.name, None) is not None:  # not up to date until it finishes: a run cut short must not leave it so
+        checkpoint.write_atomic(
+            recipe.out / STATE, lambda f: f.write(json.dumps(state, indent=1, sort_keys=True).encode()), what="the recipe state"
+        )
     # A transform step measures only when it has gates of its own; the report step measures.
     comparison = verb(source, out, force=True, measure=bool(step.options.get("fail_if")), progress=progress, **opts)
     return {"ran": True, "output": out, "comparison": comparison, "fingerprint": fingerprint}

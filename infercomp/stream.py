@@ -125,7 +125,8 @@ def run(
     ckpt = checkpoint.load(src, lazy=True)
     # Small enough to build: measured as in memory (models timed, so glibc's allocator is left as
     # it is); else static figures only, and freed blocks go back to the system at once.
-    built = measure and loader.can_build(ckpt) and checkpoint.disk_size(src) <= STREAM_ABOVE
+    small = loader.can_build(ckpt) and checkpoint.disk_size(src) <= STREAM_ABOVE
+    built = measure and small
     if not built:
         checkpoint.return_freed_memory()
     reads = tuple(Path(p) for p in (data, eval_data) if p is not None)
@@ -133,10 +134,8 @@ def run(
     checkpoint.check_output(out, force=force, source=src, inputs=reads, directory=hf_out)
     dataset = load_data(data, model=src) if data is not None else None  # calibration (gptq, wanda)
     evaluation = load_data(eval_data, model=src) if eval_data is not None else dataset
-    if built:  # small enough to build: bad data is exit 2 before any work, nothing written
-        whole = checkpoint.load(src)
-        for d in {id(x): x for x in (dataset, evaluation) if x is not None}.values():
-            check_data(whole, loader, d, options.torch_device())
+    if small:  # small enough to build: bad data is exit 2 before any work, nothing written
+        check_data(checkpoint.load(src), loader, [dataset, evaluation], options.torch_device())
     ctx = Context(loader=loader, data=dataset, device=options.torch_device(), progress=progress, source=src, output=out)
     digest: list[str] = []
     hasher = threading.Thread(target=lambda: digest.append(checkpoint.sha256(src)), daemon=True)  # reads beside the transform

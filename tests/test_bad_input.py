@@ -39,7 +39,7 @@ def test_data_the_model_cannot_take_is_exit_2_before_any_work(runner, tmp_path: 
     out = tmp_path / "o.safetensors"
     r = invoke(runner, args[0], SAMPLE["cnn"], "-o", out, *args[1:], "--data", bad, "--no-latency")
     one_line_error(r, "bad.safetensors", "cannot run on 'inputs' of shape (3, 5, 5)")
-    assert not out.exists()
+    assert not out.exists() and "was removed" not in r.stderr  # found before the work, not after the write
 
 
 def test_labels_beyond_the_class_scores_are_found_before_writing(runner, tmp_path: Path) -> None:
@@ -50,7 +50,7 @@ def test_labels_beyond_the_class_scores_are_found_before_writing(runner, tmp_pat
         extra = ["--data", DIGITS_TEST] if option == "--eval-data" else []
         r = invoke(runner, "quantize", SAMPLE["cnn"], "-o", out, *extra, option, bad, "--no-latency")
         one_line_error(r, "labels.safetensors", "'labels' go up to 99 but the model outputs 10 class scores")
-        assert not out.exists()
+        assert not out.exists() and "was removed" not in r.stderr
 
 
 def test_distill_validation_data_is_checked_before_training(runner, tmp_path: Path) -> None:
@@ -294,3 +294,16 @@ def test_odd_paths_and_metadata_get_their_own_message(runner, tmp_path: Path) ->
     deep = tmp_path / "deep.safetensors"
     save_file({"w": torch.zeros(2, 2)}, str(deep), {"infercomp": "[" * 100_000 + "]" * 100_000})
     one_line_error(invoke(runner, "report", deep, "--no-latency"), "nested too deeply")
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_the_commands_write_exclusively_without_force(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, stream: bool) -> None:
+    """The early existence check passes (another run has not finished yet); the other run's
+    output appears before ours is renamed into place: ours fails, theirs stays."""
+    import infercomp
+
+    out = tmp_path / "o.safetensors"
+    monkeypatch.setattr(checkpoint, "check_output", lambda *a, **k: out.write_bytes(b"theirs"))
+    with pytest.raises(CheckpointError, match="written by another run meanwhile"):
+        infercomp.quantize(SAMPLE["mlp"], out, scheme="int8", measure=False, stream=stream)
+    assert out.read_bytes() == b"theirs"

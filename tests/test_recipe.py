@@ -159,3 +159,25 @@ def test_json_lines_one_report_per_measured_step(tmp_path: Path, runner) -> None
     assert r.exit_code == 0, r.stderr
     docs = [json.loads(line) for line in r.stdout.splitlines()]
     assert [d["step"] for d in docs] == ["q", "r"] and all(d["schema"] == "infercomp.report/1" for d in docs)
+
+
+def test_a_step_cut_short_is_not_up_to_date_for_its_old_options(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Options A ran; B was started and cut short after writing its output. Back at A, the file
+    is B's: the step must run again, not be skipped on A's old fingerprint."""
+    import infercomp.recipe as recipe
+
+    p = _one_step(tmp_path, "  - name: q\n    quantize: {scheme: int8}\n")
+    assert _ran(run(load(p))) == {"q": True}
+    p.write_text(p.read_text().replace("int8", "int4"))
+
+    def cut_short(source, out, **kwargs):
+        Path(out).write_bytes(b"B's output")
+        raise KeyboardInterrupt
+
+    r = load(p)  # checked against the real verb's options
+    monkeypatch.setitem(recipe.VERBS, "quantize", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        run(r)
+    monkeypatch.undo()
+    p.write_text(p.read_text().replace("int4", "int8"))
+    assert _ran(run(load(p))) == {"q": True}
