@@ -360,17 +360,17 @@ def test_distill_validates_a_causal_lm_by_perplexity(tiny_llama: tuple[Path, Pat
     """Top-1 agreement with the teacher sits at 1.0 for a pretrained student: the best epoch is
     chosen by validation perplexity instead (negated: higher is better), as transformers' loss gives it."""
     from infercomp.data import load_data
-    from infercomp.distill.trainer import _metric, _shown, _validate
+    from infercomp.distill.trainer import _shown, _validate
 
     d, text = tiny_llama
     model = transformers.AutoModelForCausalLM.from_pretrained(d).eval()
     val = load_data(text, model=d)
-    score = _validate(model, model, val, 4, torch.device("cpu"))
+    name, score = _validate(model, model, val, 4, torch.device("cpu"))
     with torch.no_grad():
         labels = val.inputs.masked_fill(val.attention_mask == 0, -100)
         ref = math.exp(float(model(val.inputs, attention_mask=val.attention_mask, labels=labels).loss))
     assert score == pytest.approx(-ref, rel=1e-3)
-    assert _metric(model, val) == "perplexity" and _shown("perplexity", score) == f"perplexity {ref:.4f}"
+    assert name == "perplexity" and _shown(name, score) == f"perplexity {ref:.4f}"
 
 
 def test_distill_validates_hidden_states_by_cosine_not_argmax() -> None:
@@ -383,8 +383,8 @@ def test_distill_validates_hidden_states_by_cosine_not_argmax() -> None:
     with torch.no_grad():
         student[0].weight.add_(0.3 * torch.randn_like(student[0].weight))
     val = Dataset(inputs=torch.randn(32, 8), labels=None, path=Path("v"))
-    assert _validate(teacher, teacher, val, 8, torch.device("cpu")) == pytest.approx(1.0)
-    assert 0.5 < _validate(student, teacher, val, 8, torch.device("cpu")) < 0.999
+    assert _validate(teacher, teacher, val, 8, torch.device("cpu")) == ("output cosine with the teacher", pytest.approx(1.0))
+    assert 0.5 < _validate(student, teacher, val, 8, torch.device("cpu"))[1] < 0.999
 
 
 def test_distill_validates_a_sentence_model_on_its_pooled_embedding(tiny_sentence_model: Path, tmp_path: Path) -> None:
@@ -392,7 +392,7 @@ def test_distill_validates_a_sentence_model_on_its_pooled_embedding(tiny_sentenc
     padding left out), not on the last hidden state with its padding positions."""
     from infercomp import checkpoint
     from infercomp.data import load_data
-    from infercomp.distill.trainer import _metric, _validate
+    from infercomp.distill.trainer import _validate
     from infercomp.models import ModelLoader, task_for
 
     d = tiny_sentence_model
@@ -405,6 +405,6 @@ def test_distill_validates_a_sentence_model_on_its_pooled_embedding(tiny_sentenc
     teacher, student = (loader.build(c, runtime=False).eval() for c in (teacher_ckpt, student_ckpt))
     task = task_for(teacher_ckpt, teacher)
     val = load_data(text, model=d)
-    score = _validate(student, teacher, val, 4, torch.device("cpu"), task)
+    name, score = _validate(student, teacher, val, 4, torch.device("cpu"), task)
     assert score == pytest.approx(after.fidelity["cosine_mean"], abs=1e-5)
-    assert _metric(student, val, task) == "embedding cosine with the teacher"
+    assert name == "embedding cosine with the teacher"

@@ -234,19 +234,16 @@ class Trainer:
         """Validate (rank 0), keep the best student, log the epoch, save the state."""
         config, val = self.config, self.job.val
         entry: dict[str, Any] = {"epoch": self.epoch + 1, "loss": round(loss, 6), "val": None}
-        note = ""
+        note, metric = "", ""
         if val is not None and self.d.main:
-            entry["val"] = score = _validate(self.trainable.student, self.teacher, val, config.batch_size, self.device, self.job.task)
+            name, score = _validate(self.trainable.student, self.teacher, val, config.batch_size, self.device, self.job.task)
+            entry["val"] = score
             if self.best_score is None or score >= self.best_score:  # ties go to the later (lower learning rate) epoch
                 self.best_score = score
                 self.best = {k: v.detach().cpu().clone() for k, v in self.trainable.student.state_dict().items()}
                 note = " (best so far)"
+            metric = f", validation {_shown(name, score)}{note}"
         self.log.append(entry)
-        metric = (
-            ""
-            if entry["val"] is None
-            else f", validation {_shown(_metric(self.trainable.student, val, self.job.task), entry['val'])}{note}"
-        )
         self.job.progress.log(f"epoch {self.epoch + 1}/{config.epochs}: loss {entry['loss']:.4f}{metric}")
         self.epoch, self.step_in_epoch = self.epoch + 1, 0
         self.save_state(finished=self.epoch == config.epochs)
@@ -270,15 +267,6 @@ class Trainer:
             save_state(self.job.state_file, st)
 
 
-def _metric(student: nn.Module, val: Dataset | None, task: Task | None = None) -> str:
-    """What ``_validate`` scores ``student`` by on ``val``."""
-    if val is not None and is_causal_lm(student):
-        return "perplexity"
-    if val is not None and task is not None and task.kind == "sentence-embedding" and val.labels is None:
-        return "embedding cosine with the teacher"
-    return "accuracy" if val is not None and val.labels is not None else "agreement with the teacher"
-
-
 def _shown(metric: str, score: float) -> str:
     """The validation score as the log line says it (perplexity is kept negated: higher is better)."""
     return f"perplexity {-score:.4f}" if metric == "perplexity" else f"{metric} {score:.4f}"
@@ -286,8 +274,8 @@ def _shown(metric: str, score: float) -> str:
 
 def _validate(
     student: nn.Module, teacher: nn.Module, val: Dataset, batch_size: int, device: torch.device, task: Task | None = None
-) -> float:
-    """A score where higher is better: a causal LM's negated perplexity on the validation text
+) -> tuple[str, float]:
+    """(what was scored, a score where higher is better): a causal LM's negated perplexity on the validation text
     (next real token; top-1 agreement with the teacher says little there: a pretrained student
     agrees on nearly every token from the first epoch on); else accuracy on labeled data; else
     agreement with the teacher's outputs: top-1 for class scores (N, C), mean cosine of each
@@ -303,21 +291,22 @@ def _validate(
                 mask = None if val.attention_mask is None else val.attention_mask[i : i + batch_size].to(device)
                 s, n = next_token_nll(first_output(call(student, ids, mask)).float(), ids, mask)
                 total, count = total + s, count + n
-            score = -math.exp(total / max(count, 1))
+            name, score = "perplexity", -math.exp(total / max(count, 1))
         else:
             embed = task if task is not None and task.kind == "sentence-embedding" and val.labels is None else None
             out = predict(student, val, batch_size=batch_size, device=device, task=embed)
             labelled = None if val.labels is None else accuracy(out, val.labels)
             if labelled is not None:
-                score = labelled
+                name, score = "accuracy", labelled
             else:
                 ref = predict(teacher, val, batch_size=batch_size, device=device, task=embed)
                 if out.dim() == 2 and embed is None:  # class scores
-                    score = float((out.argmax(-1) == ref.argmax(-1)).float().mean())
+                    name, score = "top-1 agreement with the teacher", float((out.argmax(-1) == ref.argmax(-1)).float().mean())
                 else:
-                    score = float(torch.nn.functional.cosine_similarity(out.flatten(1), ref.flatten(1), dim=1).mean())
+                    cos = float(torch.nn.functional.cosine_similarity(out.flatten(1), ref.flatten(1), dim=1).mean())
+                    name, score = ("embedding cosine" if embed is not None else "output cosine") + " with the teacher", cos
     student.train(was)
-    return round(score, 6)
+    return name, round(score, 6)
 
 
 def _resume(job: Job, d: Dist, fingerprint: dict[str, Any], trainable: Trainable, opt: torch.optim.Optimizer) -> TrainState | None:
