@@ -36,6 +36,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+import infercomp.allocator as allocator
+
 __all__ = [
     "INT8_KERNELS",
     "Int8Linear",
@@ -390,7 +392,7 @@ def _default_cache_path() -> Path:
 class KernelCache:
     """On-disk JSON map ``context|key -> {"choice": name, "timings_ms": {...}}``.
 
-    The context (CPU model + features, ONEDNN_MAX_CPU_ISA, torch version, threads) is part of
+    The context (CPU model + features, ONEDNN_MAX_CPU_ISA, torch version, threads, allocator) is part of
     every key, so a cache copied to another machine or run with another ISA cap is not reused.
     An unreadable/corrupt file is treated as empty and rewritten; writes are atomic (temp file
     + ``os.replace``) and silently skipped if the directory is not writable.
@@ -402,7 +404,8 @@ class KernelCache:
 
     @staticmethod
     def context() -> str:
-        return "|".join([cpu_model(), ",".join(cpu_features()), isa_limit() or "-", torch.__version__, f"t{torch.get_num_threads()}"])
+        parts = [cpu_model(), ",".join(cpu_features()), isa_limit() or "-", torch.__version__, f"t{torch.get_num_threads()}"]
+        return "|".join([*parts, allocator.state()])  # the allocator moves float timings (infercomp.allocator)
 
     def full_key(self, key: tuple) -> str:
         return self.context() + "|" + json.dumps(list(key), default=str)

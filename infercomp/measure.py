@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
+import infercomp.allocator as allocator
 import infercomp.formats as formats
 from infercomp.checkpoint import Checkpoint, shapes_of
 from infercomp.compute import ComputeInfo, check_mode
@@ -243,6 +244,7 @@ def compare(
         _ratios([e.report for e in entries])
         return Comparison(settings=settings, models=[e.report for e in entries])
     example = _build(entries, loader, data, options, device, progress)
+    settings["allocator"] = allocator.state()  # after the build, which may have tuned it
     if data is not None:
         _accuracy_and_fidelity(entries, data, options, device, progress)
     if options.latency:

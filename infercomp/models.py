@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from torch import nn
 
+import infercomp.allocator as allocator
 import infercomp.formats as formats
 import infercomp.hf as hf
 import infercomp.zoo as zoo
@@ -176,13 +177,15 @@ class ModelLoader:
         """A module that runs the checkpoint as ``compute`` says (see ``infercomp.compute``), and
         what runs. On the CPU the weights are decoded once and the compute mode applied, timing
         the candidates on ``example`` where it has to choose (a tensor, or a function of the
-        float32 module that returns one), then with ``compile`` wrapped in ``torch.compile``; on
+        float32 module that returns one), then with ``compile`` wrapped in ``torch.compile``; the
+        C allocator's thresholds are raised once per process first (``allocator.tune``); on
         CUDA each stored format runs its own modules (fp8 matmuls, 2:4 sparse kernels) and
         ``compute`` does not apply."""
         device = device or torch.device("cpu")
         if device.type != "cpu":
             note = "--compute applies to the CPU; on CUDA each stored format runs its own kernels"
             return self.build(ckpt, runtime=True).to(device), ComputeInfo(requested=compute, mode="stored formats", note=note)
+        allocator.tune()  # activations stay in the heap between calls (see infercomp.allocator)
         module = self.build(ckpt, runtime=False)
         if callable(example):
             example = example(module)

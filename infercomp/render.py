@@ -90,7 +90,7 @@ def _settings_line(c: Comparison) -> str:
     features = ", ".join(s.get("cpu_features") or []) or "-"
     return (
         f"device {s['device']}, {s['threads']} thread(s), batch {s['batch_size']}, data {s.get('data') or '-'}, torch {s['torch']}, "
-        f"compute {s.get('compute', 'fp32')} (CPU features: {features})"
+        f"compute {s.get('compute', 'fp32')} (CPU features: {features})" + (f", allocator: {s['allocator']}" if s.get("allocator") else "")
     )
 
 

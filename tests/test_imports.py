@@ -16,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "infercomp"
 
 # Bottom to top. A module may import modules of its own layer or of lower layers only.
 LAYERS: list[tuple[str, ...]] = [
-    ("errors", "progress", "patterns", "version", "metrics", "timing", "kernels"),
+    ("errors", "progress", "patterns", "version", "metrics", "timing", "kernels", "allocator"),
     ("formats", "compute"),
     ("checkpoint",),
     ("hf", "zoo"),
