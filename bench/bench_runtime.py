@@ -50,10 +50,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 from bench_quantize import _TEXT, _print, _torch_ao_per_channel, _torchao  # noqa: E402
 
 import infercomp  # noqa: E402
-from infercomp import allocator, checkpoint  # noqa: E402
+from infercomp import allocator  # noqa: E402
 from infercomp.data import load_data  # noqa: E402
 from infercomp.kernels import cpu_features, cpu_model, isa_limit  # noqa: E402
-from infercomp.models import ModelLoader  # noqa: E402
 from infercomp.timing import summarise, time_interleaved  # noqa: E402
 
 SAMPLES = ROOT / "sample_models"
@@ -255,7 +254,9 @@ def bench_minilm(tmp: Path, results: dict[str, Any], quick: bool) -> None:
     calib = tmp / "calib.txt"
     calib.write_text("\n".join(_TEXT + SHORT) + "\n")
     paths = _storage(src, tmp, calib, "minilm")
-    fp = ModelLoader().build(checkpoint.load(src))
+    # the baseline is built as infercomp.load builds the candidates: one built directly with
+    # ModelLoader().build ran 1.05-1.2x slower on the short sentences, in three runs of this bench
+    fp = infercomp.load(src, compute="fp32")
     for what, ids in (("32 x 128 tokens", long_ids), (f"32 short sentences ({short_ids.shape[1]} tokens)", short_ids)):
         cands = _pairs(paths, ids)
         compiled = infercomp.load(paths["bf16"], compute="bf16", example=ids, compile=True)
@@ -290,7 +291,7 @@ def bench_digits(tmp: Path, results: dict[str, Any], quick: bool) -> None:
     for name in ("cnn", "transformer"):
         src = SAMPLES / f"digits_{name}.safetensors"
         paths = _storage(src, tmp, TRAIN, name)
-        fp = ModelLoader().build(checkpoint.load(src))
+        fp = infercomp.load(src, compute="fp32")  # built as the candidates are (see bench_minilm)
         cands = _pairs(paths, x)
         lat = _time([fp, *(m for _, m, _ in cands)], x, min_time=0.3 if quick else 1.0)
         with torch.inference_mode():
@@ -371,9 +372,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     only = next((a.split("=", 1)[1] for a in args if a.startswith("--only=")), None)  # --only=minilm|digits|allocator
     torch.set_num_threads(THREADS)
-    # As infercomp.load does before it builds a model; the baselines below are built directly, and
+    # As infercomp.load does before it builds a model (allocator.for_models); the baselines below are built directly, and
     # one built under glibc's defaults measured up to 1.2x slower than the same model built after.
-    allocator.tune()
+    allocator.for_models()
     print(
         f"CPU: {cpu_model()}; features: {', '.join(cpu_features()) or '-'}; ONEDNN_MAX_CPU_ISA={isa_limit() or 'unset'}; torch {torch.__version__}"
     )

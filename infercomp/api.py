@@ -23,6 +23,7 @@ from typing import Any
 
 from torch import nn
 
+import infercomp.allocator as allocator
 import infercomp.checkpoint as checkpoint
 from infercomp.data import load_data
 from infercomp.distill import DistillConfig, ddp, run_rank, state_path
@@ -312,7 +313,7 @@ def report(
     ckpts = [checkpoint.load(p, lazy=True) for p in paths]
     ckpts = [c if sensitivity is None and not loader.can_build(c) else checkpoint.load(p) for c, p in zip(ckpts, paths)]
     if all(isinstance(c.tensors, checkpoint.LazyTensors) for c in ckpts):
-        checkpoint.return_freed_memory()  # no model is built, so none is timed under it
+        allocator.for_streaming()  # no model is built, so none is timed under it
     if not allow_nonfinite:
         for c in ckpts:
             checkpoint.check_finite(c)

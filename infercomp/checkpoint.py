@@ -10,7 +10,6 @@ of the data. Files are read back with the safetensors library itself, which vali
 
 from __future__ import annotations
 
-import ctypes
 import hashlib
 import json
 import math
@@ -19,7 +18,6 @@ import os
 import re
 import shutil
 import struct
-import sys
 import warnings
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -129,26 +127,6 @@ def load(path: str | os.PathLike[str], *, lazy: bool = False) -> Checkpoint:
             f"{p}: not a checkpoint (expected a .safetensors file, a .pt/.pth/.bin state dict, or a directory of *.safetensors)"
         )
     return _from_parts(tensors, meta, p)
-
-
-def return_freed_memory() -> None:
-    """Make glibc hand freed blocks over 1 MiB back to the system at once. By default it raises its
-    mmap threshold after each large free (up to 32 MiB), and tensors below it are then carved out
-    of a heap that only grows: walking a 200 MB file of 8 MB tensors one at a time left 185 MB
-    resident instead of 50. Process-wide and irreversible (no-op off glibc), and it slows a model's
-    forward pass (every large activation is then a fresh mmap, its pages faulted in): call it only
-    in a process that will time no model (a streamed transform or report that builds none)."""
-    global _heap_set
-    if _heap_set or sys.platform != "linux":
-        return
-    _heap_set = True
-    try:
-        ctypes.CDLL(None).mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD: fixed, which also stops its growth
-    except (OSError, AttributeError):
-        pass
-
-
-_heap_set = False
 
 
 def is_safetensors(p: Path) -> bool:

@@ -244,7 +244,8 @@ def compare(
         _ratios([e.report for e in entries])
         return Comparison(settings=settings, models=[e.report for e in entries])
     example = _build(entries, loader, data, options, device, progress)
-    settings["allocator"] = allocator.state()  # after the build, which may have tuned it
+    if device.type == "cpu" and any(e.module is not None for e in entries):
+        settings["allocator"] = allocator.state()  # what the models ran under (set by the build)
     if data is not None:
         _accuracy_and_fidelity(entries, data, options, device, progress)
     if options.latency:

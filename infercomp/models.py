@@ -178,14 +178,14 @@ class ModelLoader:
         what runs. On the CPU the weights are decoded once and the compute mode applied, timing
         the candidates on ``example`` where it has to choose (a tensor, or a function of the
         float32 module that returns one), then with ``compile`` wrapped in ``torch.compile``; the
-        C allocator's thresholds are raised once per process first (``allocator.tune``); on
+        C allocator is set for running models first (``allocator.for_models``); on
         CUDA each stored format runs its own modules (fp8 matmuls, 2:4 sparse kernels) and
         ``compute`` does not apply."""
         device = device or torch.device("cpu")
         if device.type != "cpu":
             note = "--compute applies to the CPU; on CUDA each stored format runs its own kernels"
             return self.build(ckpt, runtime=True).to(device), ComputeInfo(requested=compute, mode="stored formats", note=note)
-        allocator.tune()  # activations stay in the heap between calls (see infercomp.allocator)
+        allocator.for_models()  # activations stay in the heap between calls (see infercomp.allocator)
         module = self.build(ckpt, runtime=False)
         if callable(example):
             example = example(module)

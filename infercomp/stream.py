@@ -36,6 +36,7 @@ from typing import IO, Any, TypeVar
 
 import torch
 
+import infercomp.allocator as allocator
 import infercomp.blocks as blocks
 import infercomp.checkpoint as checkpoint
 import infercomp.formats as formats
@@ -123,12 +124,12 @@ def run(
     src, out = Path(source), Path(output)
     before = checkpoint.stamp(src)
     ckpt = checkpoint.load(src, lazy=True)
-    # Small enough to build: measured as in memory (models timed, so glibc's allocator is left as
-    # it is); else static figures only, and freed blocks go back to the system at once.
+    # Small enough to build: measured as in memory (models timed, the allocator set for them);
+    # else static figures only, and freed blocks go back to the system at once.
     small = loader.can_build(ckpt) and checkpoint.disk_size(src) <= STREAM_ABOVE
     built = measure and small
     if not built:
-        checkpoint.return_freed_memory()
+        allocator.for_streaming()
     reads = tuple(Path(p) for p in (data, eval_data) if p is not None)
     hf_out = src.is_dir() and out.suffix != ".safetensors"
     checkpoint.check_output(out, force=force, source=src, inputs=reads, directory=hf_out)

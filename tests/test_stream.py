@@ -14,7 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 import infercomp
-from infercomp import checkpoint, measure
+from infercomp import allocator, checkpoint, measure
 from infercomp.checkpoint import Checkpoint
 from infercomp.errors import UsageError
 from infercomp.prune import PruneConfig
@@ -356,7 +356,7 @@ def test_the_allocator_is_changed_only_where_no_model_is_timed(src: Path, tiny_c
     a fresh mmap and slows a forward pass: a report or streamed run that times a model must not
     set it; one that builds none does, to stay in bounded memory."""
     calls: list[int] = []
-    monkeypatch.setattr(checkpoint, "return_freed_memory", lambda: calls.append(1))
+    monkeypatch.setattr(allocator, "for_streaming", lambda: calls.append(1))
     checkpoint.load(src, lazy=True)
     assert not calls  # reading lazily alone leaves the allocator as it is
     ref = "tests.conftest:tiny_mlp"

@@ -210,7 +210,7 @@ def _refine_rows(
     rows = torch.arange(w.shape[0])  # the rows still gaining, as indices into w
     cw, cd, cb, ca, cf = w, d, back, away, floor  # their working copies (compacted as rows finish)
     # The step's large temporaries live in buffers made once: a process that returns freed memory
-    # at once (checkpoint.return_freed_memory, as a streamed run does) would otherwise map and
+    # at once (allocator.for_streaming, as a streamed run does) would otherwise map and
     # fault in fresh pages for each, which made the swaps 1.75x slower there.
     buf_t, buf_r, buf_k, buf_j = (torch.empty_like(w) for _ in range(4))
     taken = 0
