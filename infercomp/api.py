@@ -77,6 +77,9 @@ def load(
         compile: wrap the module in ``torch.compile`` (compiled on its first call).
         model / model_config: model code when the checkpoint names none (or to override it).
         trust_model_code: import model code named inside the checkpoint even if not built in.
+
+    On the CPU this also sets glibc's malloc thresholds of the calling process for running models
+    (``infercomp.allocator``; ``INFERCOMP_MALLOC=default`` leaves them alone).
     """
     ckpt = checkpoint.load(path)
     loader = _loader(model, model_config, trust_model_code)
