@@ -187,6 +187,9 @@ def _minilm_inputs(src: Path, transformers: Any) -> tuple[torch.Tensor, torch.Te
     return long_ids, tok(short, padding="longest", return_tensors="pt")["input_ids"]
 
 
+ALLOCATOR_INPUTS = ("32 x 128 tokens", "32 short sentences")
+
+
 def _allocator_child(what: str, mode: str, quick: bool) -> None:
     """One process of bench_allocator: MiniLM under ``compute=mode`` on one input, alone in its
     process (glibc adapts its thresholds to what a process did before): median and page faults a
@@ -203,9 +206,6 @@ def _allocator_child(what: str, mode: str, quick: bool) -> None:
             model(ids)
     faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 5
     print(json.dumps({"allocator": allocator.state(), "ms": ms, "faults": faults}))
-
-
-ALLOCATOR_INPUTS = ("32 x 128 tokens", "32 short sentences")
 
 
 def bench_allocator(quick: bool) -> None:
@@ -256,8 +256,8 @@ def bench_minilm(tmp: Path, results: dict[str, Any], quick: bool) -> None:
     paths = _storage(src, tmp, calib, "minilm")
     for what, ids in (("32 x 128 tokens", long_ids), (f"32 short sentences ({short_ids.shape[1]} tokens)", short_ids)):
         # A fresh baseline for each input, loaded as the candidates are: one kept from the long
-        # input's round ran 1.1-1.4x slower on the short sentences than the same model loaded anew
-        # (the fp32 / auto row) in three runs of this bench; not explained.
+        # input's round ran 1.05-1.4x slower on the short sentences than the same model loaded anew
+        # (the fp32 / auto row) in four runs of this bench; not explained.
         fp = infercomp.load(src, compute="fp32")
         cands = _pairs(paths, ids)
         compiled = infercomp.load(paths["bf16"], compute="bf16", example=ids, compile=True)
@@ -373,9 +373,6 @@ def main(argv: list[str] | None = None) -> None:
         return
     only = next((a.split("=", 1)[1] for a in args if a.startswith("--only=")), None)  # --only=minilm|digits|allocator
     torch.set_num_threads(THREADS)
-    # As infercomp.load does before it builds a model (allocator.for_models); the baselines below are built directly, and
-    # one built under glibc's defaults measured up to 1.2x slower than the same model built after.
-    allocator.for_models()
     print(
         f"CPU: {cpu_model()}; features: {', '.join(cpu_features()) or '-'}; ONEDNN_MAX_CPU_ISA={isa_limit() or 'unset'}; torch {torch.__version__}"
     )

@@ -76,8 +76,8 @@ def for_streaming() -> str:
 
 def _set(mode: str) -> str:
     global _mode, _state
-    if _mode == mode and _state is not None:
-        return _state
+    if _mode == mode:
+        return state()
     why = _untouched()
     if why is not None:
         _mode, _state = mode, why
@@ -85,12 +85,10 @@ def _set(mode: str) -> str:
     try:
         libc = ctypes.CDLL(None)
         if mode == "models":
-            trim, mmap_at = TRIM_THRESHOLD, MMAP_THRESHOLD
-            ok = libc.mallopt(_M_TRIM_THRESHOLD, trim) and libc.mallopt(_M_MMAP_THRESHOLD, mmap_at)
-            if not ok:
-                mmap_at = MMAP_FALLBACK
-                ok = libc.mallopt(_M_TRIM_THRESHOLD, trim) and libc.mallopt(_M_MMAP_THRESHOLD, mmap_at)
-            done = f"glibc, thresholds raised by infercomp (trim {trim >> 20} MiB, mmap {mmap_at >> 20} MiB)"
+            trim = libc.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD)
+            mmap_at = next((m for m in (MMAP_THRESHOLD, MMAP_FALLBACK) if libc.mallopt(_M_MMAP_THRESHOLD, m)), 0)
+            ok = bool(trim and mmap_at)
+            done = f"glibc, thresholds raised by infercomp (trim {TRIM_THRESHOLD >> 20} MiB, mmap {mmap_at >> 20} MiB)"
         else:
             ok = libc.mallopt(_M_TRIM_THRESHOLD, STREAM_TRIM_THRESHOLD) and libc.mallopt(_M_MMAP_THRESHOLD, STREAM_MMAP_THRESHOLD)
             libc.malloc_trim(0)  # what running models kept goes back now
